@@ -1,0 +1,1 @@
+"""Algorithms: one file per algorithm (state, init, step builder, train loop)."""

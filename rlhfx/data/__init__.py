@@ -1,0 +1,1 @@
+"""Data: tokenizers, dataset builders and input pipelines."""

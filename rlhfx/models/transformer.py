@@ -1,0 +1,293 @@
+"""One Linen decoder family for GPT-2, Llama 2/3, Qwen2/3, Mistral and SmolLM.
+
+Key of shape letters: B batch, T query length, S key/cache length, D model width,
+N query heads, K key/value heads, H head dim, F MLP width, V vocab, L layers.
+
+Usage:
+  model = Transformer(config)
+  logits_BxTxV = model.apply({"params": params}, tokens_BxT, mask_BxT)
+  logits_BxTxV, cache = model.apply({"params": params}, tokens_BxT, mask_BxT, cache=cache)
+
+`mask_BxT` marks real tokens (False on padding). Positions default to the count of
+real tokens before each one, so left-padded prompts see the same positions as
+unpadded ones. With a `Cache`, the new keys and values are written at
+`cache.index` and attention covers every filled slot before the query's slot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhfx.models.config import ModelConfig
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Cache:
+  """Key/value cache for all layers, filled left to right."""
+
+  k_LxBxSxKxH: Array
+  v_LxBxSxKxH: Array
+  mask_BxS: Array  # True where a slot holds a real token
+  index: Array  # int32 scalar: the next slot to write
+
+
+def init_cache(config: ModelConfig, batch: int, length: int) -> Cache:
+  shape = (config.n_layers, batch, length, config.num_kv_heads, config.dim_per_head)
+  return Cache(
+      k_LxBxSxKxH=jnp.zeros(shape, config.jnp_dtype),
+      v_LxBxSxKxH=jnp.zeros(shape, config.jnp_dtype),
+      mask_BxS=jnp.zeros((batch, length), bool),
+      index=jnp.zeros((), jnp.int32),
+  )
+
+
+def _init(axes: tuple[str, ...], stddev: float = 0.02):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def _ones(axes):
+  return nn.with_logical_partitioning(nn.initializers.ones, axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+
+  config: ModelConfig
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dim = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
+    scale = self.param("scale", _ones((self.axis_name,)), (dim,), cfg.jnp_param_dtype)
+    y = y.astype(cfg.jnp_dtype) * scale.astype(cfg.jnp_dtype)
+    if cfg.norm == "layernorm":
+      y = y + self.param("bias", _zeros((self.axis_name,)), (dim,), cfg.jnp_param_dtype).astype(cfg.jnp_dtype)
+    return y
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] of rotary embeddings, with linear or Llama-3 scaling."""
+  dim = config.dim_per_head
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  scaling = config.rope_scaling_dict
+  if scaling.get("rope_type") == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif scaling.get("rope_type") == "llama3":
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
+  """Rotary embeddings, rotate-half convention (Su et al. 2021, eq. 34; as in Hugging Face)."""
+  angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def _dense(cfg: ModelConfig, features, axis, kernel_axes, bias_axes, use_bias, name):
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+      kernel_init=_init(kernel_axes), bias_init=_zeros(bias_axes), name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, attn_mask_BxTxS, layer_cache, index):
+    cfg = self.config
+    n, k, h = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+    q_BxTxNxH = _dense(cfg, (n, h), -1, ("embed", "heads", "head_dim"), ("heads", "head_dim"), cfg.qkv_bias,
+                       "q_proj")(x_BxTxD)
+    k_BxTxKxH = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), cfg.qkv_bias,
+                       "k_proj")(x_BxTxD)
+    v_BxTxKxH = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), cfg.qkv_bias,
+                       "v_proj")(x_BxTxD)
+    if cfg.qk_norm:
+      q_BxTxNxH = Norm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
+      k_BxTxKxH = Norm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
+    if cfg.positions == "rope":
+      inv_freq = rope_frequencies(cfg)
+      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
+      k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
+                                                       "activation_head_dim"))
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      k_BxSxKxH = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxH.astype(cache_k.dtype), (0, index, 0, 0))
+      v_BxSxKxH = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxH.astype(cache_v.dtype), (0, index, 0, 0))
+      new_cache = (k_BxSxKxH, v_BxSxKxH)
+    else:
+      k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype), v_BxSxKxH.astype(q_BxTxNxH.dtype),
+        mask=attn_mask_BxTxS[:, None], scale=1.0 / math.sqrt(h))
+    out_BxTxD = _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), ("embed",), cfg.out_bias,
+                       "o_proj")(out_BxTxNxH)
+    return out_BxTxD, new_cache
+
+
+class Mlp(nn.Module):
+  """SwiGLU (Llama family) or GELU-tanh (GPT-2) feed-forward block."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+    up = _dense(cfg, cfg.ff_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "up_proj")(x_BxTxD)
+    if cfg.mlp == "swiglu":
+      gate = _dense(cfg, cfg.ff_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "gate_proj")(x_BxTxD)
+      h_BxTxF = nn.silu(gate) * up
+    else:
+      h_BxTxF = nn.gelu(up, approximate=True)
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
+    return _dense(cfg, cfg.d_model, -1, ("mlp", "embed"), ("embed",), cfg.mlp_bias, "down_proj")(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, layer_cache, positions_BxT, attn_mask_BxTxS, index):
+    cfg = self.config
+    attn_out, new_cache = Attention(cfg, name="attn")(
+        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, attn_mask_BxTxS, layer_cache, index)
+    x_BxTxD = x_BxTxD + attn_out
+    x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    return x_BxTxD, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def attention_mask(query_slots_T, kv_mask_BxS, sliding_window: int | None):
+  """[B, T, S] bool: key slot filled, not after the query slot, and inside the window."""
+  key_slots_S = jnp.arange(kv_mask_BxS.shape[1])
+  allowed_TxS = key_slots_S[None, :] <= query_slots_T[:, None]
+  if sliding_window is not None:
+    allowed_TxS &= key_slots_S[None, :] > query_slots_T[:, None] - sliding_window
+  return kv_mask_BxS[:, None, :] & allowed_TxS[None]
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. Returns float32 logits, or final hidden states with `return_hidden`."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                          embedding_init=_init(("vocab", "embed")))
+    if cfg.positions == "learned":
+      self.pos_embed = nn.Embed(cfg.max_seq_len, cfg.d_model, dtype=cfg.jnp_dtype,
+                                param_dtype=cfg.jnp_param_dtype, embedding_init=_init(("length", "embed"), 0.01))
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    else:
+      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+    self.final_norm = Norm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), ("vocab",), False, "lm_head")
+
+  def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
+               return_hidden: bool = False):
+    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, mask_BxT, positions_BxT, cache=cache)
+    out = hidden_BxTxD if return_hidden else self.unembed(hidden_BxTxD)
+    return out if cache is None else (out, cache)
+
+  def hidden_states(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None):
+    cfg = self.config
+    batch, length = tokens_BxT.shape
+    if mask_BxT is None:
+      mask_BxT = jnp.ones((batch, length), bool)
+    mask_BxT = mask_BxT.astype(bool)
+    if cache is None:
+      index = jnp.zeros((), jnp.int32)
+      kv_mask_BxS, seen_B = mask_BxT, jnp.zeros((batch,), jnp.int32)
+    else:
+      index = cache.index
+      kv_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, index))
+      seen_B = cache.mask_BxS.sum(-1, dtype=jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = jnp.maximum(seen_B[:, None] + jnp.cumsum(mask_BxT, -1, dtype=jnp.int32) - 1, 0)
+    attn_mask_BxTxS = attention_mask(index + jnp.arange(length), kv_mask_BxS, cfg.sliding_window)
+
+    x_BxTxD = self.embed(tokens_BxT)
+    if cfg.positions == "learned":
+      x_BxTxD = x_BxTxD + self.pos_embed(positions_BxT)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+
+    kv = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+    if cfg.scan_layers:
+      x_BxTxD, new_kv = self.layers(x_BxTxD, kv, positions_BxT, attn_mask_BxTxS, index)
+    else:
+      new_kv = kv
+      for i, layer in enumerate(self.layers):
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x_BxTxD, layer_new = layer(x_BxTxD, layer_kv, positions_BxT, attn_mask_BxTxS, index)
+        if kv is not None:  # in-place update of layer i's slice
+          new_kv = (new_kv[0].at[i].set(layer_new[0]), new_kv[1].at[i].set(layer_new[1]))
+    hidden_BxTxD = self.final_norm(x_BxTxD)
+    if cache is not None:
+      cache = Cache(k_LxBxSxKxH=new_kv[0], v_LxBxSxKxH=new_kv[1], mask_BxS=kv_mask_BxS, index=index + length)
+    return hidden_BxTxD, cache
+
+  def unembed(self, hidden_BxTxD):
+    """Final hidden states -> float32 logits (tied or separate LM head)."""
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(hidden_BxTxD)
+    else:
+      logits = self.lm_head(hidden_BxTxD)
+    return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                      ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def init_params(config: ModelConfig, rng: Array):
+  """Randomly initialised parameters (unboxed, no sharding metadata)."""
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  variables = Transformer(config).init(rng, tokens)
+  return nn.meta.unbox(variables["params"])

@@ -1,0 +1,131 @@
+"""Batched autoregressive sampling with a KV cache, as one compiled program.
+
+  result = sampling.generate(params, config, prompt_BxP, prompt_mask_BxP, rng,
+                             max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0)
+  result.tokens_BxC, result.mask_BxC, result.logps_BxC
+
+Prompts are left-padded (`pad_prompts` does it): every row then writes its next
+token into the same cache slot, and positions count only real tokens, so a
+padded prompt produces the same tokens as the prompt alone. The prompt is
+prefilled once; decoding is a `lax.while_loop` over a preallocated cache that
+stops when every row has emitted EOS or `max_new_tokens` is reached.
+
+`logps_BxC` are log-probabilities of the sampled tokens under softmax(logits /
+temperature) before top-k/top-p filtering (temperature 1 when greedy) — the
+quantity a PPO update recomputes from the policy.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhfx.models.config import ModelConfig
+from rlhfx.models.transformer import Transformer, init_cache
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SampleResult:
+  tokens_BxC: Array  # generated tokens; pad_id after a row's EOS
+  mask_BxC: Array  # True on generated tokens up to and including EOS
+  logps_BxC: Array  # log p(token) of each generated token (0 where masked)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None):
+  """Left-pad token lists to one length -> (tokens_BxP int32, mask_BxP bool) numpy arrays."""
+  length = length or max(len(p) for p in prompts)
+  if any(len(p) > length for p in prompts):
+    raise ValueError(f"a prompt is longer than length={length}")
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), bool)
+  for i, prompt in enumerate(prompts):
+    if len(prompt):
+      tokens[i, length - len(prompt):] = prompt
+      mask[i, length - len(prompt):] = True
+  return tokens, mask
+
+
+def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Set logits outside the top-k / nucleus (Holtzman et al. 2020) set to -inf."""
+  if top_k and top_k < logits_BxV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    # smallest logit still needed to reach mass top_p (the first token is always kept)
+    keep_BxV = mass_before_BxV < top_p
+    threshold_B1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold_B1, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def _sample(logits_BxV, rng, temperature: float, top_k: int, top_p: float):
+  """(token_B, logp_B) from last-position logits."""
+  if temperature == 0.0:
+    token_B = jnp.argmax(logits_BxV, axis=-1)
+    scaled_BxV = logits_BxV
+  else:
+    scaled_BxV = logits_BxV / temperature
+    token_B = jax.random.categorical(rng, filter_logits(scaled_BxV, top_k=top_k, top_p=top_p), axis=-1)
+  logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+  return token_B.astype(jnp.int32), logp_B
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "eos_id", "pad_id"))
+def generate(params, config: ModelConfig, prompt_BxP: Array, prompt_mask_BxP: Array, rng: Array, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_id: int | None = None, pad_id: int = 0) -> SampleResult:
+  """Sample up to `max_new_tokens` after left-padded prompts (temperature 0 = greedy)."""
+  model = Transformer(config)
+  batch, prompt_len = prompt_BxP.shape
+  if prompt_len + max_new_tokens > config.max_seq_len and config.positions == "learned":
+    raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                     f"max_seq_len={config.max_seq_len}")
+  cache = init_cache(config, batch, prompt_len + max_new_tokens)
+  # Prefill: only the last prompt position goes through the LM head.
+  hidden_BxPxD, cache = model.apply({"params": params}, prompt_BxP, prompt_mask_BxP, cache=cache,
+                                    return_hidden=True)
+  logits_BxV = model.apply({"params": params}, hidden_BxPxD[:, -1], method=Transformer.unembed)
+  rng, step_rng = jax.random.split(rng)
+  token_B, logp_B = _sample(logits_BxV, step_rng, temperature, top_k, top_p)
+
+  tokens_BxC = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  logps_BxC = jnp.zeros((batch, max_new_tokens), jnp.float32)
+  mask_BxC = jnp.zeros((batch, max_new_tokens), bool)
+  done_B = jnp.zeros((batch,), bool)
+
+  def record(t, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC):
+    live_B = ~done_B
+    tokens_BxC = tokens_BxC.at[:, t].set(jnp.where(live_B, token_B, pad_id))
+    logps_BxC = logps_BxC.at[:, t].set(jnp.where(live_B, logp_B, 0.0))
+    mask_BxC = mask_BxC.at[:, t].set(live_B)
+    if eos_id is not None:
+      done_B = done_B | (token_B == eos_id)
+    return done_B, tokens_BxC, logps_BxC, mask_BxC
+
+  state = (jnp.int32(0), token_B, cache, rng, *record(0, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
+
+  def cond(state):
+    t, _, _, _, done_B, *_ = state
+    return (t + 1 < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(state):
+    t, token_B, cache, rng, done_B, tokens_BxC, logps_BxC, mask_BxC = state
+    logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], ~done_B[:, None], cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    token_B, logp_B = _sample(logits_Bx1xV[:, 0], step_rng, temperature, top_k, top_p)
+    return (t + 1, token_B, cache, rng, *record(t + 1, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
+
+  state = jax.lax.while_loop(cond, body, state)
+  _, _, _, _, _, tokens_BxC, logps_BxC, mask_BxC = state
+  return SampleResult(tokens_BxC=tokens_BxC, mask_BxC=mask_BxC, logps_BxC=logps_BxC)

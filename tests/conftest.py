@@ -1,0 +1,53 @@
+"""Shared test fixtures: the real third-party artifacts in ../shared/data."""
+
+import functools
+import hashlib
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from rlhfx.models import Transformer
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens"
+
+
+def _sha256sums() -> dict[str, str]:
+  sums = {}
+  for line in (SHARED_DATA / "SHA256SUMS").read_text().splitlines():
+    digest, name = line.split(maxsplit=1)
+    sums[name.removeprefix("./")] = digest
+  return sums
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """Returns a function name -> verified path under ../shared/data (skips outside CI when absent)."""
+  if not (SHARED_DATA / "SHA256SUMS").exists():
+    if os.environ.get("CI"):
+      pytest.fail(f"{SHARED_DATA} is missing; CI must provide ../shared/data")
+    pytest.skip(f"{SHARED_DATA} not found: tests on real artifacts need ../shared/data")
+  sums = _sha256sums()
+
+  def get(name: str) -> pathlib.Path:
+    path = SHARED_DATA / name
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == sums[name], f"{path}: sha256 {digest} does not match SHA256SUMS"
+    return path
+
+  return get
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config, params, tokens, mask):
+  return Transformer(config).apply({"params": params}, tokens, mask)
+
+
+def forward(config, params, tokens, mask=None):
+  """Jitted full forward -> numpy float32 logits (tests compare against these)."""
+  tokens = np.asarray(tokens, np.int32)
+  mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
+  return np.asarray(_forward(config, params, tokens, mask))

@@ -1,0 +1,100 @@
+"""The Linen decoder: options that must not change results, padding, axes, config errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import GOLDENS, forward
+from rlhfx.models import PRESETS, ModelConfig, Transformer, get_preset, init_params
+from rlhfx.models.convert import from_hf, stack_layers
+
+
+TOKENS = np.array([[5, 17, 3, 9, 44, 2, 71, 8], [60, 1, 7, 7, 12, 90, 33, 4]], np.int32)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_scan_and_remat_do_not_change_logits_or_grads(family):
+  config, params = from_hf(GOLDENS / family)
+
+  def loss(p, cfg):
+    return Transformer(cfg).apply({"params": p}, TOKENS).mean()
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  ref_loss, ref_grad = value_and_grad(params, config)
+  for remat in ["none", "full", "dots"]:
+    cfg = config.replace(scan_layers=True, remat=remat)
+    stacked = stack_layers(params, cfg.n_layers)
+    value, grad = value_and_grad(stacked, cfg)
+    np.testing.assert_allclose(value, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad["layers"]["mlp"]["down_proj"]["kernel"][1],
+                               ref_grad["layer_1"]["mlp"]["down_proj"]["kernel"], rtol=1e-5, atol=1e-7)
+
+
+def test_padding_does_not_change_real_positions():
+  config, params = from_hf(GOLDENS / "llama")
+  alone = forward(config, params, TOKENS[:1, :5])
+  # right padding: pad tokens after the real ones
+  right = forward(config, params, TOKENS[:1], np.array([[1, 1, 1, 1, 1, 0, 0, 0]], bool))
+  np.testing.assert_allclose(right[:, :5], alone, atol=1e-5)
+  # left padding: positions count real tokens only, so RoPE sees 0..4 as alone
+  left_tokens = np.concatenate([np.zeros((1, 3), np.int32), TOKENS[:1, :5]], axis=1)
+  left = forward(config, params, left_tokens, np.array([[0, 0, 0, 1, 1, 1, 1, 1]], bool))
+  np.testing.assert_allclose(left[:, 3:], alone, atol=1e-5)
+
+
+def test_hidden_states_and_unembed():
+  config = get_preset("tiny")
+  params = init_params(config, jax.random.key(0))
+  model = Transformer(config)
+  hidden = model.apply({"params": params}, TOKENS, return_hidden=True)
+  assert hidden.shape == TOKENS.shape + (config.d_model,)
+  logits = model.apply({"params": params}, hidden, method=Transformer.unembed)
+  np.testing.assert_allclose(logits, forward(config, params, TOKENS), atol=1e-6)
+  assert logits.dtype == jnp.float32
+
+
+def test_bf16_compute_is_close_to_f32():
+  config, params = from_hf(GOLDENS / "llama")
+  f32 = forward(config, params, TOKENS)
+  bf16 = forward(config.replace(dtype="bfloat16"), params, TOKENS)
+  assert bf16.dtype == np.float32  # logits always come back in f32
+  assert np.abs(bf16 - f32).max() < 0.1
+  assert np.mean(bf16.argmax(-1) == f32.argmax(-1)) > 0.9
+
+
+def test_every_parameter_has_logical_axes():
+  for name in ["tiny", "gpt2", "qwen3-0.6b"]:
+    config = get_preset(name, n_layers=2)
+    for scan in [False, True]:
+      cfg = config.replace(scan_layers=scan)
+      boxed = jax.eval_shape(lambda key, cfg=cfg: Transformer(cfg).init(key, jnp.zeros((1, 4), jnp.int32)),
+                             jax.random.key(0))["params"]
+      leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+      for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim
+        assert ("layers" in leaf.names) == (scan and leaf.value.ndim > 1 and leaf.names[0] == "layers")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_parameter_count(name):
+  config = PRESETS[name]
+  shapes = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == config.num_params()
+
+
+def test_known_parameter_counts():
+  # published sizes: GPT-2 124M (124,439,808), Qwen3-0.6B 596M (596,049,920 incl. tied embeddings)
+  assert get_preset("gpt2").num_params() == 124_439_808
+  assert get_preset("qwen3-0.6b").num_params() == 596_049_920
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match=r"ModelConfig\.norm='batchnorm'"):
+    ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, norm="batchnorm")
+  with pytest.raises(ValueError, match=r"n_heads=3 is not a multiple of n_kv_heads=2"):
+    ModelConfig(vocab_size=8, d_model=12, n_layers=1, n_heads=3, n_kv_heads=2)
+  with pytest.raises(ValueError, match=r"unknown model preset 'gpt5'"):
+    get_preset("gpt5")
