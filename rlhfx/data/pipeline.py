@@ -1,0 +1,176 @@
+"""Grain input pipelines: shuffle, tokenize, truncate, bucket-pad, batch, shard per process.
+
+  source = builders.data_source("data/hh", "train")
+  ds = pipeline.make_dataset(source, tokenizer, kind="preference", global_batch_size=32,
+                             buckets=(128, 256, 512), truncation=Truncation(max_length=512))
+  it = iter(ds); batch = next(it)                # dict of numpy arrays, this process's rows
+  state = it.get_state(); ...; it.set_state(state)  # checkpointable (stored by the training spine)
+
+Batches per kind (right padding; `loss_mask` is True on completion tokens only):
+
+  preference  chosen_tokens_BxT, chosen_mask_BxT, chosen_loss_mask_BxT, rejected_... (one T for both)
+  sft         tokens_BxT, mask_BxT, loss_mask_BxT
+  unpaired    tokens_BxT, mask_BxT, loss_mask_BxT, label_B
+  prompts     prompt_BxP, prompt_mask_BxP   (left padding, ready for sampling.generate)
+
+T is the smallest bucket that holds the longest row of the *global* batch, so a run
+compiles at most len(buckets) programs and every process agrees on the shape.
+Every process walks the same shuffled global stream and keeps rows
+[process_index * B, (process_index + 1) * B) of each global batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from rlhfx.data import builders
+from rlhfx.data.tokenize import Overlong, Truncation, encode_completion, encode_prompt, fit, layout
+
+
+class Stats:
+  """Thread-safe counters of what the pipeline did (encoded, truncated, skipped/overlong)."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.counts: collections.Counter = collections.Counter()
+
+  def add(self, key: str, n: int = 1):
+    with self._lock:
+      self.counts[key] += n
+
+  def snapshot(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self.counts)
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class Encode:
+  """One stored example -> variable-length token arrays (or None when skipped as over-long)."""
+
+  def __init__(self, tokenizer, kind: str, truncation: Truncation, stats: Stats):
+    self.tokenizer, self.kind, self.truncation, self.stats = tokenizer, kind, truncation, stats
+
+  def __call__(self, example: dict) -> dict | None:
+    messages_json = _text(example["messages"])
+    messages = json.loads(messages_json) if messages_json else []
+    prompt_ids = encode_prompt(self.tokenizer, _text(example["prompt"]), messages)
+    try:
+      if self.kind == "prompts":
+        out = {"prompt": np.asarray(fit(prompt_ids, [], self._prompt_only())[0], np.int32)}
+        truncated = len(out["prompt"]) < len(prompt_ids)
+      else:
+        fields = ("chosen", "rejected") if self.kind == "preference" else ("completion",)
+        out, truncated = {}, False
+        for field in fields:
+          completion_ids = encode_completion(self.tokenizer, _text(example[field]), messages)
+          p, c, cut = fit(prompt_ids, completion_ids, self.truncation)
+          tokens, loss_mask = layout(p, c)
+          prefix = f"{field}_" if self.kind == "preference" else ""
+          out[prefix + "tokens"], out[prefix + "loss_mask"] = tokens, loss_mask
+          truncated |= cut
+        if self.kind == "unpaired":
+          out["label"] = np.asarray(bool(example["label"]))
+    except Overlong as e:
+      if self.truncation.on_overlong == "error":
+        raise Overlong(f"{e} (set truncation.on_overlong='truncate' or 'skip')") from None
+      self.stats.add("skipped/overlong")
+      return None
+    self.stats.add("encoded")
+    if truncated:
+      self.stats.add("truncated")
+    return out
+
+  def _prompt_only(self) -> Truncation:
+    t = self.truncation
+    return Truncation(max_length=t.max_prompt_length + 1, max_prompt_length=t.max_prompt_length,
+                      prompt_side=t.prompt_side, on_overlong=t.on_overlong)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if length <= b:
+      return b
+  raise ValueError(f"a row of {length} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+def _pad(rows: list[np.ndarray], length: int, left: bool = False, value=0) -> np.ndarray:
+  out = np.full((len(rows), length), value, dtype=rows[0].dtype)
+  for i, row in enumerate(rows):
+    if left:
+      out[i, length - len(row):] = row
+    else:
+      out[i, :len(row)] = row
+  return out
+
+
+class Collate:
+  """A global batch of encoded examples -> this process's rows, padded to one bucket length."""
+
+  def __init__(self, kind: str, buckets: Sequence[int], pad_id: int, process_index: int, process_count: int):
+    self.kind, self.buckets, self.pad_id = kind, tuple(buckets), pad_id
+    self.process_index, self.process_count = process_index, process_count
+
+  def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    local = len(examples) // self.process_count
+    if self.kind == "prompts":
+      length = bucket_length(max(len(e["prompt"]) for e in examples), self.buckets)
+      rows = self._local(examples, local)
+      prompts = [e["prompt"] for e in rows]
+      return {"prompt_BxP": _pad(prompts, length, left=True, value=self.pad_id),
+              "prompt_mask_BxP": _pad([np.ones(len(p), bool) for p in prompts], length, left=True, value=False)}
+    prefixes = ("chosen_", "rejected_") if self.kind == "preference" else ("",)
+    length = bucket_length(max(len(e[p + "tokens"]) for e in examples for p in prefixes), self.buckets)
+    rows = self._local(examples, local)
+    batch = {}
+    for p in prefixes:
+      tokens = [e[p + "tokens"] for e in rows]
+      batch[p + "tokens_BxT"] = _pad(tokens, length, value=self.pad_id)
+      batch[p + "mask_BxT"] = _pad([np.ones(len(t), bool) for t in tokens], length, value=False)
+      batch[p + "loss_mask_BxT"] = _pad([e[p + "loss_mask"] for e in rows], length, value=False)
+    if self.kind == "unpaired":
+      batch["label_B"] = np.stack([e["label"] for e in rows])
+    return batch
+
+  def _local(self, examples, local):
+    start = self.process_index * local
+    return examples[start:start + local]
+
+
+def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, buckets: Sequence[int],
+                 truncation: Truncation = Truncation(), seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = 1, process_index: int | None = None, process_count: int | None = None,
+                 drop_remainder: bool = True, stats: Stats | None = None) -> grain.IterDataset:
+  """A Grain IterDataset of padded batches (see the module docstring); `stats` collects its counters."""
+  if kind not in builders.KINDS:
+    raise ValueError(f"kind={kind!r}; expected one of {sorted(builders.KINDS)}")
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {process_count} processes")
+  buckets = tuple(sorted(buckets))
+  limit = truncation.max_prompt_length if kind == "prompts" else truncation.max_length
+  if not buckets or buckets[-1] < limit:
+    raise ValueError(f"buckets={buckets}: the largest bucket must be >= the truncation limit {limit}")
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  stats = stats if stats is not None else Stats()
+
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(Encode(tokenizer, kind, truncation, stats)).filter(lambda e: e is not None)
+  ds = ds.to_iter_dataset()
+  return ds.batch(global_batch_size, drop_remainder=drop_remainder,
+                  batch_fn=Collate(kind, buckets, pad_id, process_index, process_count))
+
