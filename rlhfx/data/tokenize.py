@@ -6,6 +6,7 @@ Every tokenizer rlhfx reads becomes a `transformers.PreTrainedTokenizerFast`-lik
   tok = load_tokenizer("llama2/tokenizer.model") # a SentencePiece model
   tok = load_tokenizer("tok512.bin")             # a llama2.c tokenizer
   tok = load_tokenizer("Qwen/Qwen3-0.6B")        # a Hugging Face directory or hub id
+  tok = load_tokenizer("builtin:bytes")          # bytes + <pad>, <s>, </s> (rlhfx.data.synthetic)
 
 `encode_example` turns a prompt (text or chat messages) and a completion into
 token ids and a loss mask that is True on completion tokens only.
@@ -47,7 +48,11 @@ class TokenizerError(ValueError):
 
 
 def load_tokenizer(spec: str | os.PathLike):
-  """A fast tokenizer from a path (directory or file) or a Hugging Face hub id."""
+  """A fast tokenizer from a path (directory or file), a Hugging Face hub id, or "builtin:bytes"."""
+  if str(spec) == "builtin:bytes":
+    from rlhfx.data.synthetic import byte_tokenizer
+
+    return byte_tokenizer()
   path = Path(spec)
   if path.is_file():
     if path.suffix == ".bin":
@@ -208,6 +213,14 @@ class Overlong(ValueError):
   """An example longer than the truncation limits, with on_overlong="skip" or "error"."""
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+  """Token ids of `text` without special tokens (through the Rust tokenizer directly when there is one)."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None:
+    return backend.encode(text, add_special_tokens=False).ids
+  return tokenizer.encode(text, add_special_tokens=False)
+
+
 def encode_prompt(tokenizer, prompt: str, messages: Sequence[dict], *, add_bos: bool | None = None) -> list[int]:
   """Prompt ids: the chat template over `messages` when given, else the `prompt` text.
 
@@ -215,7 +228,7 @@ def encode_prompt(tokenizer, prompt: str, messages: Sequence[dict], *, add_bos: 
   whose BOS differs from EOS (Llama, llama2.c) and false otherwise (GPT-2).
   """
   text = render_prompt(tokenizer, messages) if messages else prompt
-  ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+  ids = encode_text(tokenizer, text) if text else []
   bos = tokenizer.bos_token_id
   if add_bos is None:
     add_bos = bos is not None and bos != tokenizer.eos_token_id
@@ -227,7 +240,7 @@ def encode_prompt(tokenizer, prompt: str, messages: Sequence[dict], *, add_bos: 
 def encode_completion(tokenizer, completion: str, messages: Sequence[dict]) -> list[int]:
   """Completion ids, ending with EOS (added unless the chat template already ends the turn with it)."""
   text = render_reply(tokenizer, messages, completion) if messages else completion
-  ids = tokenizer.encode(text, add_special_tokens=False)
+  ids = encode_text(tokenizer, text)
   eos = tokenizer.eos_token_id
   if eos is not None and (not ids or ids[-1] != eos):
     ids.append(eos)

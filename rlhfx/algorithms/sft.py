@@ -1,0 +1,196 @@
+"""Supervised fine-tuning: state, the pure step, evaluation and the train loop.
+
+  python -m rlhfx.main --config=configs/quickstart.py --workdir=/tmp/quickstart
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhfx import loop, sampling
+from rlhfx.checkpoint import Checkpointer
+from rlhfx.config import validate
+from rlhfx.losses.common import target_mask
+from rlhfx.losses.sft import sft_loss
+from rlhfx.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
+from rlhfx.models import ModelConfig, Transformer
+from rlhfx.optim import learning_rate_schedule, make_optimizer
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def microbatches(batch: dict[str, Array], k: int) -> dict[str, Array]:
+  """[B, ...] -> [k, B/k, ...]; micro-batch i holds rows i, i+k, ... so each stays spread over the batch axes."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def accumulate_gradients(loss_fn: Callable, params, batch: dict[str, Array], k: int):
+  """Sum of (gradients, metrics) of `loss_fn(params, micro_batch)` over k micro-batches (lax.scan)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    (loss, metrics), grads = grad_fn(params, batch)
+    return grads, {"loss": loss, **metrics}
+
+  def body(carry, micro):
+    (loss, metrics), grads = grad_fn(params, micro)
+    return jax.tree.map(jnp.add, carry, (grads, {"loss": loss, **metrics})), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  abstract_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], microbatches(batch, k))))
+  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                              {"loss": abstract_metrics[0][0], **abstract_metrics[0][1]})
+  (grads, metrics), _ = jax.lax.scan(body, (zeros, zero_metrics), microbatches(batch, k))
+  return grads, metrics
+
+
+def loss_fn(params, batch: dict[str, Array], *, model: Transformer, normalizer: Array):
+  logits_BxTxV = model.apply({"params": params}, batch["tokens_BxT"], batch["mask_BxT"])
+  return sft_loss(logits_BxTxV, batch["tokens_BxT"], batch["loss_mask_BxT"], normalizer=normalizer)
+
+
+def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, grad_accum_steps: int = 1):
+  """One optimizer step on the completion-token NLL (micro-batches summed exactly)."""
+  normalizer = jnp.maximum(target_mask(batch["loss_mask_BxT"]).sum(), 1)
+  loss = functools.partial(loss_fn, model=model, normalizer=normalizer)
+  grads, sums = accumulate_gradients(loss, state.params, batch, grad_accum_steps)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"train/loss": sums["loss"], "train/tokens": sums["tokens"], "train/grad_norm": optax.global_norm(grads),
+             "train/lr": schedule(state.step)}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict[str, Array], *, model: Transformer) -> dict[str, Array]:
+  _, metrics = loss_fn(params, batch, model=model, normalizer=1.0)
+  return {"nll_sum": metrics["nll_sum"], "tokens": metrics["tokens"]}
+
+
+def evaluate(params, eval_batches, eval_fn, mesh) -> dict[str, float]:
+  """Eval loss and perplexity over completion tokens of the given batches."""
+  from rlhfx.sharding import global_batch
+
+  nll = tokens = 0.0
+  for local in eval_batches:
+    m = jax.device_get(eval_fn(params, global_batch(local, mesh)))
+    nll, tokens = nll + float(m["nll_sum"]), tokens + float(m["tokens"])
+  loss = nll / max(tokens, 1)
+  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def exact_match(params, model_config: ModelConfig, source, tokenizer, n: int = 64) -> float:
+  """Share of eval prompts whose greedy completion equals the reference (built-in tasks)."""
+  examples = [source[i] for i in range(min(n, len(source)))]
+  prompts = [tokenizer.encode(e["prompt"].decode(), add_special_tokens=False) for e in examples]
+  bos = tokenizer.bos_token_id
+  prompts = [[bos] + p if bos is not None and bos != tokenizer.eos_token_id else p for p in prompts]
+  tokens, mask = sampling.pad_prompts(prompts, tokenizer.pad_token_id or 0)
+  params = jax.device_get(params)
+  result = sampling.generate(params, model_config, tokens, mask, jax.random.key(0), max_new_tokens=12,
+                             temperature=0.0, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0)
+  hits = 0
+  for e, row, row_mask in zip(examples, np.asarray(result.tokens_BxC), np.asarray(result.mask_BxC)):
+    text = tokenizer.decode(row[row_mask], skip_special_tokens=True)
+    hits += text == e["completion"].decode()
+  return hits / len(examples)
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  """Train per `config`; returns the final metrics. Resumes from <workdir>/checkpoints when present."""
+  runtime = loop.setup_runtime(config, workdir)
+  workdir = runtime.workdir
+  data = loop.prepare_data(config, workdir, kind="sft")
+  model_config, loaded = loop.model_config_from(config, data.tokenizer)
+  validate(config, model_config)
+  loop.save_config(config, workdir)
+  model = Transformer(model_config)
+  rng = jax.random.key(config.seed)
+  params = loop.init_params(model_config, runtime, rng, loaded)
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params)
+  schedule = learning_rate_schedule(config.optim, config.train.num_steps)
+  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    state = jax.jit(functools.partial(init_state, optimizer=optimizer), donate_argnums=0)(params)
+  shardings = loop.state_shardings(state)
+
+  train_iter = iter(loop.batches(config, data, data.train, "sft", seed=config.seed))
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                              async_save=config.train.async_checkpoints)
+  state, start = loop.restore_or_init(checkpointer, state, train_iter)
+
+  step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
+                           grad_accum_steps=config.train.grad_accum_steps)
+  eval_fn = functools.partial(eval_step, model=model)
+  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    step_fn = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    eval_jit = jax.jit(eval_fn)
+
+  def run_eval(state, step_number):
+    if data.eval is None:
+      return {}
+    it = loop.batches(config, data, data.eval, "sft", seed=0, shuffle=False, num_epochs=1)
+    first = [b for _, b in zip(range(config.train.eval_batches), it)]
+    with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+      return evaluate(state.params, first, eval_jit, runtime.mesh)
+
+  writer = MetricsWriter(workdir, total_steps=config.train.num_steps, peak_flops=peak_flops_per_device())
+  before = run_eval(state, start) if start == 0 else {}
+  accuracy_before = exact_match(state.params, model_config, data.eval, data.tokenizer) if (
+      config.data.builtin and data.eval is not None and start == 0) else None
+  seq = max(config.data.buckets)
+  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    result = loop.run(config=config, runtime=runtime, state=state, step_fn=step_fn, train_iter=train_iter,
+                      checkpointer=checkpointer, writer=writer,
+                      tokens_per_step=lambda b: b["tokens_BxT"].size,
+                      flops_per_token=train_flops_per_token(model_config, seq), loss_key="train/loss",
+                      evaluate=run_eval)
+  checkpointer.close()
+  writer.close()
+  final = dict(result.last_metrics)
+  if result.stopped_early:
+    logging.info("stopped at step %d after SIGTERM; rerun the same command to resume", int(result.state.step))
+    return final
+  after = run_eval(result.state, config.train.num_steps)
+  final.update(after)
+  if config.train.export_hf and jax.process_index() == 0:
+    from rlhfx.models.convert import to_hf
+
+    out = to_hf(model_config, jax.device_get(result.state.params), workdir / "hf")
+    data.tokenizer.save_pretrained(out)
+  summary = [f"SFT of a {model_config.num_params():,}-parameter model for {config.train.num_steps} steps "
+             f"(resumed at step {result.start_step})" if result.start_step else
+             f"SFT of a {model_config.num_params():,}-parameter model for {config.train.num_steps} steps"]
+  if before and after:
+    summary.append(f"eval loss {before['eval/loss']:.3f} -> {after['eval/loss']:.3f} "
+                   f"(perplexity {before['eval/perplexity']:.2f} -> {after['eval/perplexity']:.2f})")
+  if accuracy_before is not None:
+    accuracy_after = exact_match(result.state.params, model_config, data.eval, data.tokenizer)
+    final["eval/exact_match"] = accuracy_after
+    summary.append(f"exact-match accuracy on held-out prompts {accuracy_before:.0%} -> {accuracy_after:.0%}")
+  summary += [f"metrics: {workdir / 'metrics.jsonl'} and TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}",
+              f"checkpoints: {workdir / 'checkpoints'}" +
+              (f"; Hugging Face export: {workdir / 'hf'}" if config.train.export_hf else "")]
+  if jax.process_index() == 0:
+    print("\n".join(["", "== summary =="] + summary), flush=True)
+  return final

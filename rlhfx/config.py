@@ -1,0 +1,100 @@
+"""The fields every experiment config has, with their defaults; experiment files in configs/ override them.
+
+  from rlhfx.config import base_config
+  def get_config(arg=None):
+    config = base_config("sft")
+    config.train.num_steps = 1000   # ...
+    return config.lock()
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config(algorithm: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.algorithm = algorithm  # which rlhfx.algorithms module trains this config: sft
+  c.seed = 0  # parameter initialisation and data order
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # rlhfx.models.PRESETS name, used when init_from is empty (random init)
+  c.model.init_from = ""  # Hugging Face dir or hub id, or "llama2c:<model.bin>"; "" = random init of the preset
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
+  c.model.remat = "none"  # rematerialisation per layer: none | full | dots | dots_no_batch
+  c.model.scan_layers = False  # scan over layers (stacked parameters): faster compiles for deep models
+  c.model.vocab_size = config_dict.placeholder(int)  # override the preset's vocabulary size
+  c.model.max_seq_len = config_dict.placeholder(int)  # override the context length
+  c.model.n_layers = config_dict.placeholder(int)  # override the preset's depth
+  c.model.d_model = config_dict.placeholder(int)  # override the preset's width
+
+  c.data = ml_collections.ConfigDict()
+  c.data.builtin = ""  # a task generated in code instead of files: "reverse" (rlhfx.data.synthetic)
+  c.data.train_files = ()  # input files: JSONL or JSON arrays, optionally .gz
+  c.data.input_format = "sft"  # pairs | hh | sharegpt | unpaired | prompts | sft (rlhfx.data.builders)
+  c.data.eval_fraction = 0.05  # share of examples in the eval split (by content hash)
+  c.data.on_error = "raise"  # bad input records: raise (file:line) | skip (counted, logged, in dataset_info.json)
+  c.data.dir = ""  # where the ArrayRecord dataset is built; "" = <workdir>/data
+  c.data.tokenizer = ""  # tokenizer: HF dir / hub id / encoder.json dir / .model / .bin / builtin:bytes; "" = init_from
+  c.data.max_length = 256  # prompt + completion tokens per row
+  c.data.max_prompt_length = 128  # prompt tokens kept (its end, with prompt_side=keep_end)
+  c.data.prompt_side = "keep_end"  # keep_end | keep_start: which part of a long prompt survives
+  c.data.on_overlong = "truncate"  # truncate | skip | error (counted either way)
+  c.data.buckets = (64, 128, 256)  # padded lengths; at most this many compiled shapes
+  c.data.read_threads = 0  # Grain reader threads (0 = main thread: fastest on small CPU hosts)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 16  # rows per optimizer step, over all processes and micro-batches
+  c.train.grad_accum_steps = 1  # micro-batches per step (lax.scan); each holds global_batch_size / this rows
+  c.train.num_steps = 100  # optimizer steps
+  c.train.log_every = 10  # console + metrics every N steps
+  c.train.eval_every = 50  # eval loss every N steps (0 = only at the end)
+  c.train.eval_batches = 4  # batches per evaluation
+  c.train.checkpoint_every = 50  # save every N steps (and at the end, and on SIGTERM)
+  c.train.keep_checkpoints = 3  # complete checkpoints kept
+  c.train.async_checkpoints = True  # write checkpoints in the background
+  c.train.export_hf = True  # write the final policy as a Hugging Face directory: <workdir>/hf
+  c.train.sigterm_at_step = 0  # testing preemption: the run sends itself SIGTERM after this step (0 = never)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-3  # peak learning rate
+  c.optim.schedule = "cosine"  # cosine | constant (both after linear warmup)
+  c.optim.warmup_steps = 10  # linear warmup from 0
+  c.optim.min_lr_ratio = 0.1  # cosine ends at this fraction of the peak
+  c.optim.weight_decay = 0.0  # AdamW decoupled weight decay (matrices only)
+  c.optim.b1 = 0.9  # Adam beta1
+  c.optim.b2 = 0.95  # Adam beta2
+  c.optim.eps = 1e-8  # Adam epsilon
+  c.optim.clip_norm = 1.0  # global gradient-norm clipping (0 = off)
+  c.optim.freeze = ()  # regexes over parameter paths ("layer_0/attn/q_proj/kernel") that get no update
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 = remaining devices
+  c.mesh.rules = ()  # logical-axis rules [(logical, mesh axes)]; () = rlhfx.sharding.DEFAULT_RULES
+  c.mesh.num_cpu_devices = 0  # fake CPU devices for testing sharding (0 = leave JAX's default)
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0 for explicit multi-process runs
+  c.distributed.num_processes = 1  # processes in an explicit multi-process run
+  c.distributed.process_id = 0  # this process's index in an explicit multi-process run
+  c.distributed.local_device_ids = ()  # devices this process uses (explicit runs; () = all)
+  c.distributed.auto = True  # initialise from the environment on Cloud TPU pods and SLURM
+  return c
+
+
+def validate(config, model_config) -> None:
+  """Config checks that need no data: raise ValueError naming the field."""
+  t, d = config.train, config.data
+  if t.global_batch_size % t.grad_accum_steps:
+    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
+                     f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  if d.max_length > model_config.max_seq_len:
+    raise ValueError(f"config.data.max_length={d.max_length} is longer than the model's context "
+                     f"max_seq_len={model_config.max_seq_len}")
+  if max(d.buckets) > model_config.max_seq_len:
+    raise ValueError(f"config.data.buckets={tuple(d.buckets)}: {max(d.buckets)} exceeds the model's context "
+                     f"max_seq_len={model_config.max_seq_len}")
+  if not 0 <= d.eval_fraction < 1:
+    raise ValueError(f"config.data.eval_fraction={d.eval_fraction} must be in [0, 1)")

@@ -1,0 +1,284 @@
+"""What every algorithm's train() shares: runtime set-up, data, model loading, sharded state, the step loop.
+
+The loop (`run`) dispatches step n+1 before reading the metrics of step n, so the
+host never waits on the device except to save a checkpoint. It saves every
+`checkpoint_every` steps, at the end and on SIGTERM; a NaN/Inf in a metric stops
+the run with a message naming the step, keeping the last good checkpoint; a
+restart resumes from the latest complete checkpoint with the data iterator where
+it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhfx import sharding
+from rlhfx.checkpoint import Checkpointer, abstract
+from rlhfx.data import builders, pipeline, synthetic
+from rlhfx.data.tokenize import Truncation, load_tokenizer
+from rlhfx.metrics import MetricsWriter, to_host
+from rlhfx.models import ModelConfig, Transformer, get_preset
+
+
+class TrainingDiverged(RuntimeError):
+  """A metric became NaN or Inf."""
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclasses.dataclass
+class Runtime:
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  workdir: Path
+
+
+def setup_runtime(config, workdir: str | os.PathLike) -> Runtime:
+  """Fake CPU devices and multi-process set-up (before any JAX computation), then the mesh."""
+  if config.mesh.num_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", config.mesh.num_cpu_devices)
+  if config.distributed.coordinator_address and config.distributed.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  sharding.init_distributed(config.distributed)
+  mesh = sharding.make_mesh(dict(config.mesh.shape))
+  sharding.log_mesh(mesh)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  return Runtime(mesh=mesh, rules=sharding.rules_from_config(config.mesh.rules), workdir=workdir)
+
+
+def sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: Any
+  train: Any  # random-access source
+  eval: Any | None
+  counts: dict[str, int]
+  truncation: Truncation
+
+
+def prepare_data(config, workdir: Path, kind: str) -> Data:
+  """Build the ArrayRecord dataset once (process 0), then open its splits and the tokenizer."""
+  d = config.data
+  data_dir = Path(d.dir) if d.dir else workdir / "data"
+  files = list(d.train_files)
+  if d.builtin:
+    files = [data_dir / "raw" / f"{d.builtin}.jsonl"]
+  if jax.process_index() == 0 and not any(data_dir.glob("*/*/dataset_info.json")):
+    if d.builtin:
+      synthetic.write_task(d.builtin, files[0], seed=config.seed)
+    if not files:
+      raise ValueError("config.data.train_files is empty (and config.data.builtin is not set)")
+    builders.build(kind, files, data_dir=data_dir, input_format=d.input_format, eval_fraction=d.eval_fraction,
+                   split_seed=config.seed, on_error=d.on_error)
+  sync("data_built")
+  counts = builders.counts(data_dir)
+  logging.info("data %s: %s", data_dir, counts)
+  tokenizer = load_tokenizer(d.tokenizer or config.model.init_from)
+  truncation = Truncation(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                          prompt_side=d.prompt_side, on_overlong=d.on_overlong)
+  eval_source = builders.data_source(data_dir, "eval") if counts.get("written/eval") else None
+  return Data(tokenizer, builders.data_source(data_dir, "train"), eval_source, counts, truncation)
+
+
+def batches(config, data: Data, source, kind: str, *, seed: int, shuffle: bool = True, num_epochs=None,
+            stats: pipeline.Stats | None = None):
+  return pipeline.make_dataset(source, data.tokenizer, kind=kind, global_batch_size=config.train.global_batch_size,
+                               buckets=tuple(config.data.buckets), truncation=data.truncation, seed=seed,
+                               shuffle=shuffle, num_epochs=num_epochs, stats=stats,
+                               read_threads=config.data.read_threads)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_config_from(config, tokenizer=None) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, numpy params or None for random init) from config.model."""
+  m = config.model
+  overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
+  overrides.update({k: m[k] for k in ("vocab_size", "max_seq_len", "n_layers", "d_model") if m[k] is not None})
+  params = None
+  if m.init_from.startswith("llama2c:"):
+    from rlhfx.models.convert import from_llama2c
+
+    model_config, params = from_llama2c(m.init_from.removeprefix("llama2c:"))
+    model_config = model_config.replace(**overrides)
+  elif m.init_from:
+    from rlhfx.models.convert import from_hf
+
+    model_config, params = from_hf(m.init_from, dtype=m.param_dtype,
+                                   **{k: v for k, v in overrides.items() if k != "param_dtype"})
+  else:
+    model_config = get_preset(m.preset, **overrides)
+  if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
+    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                     f"{model_config.vocab_size}; set config.model.vocab_size")
+  if tokenizer is not None and tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  return model_config, params
+
+
+def param_shardings(model_config: ModelConfig, runtime: Runtime):
+  boxed = jax.eval_shape(lambda k: Transformer(model_config).init(k, jnp.zeros((1, 4), jnp.int32)),
+                         jax.random.key(0))["params"]
+  return sharding.tree_shardings(boxed, runtime.mesh, runtime.rules)
+
+
+def init_params(model_config: ModelConfig, runtime: Runtime, rng, params=None):
+  """Sharded parameters: random init compiled with out_shardings (never whole on one host), or loaded numpy."""
+  shardings = param_shardings(model_config, runtime)
+  if params is None:
+    init = lambda k: nn.meta.unbox(Transformer(model_config).init(k, jnp.zeros((1, 4), jnp.int32))["params"])  # noqa
+    with runtime.mesh:
+      return jax.jit(init, out_shardings=shardings)(rng)
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
+
+
+def state_shardings(state):
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and exits at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step) or self.requested
+      except Exception:  # noqa: BLE001 (no preemption service): fall back to the local flag
+        pass
+    return self.requested
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  last_metrics: dict[str, float]
+  stopped_early: bool
+  start_step: int
+
+
+def run(*, config, runtime: Runtime, state, step_fn: Callable, train_iter: Iterator, checkpointer: Checkpointer,
+        writer: MetricsWriter, tokens_per_step: Callable[[dict], float], flops_per_token: float,
+        loss_key: str, evaluate: Callable[[Any, int], dict] | None = None,
+        metadata: Callable[[], dict] | None = None) -> LoopResult:
+  """Run steps from state.step to config.train.num_steps (see the module docstring)."""
+  t = config.train
+  start = int(jax.device_get(state.step))
+  preemption = _Preemption()
+  pending = None  # (step, device metrics, batch tokens)
+  last: dict[str, float] = {}
+  t_last = time.perf_counter()
+  peak = writer.peak_flops
+
+  def finish(step, device_metrics, tokens):
+    nonlocal last, t_last
+    host = to_host(device_metrics)
+    bad = [k for k, v in host.items() if not np.isfinite(v)]
+    if bad:
+      good = checkpointer.latest_step()
+      raise TrainingDiverged(f"step {step}: {', '.join(bad)} = {[host[k] for k in bad]}; stopping. "
+                             f"The last good checkpoint is step {good} in {checkpointer.directory}")
+    now = time.perf_counter()
+    host["perf/step_s"] = now - t_last
+    host["perf/tokens_per_s"] = tokens / host["perf/step_s"]
+    if peak:
+      host["perf/mfu"] = host["perf/tokens_per_s"] * flops_per_token / (peak * jax.device_count())
+    t_last = now
+    last = host
+    if step % t.log_every == 0 or step == t.num_steps:
+      writer.write(step, host)
+      writer.progress(step, start, host, loss_key)
+
+  def save(step):
+    checkpointer.save(step, {"state": state}, metadata={"step": step, **(metadata() if metadata else {})},
+                      data_iterator=train_iter)
+
+  stopped = False
+  try:
+    for step in range(start + 1, t.num_steps + 1):
+      local = next(train_iter)
+      batch = sharding.global_batch(local, runtime.mesh)
+      state, device_metrics = step_fn(state, batch)
+      if pending is not None:
+        finish(*pending)
+      pending = (step, device_metrics, tokens_per_step(local) * jax.process_count())
+      preempted = preemption.reached(step)
+      if t.sigterm_at_step and step == t.sigterm_at_step:
+        os.kill(os.getpid(), signal.SIGTERM)
+        preempted = preemption.reached(step)
+      if step % t.checkpoint_every == 0 or step == t.num_steps or preempted:
+        finish(*pending)  # a checkpoint only of a state whose step was finite
+        pending = None
+        save(step)
+      if evaluate is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.num_steps):
+        if pending is not None:
+          finish(*pending)
+          pending = None
+        eval_metrics = evaluate(state, step)
+        writer.write(step, eval_metrics)
+        logging.info("step %d eval: %s", step, eval_metrics)
+      if preempted:
+        stopped = True
+        break
+    if pending is not None:
+      finish(*pending)
+  finally:
+    preemption.restore()
+    checkpointer.wait()
+  return LoopResult(state=state, last_metrics=last, stopped_early=stopped, start_step=start)
+
+
+def restore_or_init(checkpointer: Checkpointer, state, train_iter) -> tuple[Any, int]:
+  """Resume from the latest complete checkpoint (onto the current state's shardings), if there is one."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return state, 0
+  target = abstract(state, state_shardings(state))
+  trees, meta = checkpointer.restore(step, {"state": target}, data_iterator=train_iter)
+  if jax.process_index() == 0:
+    print(f"resumed from step {step} ({checkpointer.directory})", flush=True)
+  return trees["state"], step
+
+
+def save_config(config, workdir: Path) -> None:
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2))

@@ -1,0 +1,34 @@
+"""Shared pieces of every loss: per-token log-probs, masked reductions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def token_logps(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
+  """logps_BxT[b, t] = log p(tokens[b, t] | tokens[b, :t]); position 0 (nothing to condition on) is 0."""
+  logz_BxT = jax.nn.logsumexp(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+  picked_BxT = jnp.take_along_axis(logits_BxTxV[:, :-1], tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  logps_BxT = picked_BxT.astype(jnp.float32) - logz_BxT
+  return jnp.pad(logps_BxT, ((0, 0), (1, 0)))
+
+
+def target_mask(loss_mask_BxT: Array) -> Array:
+  """The loss mask without position 0, which no logit predicts."""
+  return loss_mask_BxT.at[:, 0].set(False)
+
+
+def masked_sum(x_BxT: Array, mask_BxT: Array) -> Array:
+  return jnp.sum(jnp.where(mask_BxT, x_BxT, 0.0))
+
+
+def masked_mean(x_BxT: Array, mask_BxT: Array) -> Array:
+  return masked_sum(x_BxT, mask_BxT) / jnp.maximum(mask_BxT.sum(), 1)
+
+
+def sequence_logps(logps_BxT: Array, mask_BxT: Array) -> Array:
+  """Sum of token log-probs over the masked (completion) positions of each row -> logps_B."""
+  return jnp.sum(jnp.where(mask_BxT, logps_BxT, 0.0), axis=-1)

@@ -1,0 +1,25 @@
+"""Supervised fine-tuning: masked next-token negative log-likelihood."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhfx.losses.common import masked_sum, target_mask, token_logps
+
+Array = jax.Array
+
+
+def sft_loss(logits_BxTxV: Array, tokens_BxT: Array, loss_mask_BxT: Array, *,
+             normalizer: Array | float | None = None) -> tuple[Array, dict[str, Array]]:
+  """Mean NLL of completion tokens: -sum_t mask_t log p(x_t | x_<t) / normalizer.
+
+  `normalizer` defaults to this batch's completion-token count; gradient
+  accumulation passes the count of the whole global batch so that k micro-batches
+  of b equal one batch of k*b exactly.
+  """
+  mask_BxT = target_mask(loss_mask_BxT)
+  nll_sum = -masked_sum(token_logps(logits_BxTxV, tokens_BxT), mask_BxT)
+  tokens = mask_BxT.sum()
+  normalizer = jnp.maximum(tokens, 1) if normalizer is None else normalizer
+  return nll_sum / normalizer, {"nll_sum": nll_sum, "tokens": tokens}

@@ -1,0 +1,27 @@
+"""rlhfx entry point: python -m rlhfx.main --config=configs/<file>.py[:variant] --workdir=DIR [--config.a.b=v]."""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:variant])",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and exports")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax and Grain are chatty at INFO; --verbosity=0 shows it
+    logging.set_verbosity(logging.WARNING)
+  from rlhfx import algorithms
+
+  algorithms.train(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

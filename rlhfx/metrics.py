@@ -1,0 +1,108 @@
+"""Metrics: TensorBoard event files (tensorboardX, no TensorFlow), a JSONL file, console progress.
+
+Everything lands in the work directory:
+  <workdir>/metrics.jsonl     one JSON object per logged step: {"step": n, "train/loss": ...}
+  <workdir>/tensorboard/      event files: tensorboard --logdir <workdir>/tensorboard
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 matmul peak per device (FLOP/s), for MFU; CPUs are measured instead.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops_per_device() -> float:
+  """Known peak for TPU/GPU kinds; on CPU, a measured f32 matmul rate (all local CPU devices share the cores)."""
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(5):
+    f(a).block_until_ready()
+  rate = 5 * 2 * n**3 / (time.perf_counter() - t0)
+  return rate / max(1, jax.local_device_count())
+
+
+def train_flops_per_token(config, seq_len: int) -> float:
+  """6N for the matmuls of forward + backward, plus attention (Kaplan et al. 2020, appendix / PaLM appendix B)."""
+  return 6 * config.num_params() + 12 * config.n_layers * config.n_heads * config.dim_per_head * seq_len
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsWriter:
+  """Writes metrics of a run to TensorBoard, JSONL and the console."""
+
+  def __init__(self, workdir: str | Path, *, total_steps: int, peak_flops: float | None = None):
+    self.workdir = Path(workdir)
+    self.total_steps = total_steps
+    self.peak_flops = peak_flops
+    self.is_main = jax.process_index() == 0
+    self._t_start = time.perf_counter()
+    self._jsonl = self._tb = None
+    if self.is_main:
+      from tensorboardX import SummaryWriter
+
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.is_main:
+      return
+    clean = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+    self._jsonl.flush()
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    if self.is_main:
+      self._tb.add_text(name, text, step)
+
+  def progress(self, step: int, start_step: int, metrics: dict[str, float], loss_key: str) -> None:
+    """One console line: step, loss, tokens/s, MFU, ETA."""
+    if not self.is_main:
+      return
+    elapsed = time.perf_counter() - self._t_start
+    done = max(step - start_step, 1)
+    eta = elapsed / done * (self.total_steps - step)
+    parts = [f"step {step}/{self.total_steps}", f"{loss_key} {metrics.get(loss_key, float('nan')):.4f}"]
+    if "perf/tokens_per_s" in metrics:
+      parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tok/s")
+    if "perf/mfu" in metrics:
+      parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+    parts.append(f"ETA {_fmt_time(eta)}")
+    logging.info(" | ".join(parts))
+    print(" | ".join(parts), flush=True)
+
+  def close(self) -> None:
+    if self.is_main:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def to_host(metrics) -> dict[str, float]:
+  """Device scalars -> Python floats (the only place the loop waits for the device)."""
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,49 @@
+"""Optimizers: AdamW with warmup + cosine (or constant) schedule, global-norm clipping, frozen labels."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import optax
+
+
+def learning_rate_schedule(cfg, num_steps: int) -> optax.Schedule:
+  """Linear warmup to cfg.learning_rate, then cosine decay to min_lr_ratio * lr (or constant)."""
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
+  if cfg.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+                                 optax.constant_schedule(cfg.learning_rate)], [max(cfg.warmup_steps, 1)])
+  raise ValueError(f"config.optim.schedule={cfg.schedule!r}; expected cosine or constant")
+
+
+def param_path(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_labels(params, frozen_patterns: Sequence[str]):
+  """"frozen" for parameters whose path ("layer_0/attn/q_proj/kernel") matches a pattern, else "trainable"."""
+  compiled = [re.compile(p) for p in frozen_patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(c.search(param_path(path)) for c in compiled) else "trainable", params)
+
+
+def make_optimizer(cfg, num_steps: int, params=None) -> optax.GradientTransformation:
+  """AdamW (no decay on vectors: biases and norm scales) after global-norm clipping; frozen labels get no update."""
+  decay_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
+      optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                  weight_decay=cfg.weight_decay, mask=decay_mask))
+  if cfg.freeze:
+    if params is None:
+      raise ValueError("make_optimizer: freezing parameters needs the parameter tree")
+    labels = param_labels(params, cfg.freeze)
+    if "trainable" not in jax.tree.leaves(labels):
+      raise ValueError(f"config.optim.freeze={list(cfg.freeze)} freezes every parameter")
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx

@@ -1,0 +1,131 @@
+"""Device mesh, logical-axis rules, shardings of parameter trees, global batches, multi-process set-up.
+
+Model code names logical axes (`nn.with_logical_partitioning`); `config.mesh.rules`
+maps them onto the mesh axes `data`, `fsdp` and `tensor`. A mesh axis that does not
+divide a dimension is dropped for that dimension (the array is replicated along
+it), so odd vocabularies and head counts still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+# (logical axis, mesh axes): parameters first, then activations.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("length", None),
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def init_distributed(cfg) -> None:
+  """jax.distributed.initialize when configured: explicit coordinator, or auto-detection (Cloud TPU, SLURM)."""
+  if cfg.coordinator_address:
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                               process_id=cfg.process_id,
+                               local_device_ids=list(cfg.local_device_ids) if cfg.local_device_ids else None)
+  elif cfg.auto and ("SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ
+                     or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ):
+    jax.distributed.initialize()
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence | None = None) -> Mesh:
+  """Mesh with axes data x fsdp x tensor; one entry may be -1 (all remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh.shape has unknown axes {sorted(unknown)}; expected {MESH_AXES}")
+  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh.shape={dict(shape)}: at most one axis may be -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh.shape={dict(shape)}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"config.mesh.shape={dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
+                     f"{len(devices)} are available")
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
+  """Config rules (list of [logical, mesh axis | list | None]) -> flax logical-axis rules."""
+  if not rules:
+    return DEFAULT_RULES
+  out = []
+  for logical, mesh_axes in rules:
+    out.append((logical, tuple(mesh_axes) if isinstance(mesh_axes, (list, tuple)) else mesh_axes))
+  return tuple(out)
+
+
+def _spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
+  """PartitionSpec for one array from its logical names, dropping mesh axes that do not divide."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(names, shape):
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    kept, size = [], 1
+    for axis in axes:
+      if axis in used or dim % (size * mesh.shape[axis]):
+        continue
+      kept.append(axis)
+      size *= mesh.shape[axis]
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*spec)
+
+
+def tree_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree whose leaves are nn.Partitioned (or plain: replicated)."""
+
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned):
+      return NamedSharding(mesh, _spec_for(leaf.names, leaf.value.shape, mesh, rules))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays split over the batch axes of the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+          for k, v in local_batch.items()}
+
+
+def log_mesh(mesh: Mesh) -> None:
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
