@@ -13,6 +13,10 @@ import ml_collections
 from ml_collections import config_dict
 
 
+class ConfigError(ValueError):
+  """A config that cannot work; the message names the field."""
+
+
 def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = algorithm  # which rlhfx.algorithms module trains this config: sft
@@ -84,17 +88,21 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   return c
 
 
-def validate(config, model_config) -> None:
-  """Config checks that need no data: raise ValueError naming the field."""
+def validate(config, model_config, data_parallel_size: int = 1) -> None:
+  """Config checks that need no data: raise ConfigError naming the field."""
   t, d = config.train, config.data
   if t.global_batch_size % t.grad_accum_steps:
-    raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
+    raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
                      f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  micro = t.global_batch_size // t.grad_accum_steps
+  if micro % data_parallel_size:
+    raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} gives micro-batches of {micro} rows, "
+                     f"not divisible by the data-parallel size {data_parallel_size} (mesh data x fsdp)")
   if d.max_length > model_config.max_seq_len:
-    raise ValueError(f"config.data.max_length={d.max_length} is longer than the model's context "
+    raise ConfigError(f"config.data.max_length={d.max_length} is longer than the model's context "
                      f"max_seq_len={model_config.max_seq_len}")
   if max(d.buckets) > model_config.max_seq_len:
-    raise ValueError(f"config.data.buckets={tuple(d.buckets)}: {max(d.buckets)} exceeds the model's context "
+    raise ConfigError(f"config.data.buckets={tuple(d.buckets)}: {max(d.buckets)} exceeds the model's context "
                      f"max_seq_len={model_config.max_seq_len}")
   if not 0 <= d.eval_fraction < 1:
-    raise ValueError(f"config.data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    raise ConfigError(f"config.data.eval_fraction={d.eval_fraction} must be in [0, 1)")

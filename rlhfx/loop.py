@@ -29,7 +29,8 @@ from rlhfx.checkpoint import Checkpointer, abstract
 from rlhfx.data import builders, pipeline, synthetic
 from rlhfx.data.tokenize import Truncation, load_tokenizer
 from rlhfx.metrics import MetricsWriter, to_host
-from rlhfx.models import ModelConfig, Transformer, get_preset
+from rlhfx.config import ConfigError
+from rlhfx.models import PRESETS, ModelConfig, Transformer, get_preset
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,7 +91,7 @@ def prepare_data(config, workdir: Path, kind: str) -> Data:
     if d.builtin:
       synthetic.write_task(d.builtin, files[0], seed=config.seed)
     if not files:
-      raise ValueError("config.data.train_files is empty (and config.data.builtin is not set)")
+      raise ConfigError("config.data.train_files is empty (and config.data.builtin is not set)")
     builders.build(kind, files, data_dir=data_dir, input_format=d.input_format, eval_fraction=d.eval_fraction,
                    split_seed=config.seed, on_error=d.on_error)
   sync("data_built")
@@ -114,7 +115,7 @@ def batches(config, data: Data, source, kind: str, *, seed: int, shuffle: bool =
 # ----------------------------------------------------------------------------- model
 
 
-def model_config_from(config, tokenizer=None) -> tuple[ModelConfig, Any]:
+def model_config_from(config) -> tuple[ModelConfig, Any]:
   """(ModelConfig, numpy params or None for random init) from config.model."""
   m = config.model
   overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
@@ -131,13 +132,19 @@ def model_config_from(config, tokenizer=None) -> tuple[ModelConfig, Any]:
     model_config, params = from_hf(m.init_from, dtype=m.param_dtype,
                                    **{k: v for k, v in overrides.items() if k != "param_dtype"})
   else:
+    if m.preset not in PRESETS:
+      raise ConfigError(f"config.model.preset={m.preset!r} is not a preset; known presets: {sorted(PRESETS)}")
     model_config = get_preset(m.preset, **overrides)
-  if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
-    raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                     f"{model_config.vocab_size}; set config.model.vocab_size")
-  if tokenizer is not None and tokenizer.pad_token_id is None:
-    tokenizer.pad_token = tokenizer.eos_token
   return model_config, params
+
+
+def check_tokenizer(model_config: ModelConfig, tokenizer) -> None:
+  """The tokenizer must fit the model's vocabulary; a missing pad token becomes EOS."""
+  if len(tokenizer) > model_config.vocab_size:
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                      f"{model_config.vocab_size}; set config.model.vocab_size or config.data.tokenizer")
+  if tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token
 
 
 def param_shardings(model_config: ModelConfig, runtime: Runtime):

@@ -16,8 +16,10 @@ def learning_rate_schedule(cfg, num_steps: int) -> optax.Schedule:
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
         decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
   if cfg.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
-                                 optax.constant_schedule(cfg.learning_rate)], [max(cfg.warmup_steps, 1)])
+    if not cfg.warmup_steps:
+      return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                                 optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
   raise ValueError(f"config.optim.schedule={cfg.schedule!r}; expected cosine or constant")
 
 

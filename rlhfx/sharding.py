@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rlhfx.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
@@ -57,17 +59,17 @@ def make_mesh(shape: dict[str, int], devices: Sequence | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh.shape has unknown axes {sorted(unknown)}; expected {MESH_AXES}")
+    raise ConfigError(f"config.mesh.shape has unknown axes {sorted(unknown)}; expected {MESH_AXES}")
   sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh.shape={dict(shape)}: at most one axis may be -1")
+    raise ConfigError(f"config.mesh.shape={dict(shape)}: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"config.mesh.shape={dict(shape)}: {len(devices)} devices are not divisible by {known}")
+      raise ConfigError(f"config.mesh.shape={dict(shape)}: {len(devices)} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"config.mesh.shape={dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
+    raise ConfigError(f"config.mesh.shape={dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
                      f"{len(devices)} are available")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhfx import loop, sampling
+from rlhfx import loop, sampling, sharding
 from rlhfx.checkpoint import Checkpointer
 from rlhfx.config import validate
 from rlhfx.losses.common import target_mask
@@ -90,11 +90,9 @@ def eval_step(params, batch: dict[str, Array], *, model: Transformer) -> dict[st
 
 def evaluate(params, eval_batches, eval_fn, mesh) -> dict[str, float]:
   """Eval loss and perplexity over completion tokens of the given batches."""
-  from rlhfx.sharding import global_batch
-
   nll = tokens = 0.0
   for local in eval_batches:
-    m = jax.device_get(eval_fn(params, global_batch(local, mesh)))
+    m = jax.device_get(eval_fn(params, sharding.global_batch(local, mesh)))
     nll, tokens = nll + float(m["nll_sum"]), tokens + float(m["tokens"])
   loss = nll / max(tokens, 1)
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
@@ -121,9 +119,10 @@ def train(config, workdir: str) -> dict[str, float]:
   """Train per `config`; returns the final metrics. Resumes from <workdir>/checkpoints when present."""
   runtime = loop.setup_runtime(config, workdir)
   workdir = runtime.workdir
+  model_config, loaded = loop.model_config_from(config)
+  validate(config, model_config, sharding.data_parallel_size(runtime.mesh))
   data = loop.prepare_data(config, workdir, kind="sft")
-  model_config, loaded = loop.model_config_from(config, data.tokenizer)
-  validate(config, model_config)
+  loop.check_tokenizer(model_config, data.tokenizer)
   loop.save_config(config, workdir)
   model = Transformer(model_config)
   rng = jax.random.key(config.seed)

@@ -21,6 +21,7 @@ of the two is empty. Input formats (JSONL or a JSON array, optionally gzipped):
   unpaired  {"prompt", "completion", "label"}
   prompts   {"prompt"} or {"messages"}
   sft       {"prompt", "completion"} or {"messages"} (the last message is the assistant reply)
+  hh_chosen Anthropic HH transcripts as SFT data: the prompt and the chosen reply
 
 Bad records raise `DataError` naming file:line by default; with on_error="skip"
 they are counted by reason, logged, and stored in the dataset's metadata
@@ -169,6 +170,11 @@ def _hh(record):
               rejected=_completion(rejected, "rejected"))
 
 
+def _hh_chosen(record):
+  example = _hh(record)
+  return dict(prompt=example["prompt"], messages="", completion=example["chosen"])
+
+
 def _sharegpt(record):
   messages = _messages(_field(record, "conversations", list), "conversations")
   system = record.get("system")
@@ -213,6 +219,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], dict]]] = {
     # input format -> (kind, parser)
     "pairs": ("preference", _pairs),
     "hh": ("preference", _hh),
+    "hh_chosen": ("sft", _hh_chosen),
     "sharegpt": ("preference", _sharegpt),
     "unpaired": ("unpaired", _unpaired),
     "prompts": ("prompts", _prompts),
@@ -289,9 +296,9 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise DataError(f"{dl_manager.manual_dir}: no .json/.jsonl(.gz) files in the manual dir")
     examples = list(parse_files(paths, self._input_format, on_error=self._on_error, stats=self.stats))
     splits = {"train": [], "eval": []}
-    for location, example in examples:
+    for index, (_, example) in enumerate(examples):  # keys by position: the stored order ignores file paths
       splits["eval" if is_eval(example, self._eval_fraction, self._split_seed) else "train"].append(
-          (location, example))
+          (index, example))
     for name, items in splits.items():
       self.stats[f"written/{name}"] = len(items)
     self.info.metadata.update({"counts": dict(self.stats), "input_format": self._input_format,

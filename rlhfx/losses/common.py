@@ -18,7 +18,7 @@ def token_logps(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
 
 def target_mask(loss_mask_BxT: Array) -> Array:
   """The loss mask without position 0, which no logit predicts."""
-  return loss_mask_BxT.at[:, 0].set(False)
+  return jnp.asarray(loss_mask_BxT).at[:, 0].set(False)
 
 
 def masked_sum(x_BxT: Array, mask_BxT: Array) -> Array:

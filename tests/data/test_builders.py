@@ -154,3 +154,15 @@ def test_wrong_kind_for_format_and_missing_file(tmp_path):
     builders.build("sft", [tmp_path / "x.jsonl"], data_dir=tmp_path, input_format="hh")
   with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
     builders.build("preference", [tmp_path / "nope.jsonl"], data_dir=tmp_path / "d", input_format="pairs")
+
+
+def test_stored_order_does_not_depend_on_the_file_path(tmp_path):
+  records = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(50)]
+  orders = []
+  for name in ("one", "two"):
+    (tmp_path / name).mkdir()
+    path = _write_jsonl(tmp_path / name / f"{name}.jsonl", records)
+    builders.build("preference", [path], data_dir=tmp_path / name / "d", input_format="pairs")
+    source = builders.data_source(tmp_path / name / "d")
+    orders.append([source[i]["prompt"] for i in range(len(source))])
+  assert orders[0] == orders[1]

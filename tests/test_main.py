@@ -1,0 +1,160 @@
+"""The training spine end to end through `python -m rlhfx.main`: invariances, resume, reshard, export, errors.
+
+Each run is a subprocess (fake CPU devices must be set before JAX starts). The
+baseline is 20 SFT steps of the quickstart model on one device.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rlhfx.algorithms import sft
+from rlhfx.checkpoint import Checkpointer, abstract
+from rlhfx.config import base_config
+from rlhfx.models import Transformer, get_preset
+from rlhfx.models.convert import from_hf
+from rlhfx.optim import make_optimizer
+
+from conftest import forward
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICK = ["--config=configs/quickstart.py", "--config.train.num_steps=20", "--config.train.log_every=1",
+         "--config.data.eval_fraction=0", "--config.train.checkpoint_every=10", "--config.train.export_hf=False"]
+TIMEOUT = 300
+
+
+def _run(workdir, *overrides, check=True, extra_env=None, timeout=TIMEOUT):
+  env = {**os.environ, **(extra_env or {})}
+  proc = subprocess.run([sys.executable, "-m", "rlhfx.main", *QUICK, f"--workdir={workdir}", *overrides],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _losses(workdir) -> dict[int, float]:
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "train/loss" in record:
+      out[record["step"]] = record["train/loss"]
+  return out
+
+
+def _assert_same_losses(got: dict, want: dict, rtol=1e-5):
+  assert sorted(got) == sorted(want) == list(range(1, 21))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("baseline")
+  _run(workdir, "--config.train.export_hf=True")
+  return workdir
+
+
+def test_baseline_learns_and_checkpoints(baseline):
+  losses = _losses(baseline)
+  assert losses[20] < losses[1] - 1.0
+  assert sorted(int(p.name) for p in (baseline / "checkpoints").iterdir() if p.name.isdigit()) == [10, 20]
+  assert (baseline / "config.json").exists() and any((baseline / "tensorboard").iterdir())
+
+
+def test_eight_fake_devices_as_2x2x2_give_the_same_losses(baseline, tmp_path):
+  _run(tmp_path, "--config.mesh.num_cpu_devices=8", "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2",
+       "--config.mesh.shape.tensor=2")
+  _assert_same_losses(_losses(tmp_path), _losses(baseline))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_on_loopback_give_the_same_losses(baseline, tmp_path):
+  port = _free_port()
+  common = [sys.executable, "-m", "rlhfx.main", *QUICK, f"--workdir={tmp_path}",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+            "--config.mesh.num_cpu_devices=2", "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2"]
+  procs = [subprocess.Popen(common + [f"--config.distributed.process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  _assert_same_losses(_losses(tmp_path), _losses(baseline))
+
+
+def test_sigterm_then_restart_equals_the_uninterrupted_run(baseline, tmp_path):
+  first = _run(tmp_path, "--config.train.sigterm_at_step=10", "--config.train.export_hf=True")
+  assert "SIGTERM" in first.stderr + first.stdout or (tmp_path / "checkpoints" / "10").exists()
+  assert max(_losses(tmp_path)) == 10 and not (tmp_path / "hf").exists()
+  second = _run(tmp_path, "--config.train.sigterm_at_step=10", "--config.train.export_hf=True")
+  assert "resumed from step 10" in second.stdout
+  _assert_same_losses(_losses(tmp_path), _losses(baseline), rtol=1e-6)
+  _, resumed = from_hf(tmp_path / "hf")
+  _, straight = from_hf(baseline / "hf")
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_from_one_mesh_restores_on_another(baseline, tmp_path):
+  _run(tmp_path, "--config.train.sigterm_at_step=10", "--config.mesh.num_cpu_devices=8",
+       "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2", "--config.mesh.shape.tensor=2")
+  second = _run(tmp_path, "--config.mesh.num_cpu_devices=4", "--config.mesh.shape.data=1",
+                "--config.mesh.shape.fsdp=1", "--config.mesh.shape.tensor=4")
+  assert "resumed from step 10" in second.stdout
+  _assert_same_losses(_losses(tmp_path), _losses(baseline))
+
+
+def test_exported_policy_has_the_checkpoint_logits(baseline):
+  model_config, exported = from_hf(baseline / "hf")
+  config = base_config("sft")
+  optimizer = make_optimizer(config.optim, 20, exported)
+  target = jax.eval_shape(lambda p: sft.init_state(p, optimizer), exported)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = Checkpointer(baseline / "checkpoints")
+  restored, meta = ckpt.restore(20, {"state": abstract(target, jax.tree.map(lambda _: device, target))})
+  assert meta["step"] == 20 and int(restored["state"].step) == 20
+  tokens = np.array([[1, 117, 104, 121, 104, 117, 118, 104, 61]], np.int32)
+  np.testing.assert_allclose(forward(model_config, exported, tokens),
+                             forward(model_config, restored["state"].params, tokens), atol=1e-6)
+  assert model_config.vocab_size == 259 and model_config.n_layers == get_preset("tiny").n_layers
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.train.global_batch_size=6", "--config.mesh.num_cpu_devices=4"],
+     "config.train.global_batch_size=6 gives micro-batches of 6 rows, not divisible by the data-parallel size 4"),
+    (["--config.data.max_length=1000"], "config.data.max_length=1000 is longer than the model's context"),
+    (["--config.model.preset=gpt5"], "config.model.preset='gpt5' is not a preset"),
+    (["--config.train.batch_sz=3"], "unknown config field config.train.batch_sz"),
+    (["--config.mesh.shape.data=3"], "config.mesh.shape={'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices"),
+])
+def test_bad_config_one_clear_message(tmp_path, overrides, message):
+  proc = _run(tmp_path, *overrides, check=False)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_quickstart_learns_the_task(tmp_path):
+  """The README's first command (here in the test environment; .ci/run also runs it in a fresh virtualenv)."""
+  proc = subprocess.run([sys.executable, "-m", "rlhfx.main", "--config=configs/quickstart.py",
+                         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = proc.stdout.split("== summary ==")[1]
+  before, after = summary.split("exact-match accuracy on held-out prompts ")[1].split("\n")[0].split(" -> ")
+  assert int(after.rstrip("%")) >= 80 > int(before.rstrip("%"))
+  assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
