@@ -85,6 +85,25 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.distributed.process_id = 0  # this process's index in an explicit multi-process run
   c.distributed.local_device_ids = ()  # devices this process uses (explicit runs; () = all)
   c.distributed.auto = True  # initialise from the environment on Cloud TPU pods and SLURM
+
+  if algorithm == "reward":
+    c.reward = ml_collections.ConfigDict()
+    c.reward.center_coef = 0.0  # + c * mean((r_w + r_l)^2): keeps rewards centred (Eisenstein et al. 2023)
+    c.reward.stats_batches = 16  # batches of train data for the reward mean/std stored for PPO
+  if algorithm == "dpo":
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.loss = "sigmoid"  # sigmoid | robust | ipo | hinge | simpo | orpo (rlhfx.losses.preference.LOSSES)
+    c.dpo.beta = 0.1  # KL strength (simpo: reward scale)
+    c.dpo.label_smoothing = 0.0  # sigmoid: cDPO; robust: assumed label-flip rate
+    c.dpo.gamma = 0.5  # simpo: target margin
+    c.dpo.lam = 0.1  # orpo: weight of the odds-ratio term
+    c.dpo.sft_weight = 0.0  # + w * NLL of the chosen completions
+    c.dpo.reference = "frozen"  # frozen (a second tree) | precomputed (log-probs cached once) | lora_base
+    c.dpo.chunk_size = 0  # positions per LM-head chunk for log-probs (0 = all at once)
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank (0 = no LoRA: train all parameters)
+    c.lora.alpha = 16.0  # scale = alpha / rank
+    c.lora.patterns = ("attn/(q|k|v|o)_proj/kernel",)  # regexes over kernel paths that get adapters
   return c
 
 

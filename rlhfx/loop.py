@@ -105,11 +105,29 @@ def prepare_data(config, workdir: Path, kind: str) -> Data:
 
 
 def batches(config, data: Data, source, kind: str, *, seed: int, shuffle: bool = True, num_epochs=None,
-            stats: pipeline.Stats | None = None):
+            stats: pipeline.Stats | None = None, drop_remainder: bool = True):
   return pipeline.make_dataset(source, data.tokenizer, kind=kind, global_batch_size=config.train.global_batch_size,
                                buckets=tuple(config.data.buckets), truncation=data.truncation, seed=seed,
                                shuffle=shuffle, num_epochs=num_epochs, stats=stats,
-                               read_threads=config.data.read_threads)
+                               read_threads=config.data.read_threads, drop_remainder=drop_remainder)
+
+
+def full_batches(config, data: Data, source, kind: str, limit: int | None = None, keep_ids: bool = False):
+  """Every example of `source` once, in order, in full-size batches: a short last batch is padded by
+  repeating its last row, and `valid_B` marks the real rows (so shapes stay divisible over the mesh)."""
+  size = config.train.global_batch_size // jax.process_count()
+  for i, batch in enumerate(batches(config, data, source, kind, seed=0, shuffle=False, num_epochs=1,
+                                    drop_remainder=False)):
+    if limit is not None and i >= limit:
+      return
+    rows = len(next(iter(batch.values())))
+    padded = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()
+              if k != "example_id_B" or keep_ids}
+    if keep_ids:
+      padded["example_id_B"] = batch["example_id_B"].tolist() + [-1] * (size - rows)
+      padded["example_id_B"] = np.asarray(padded["example_id_B"])
+    padded["valid_B"] = np.arange(size) < rows
+    yield padded
 
 
 # ----------------------------------------------------------------------------- model
@@ -147,24 +165,64 @@ def check_tokenizer(model_config: ModelConfig, tokenizer) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def param_shardings(model_config: ModelConfig, runtime: Runtime):
-  boxed = jax.eval_shape(lambda k: Transformer(model_config).init(k, jnp.zeros((1, 4), jnp.int32)),
-                         jax.random.key(0))["params"]
+def _init_fn(module: nn.Module):
+  return lambda rng: module.init(rng, jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def param_shardings(module: nn.Module, runtime: Runtime):
+  """Shardings of a module's parameters from their logical axis names and the config's rules."""
+  boxed = jax.eval_shape(_init_fn(module), jax.random.key(0))
   return sharding.tree_shardings(boxed, runtime.mesh, runtime.rules)
 
 
-def init_params(model_config: ModelConfig, runtime: Runtime, rng, params=None):
-  """Sharded parameters: random init compiled with out_shardings (never whole on one host), or loaded numpy."""
-  shardings = param_shardings(model_config, runtime)
-  if params is None:
-    init = lambda k: nn.meta.unbox(Transformer(model_config).init(k, jnp.zeros((1, 4), jnp.int32))["params"])  # noqa
-    with runtime.mesh:
-      return jax.jit(init, out_shardings=shardings)(rng)
+def put(params, shardings):
+  """Host (numpy) params -> global arrays with the given shardings (each process builds its shards)."""
   return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
+
+
+def init_params(model_config: ModelConfig, runtime: Runtime, rng, params=None, module: nn.Module | None = None):
+  """Sharded parameters of `module` (default: the LM): random init compiled with out_shardings (never whole on
+  one host), or `params` (numpy) placed onto the same shardings."""
+  module = module or Transformer(model_config)
+  shardings = param_shardings(module, runtime)
+  if params is not None:
+    return put(params, shardings)
+  with runtime.mesh:
+    return jax.jit(lambda k: nn.meta.unbox(_init_fn(module)(k)), out_shardings=shardings)(rng)
 
 
 def state_shardings(state):
   return jax.tree.map(lambda x: x.sharding, state)
+
+
+@dataclasses.dataclass
+class Setup:
+  runtime: Runtime
+  model_config: ModelConfig
+  loaded_params: Any  # numpy params from config.model.init_from, or None
+  data: Data
+
+
+def setup(config, workdir, kind: str) -> Setup:
+  """Runtime, model config (validated against the config), dataset and tokenizer; the config saved as JSON."""
+  from rlhfx.config import validate
+
+  runtime = setup_runtime(config, workdir)
+  model_config, loaded = model_config_from(config)
+  validate(config, model_config, sharding.data_parallel_size(runtime.mesh))
+  data = prepare_data(config, runtime.workdir, kind=kind)
+  check_tokenizer(model_config, data.tokenizer)
+  save_config(config, runtime.workdir)
+  return Setup(runtime, model_config, loaded, data)
+
+
+def create_state(params, optimizer, runtime: Runtime):
+  """TrainState built on device from (sharded) params; returns (state, its shardings)."""
+  from rlhfx.train_state import init_state
+
+  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    state = jax.jit(lambda p: init_state(p, optimizer), donate_argnums=0)(params)
+  return state, state_shardings(state)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -195,6 +253,10 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def drop_ids(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != "example_id_B"}
+
+
 @dataclasses.dataclass
 class LoopResult:
   state: Any
@@ -206,8 +268,13 @@ class LoopResult:
 def run(*, config, runtime: Runtime, state, step_fn: Callable, train_iter: Iterator, checkpointer: Checkpointer,
         writer: MetricsWriter, tokens_per_step: Callable[[dict], float], flops_per_token: float,
         loss_key: str, evaluate: Callable[[Any, int], dict] | None = None,
-        metadata: Callable[[], dict] | None = None) -> LoopResult:
-  """Run steps from state.step to config.train.num_steps (see the module docstring)."""
+        metadata: Callable[[], dict] | None = None, prepare: Callable[[dict], dict] | None = None) -> LoopResult:
+  """Run steps from state.step to config.train.num_steps (see the module docstring).
+
+  `prepare` edits each host batch before it becomes a global array (default: drop
+  the pipeline's `example_id_B`); `train_iter` is what checkpoints store.
+  """
+  prepare = prepare or drop_ids
   t = config.train
   start = int(jax.device_get(state.step))
   preemption = _Preemption()
@@ -242,7 +309,7 @@ def run(*, config, runtime: Runtime, state, step_fn: Callable, train_iter: Itera
   stopped = False
   try:
     for step in range(start + 1, t.num_steps + 1):
-      local = next(train_iter)
+      local = prepare(next(train_iter))
       batch = sharding.global_batch(local, runtime.mesh)
       state, device_metrics = step_fn(state, batch)
       if pending is not None:

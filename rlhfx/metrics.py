@@ -40,9 +40,26 @@ def peak_flops_per_device() -> float:
   return rate / max(1, jax.local_device_count())
 
 
-def train_flops_per_token(config, seq_len: int) -> float:
-  """6N for the matmuls of forward + backward, plus attention (Kaplan et al. 2020, appendix / PaLM appendix B)."""
-  return 6 * config.num_params() + 12 * config.n_layers * config.n_heads * config.dim_per_head * seq_len
+def train_flops_per_token(config, seq_len: int, *, lm_head: bool = True) -> float:
+  """Matmul FLOPs of forward + backward per token: 6 x (layer params + LM head) + attention scores
+  (Kaplan et al. 2020, sec. 2.1; PaLM appendix B). Embedding lookups cost no matmul."""
+  cfg = config
+  embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  embeddings += cfg.max_seq_len * cfg.d_model if cfg.positions == "learned" else 0
+  norm = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
+  layers = cfg.num_params() - embeddings - norm
+  matmul = layers + (cfg.vocab_size * cfg.d_model if lm_head else 0)
+  return 6 * matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+  """95% (z=1.96) Wilson score interval of a binomial proportion (Wilson 1927)."""
+  if n == 0:
+    return 0.0, 1.0
+  p = successes / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return centre - half, centre + half
 
 
 def _fmt_time(seconds: float) -> str:

@@ -34,18 +34,22 @@ def param_labels(params, frozen_patterns: Sequence[str]):
       lambda path, _: "frozen" if any(c.search(param_path(path)) for c in compiled) else "trainable", params)
 
 
-def make_optimizer(cfg, num_steps: int, params=None) -> optax.GradientTransformation:
-  """AdamW (no decay on vectors: biases and norm scales) after global-norm clipping; frozen labels get no update."""
+def make_optimizer(cfg, num_steps: int, params=None, frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+  """AdamW (no decay on vectors: biases and norm scales) after global-norm clipping.
+
+  Parameters matching cfg.freeze or `frozen` (regexes over paths) get no update and no optimizer state.
+  """
+  patterns = tuple(cfg.freeze) + tuple(frozen)
   decay_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
   tx = optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
       optax.adamw(learning_rate_schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=decay_mask))
-  if cfg.freeze:
+  if patterns:
     if params is None:
       raise ValueError("make_optimizer: freezing parameters needs the parameter tree")
-    labels = param_labels(params, cfg.freeze)
+    labels = param_labels(params, patterns)
     if "trainable" not in jax.tree.leaves(labels):
-      raise ValueError(f"config.optim.freeze={list(cfg.freeze)} freezes every parameter")
+      raise ValueError(f"config.optim.freeze={list(patterns)} freezes every parameter")
     tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
   return tx

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-ALGORITHMS = ("sft",)
+ALGORITHMS = ("sft", "reward", "dpo")
 
 
 def train(config, workdir: str):

@@ -9,10 +9,7 @@ import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable
-
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,49 +17,14 @@ import optax
 
 from rlhfx import loop, sampling, sharding
 from rlhfx.checkpoint import Checkpointer
-from rlhfx.config import validate
 from rlhfx.losses.common import target_mask
 from rlhfx.losses.sft import sft_loss
 from rlhfx.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
 from rlhfx.models import ModelConfig, Transformer
 from rlhfx.optim import learning_rate_schedule, make_optimizer
+from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients, init_state, microbatches  # noqa: F401
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: Array
-  params: Any
-  opt_state: Any
-
-
-def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-
-
-def microbatches(batch: dict[str, Array], k: int) -> dict[str, Array]:
-  """[B, ...] -> [k, B/k, ...]; micro-batch i holds rows i, i+k, ... so each stays spread over the batch axes."""
-  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def accumulate_gradients(loss_fn: Callable, params, batch: dict[str, Array], k: int):
-  """Sum of (gradients, metrics) of `loss_fn(params, micro_batch)` over k micro-batches (lax.scan)."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  if k == 1:
-    (loss, metrics), grads = grad_fn(params, batch)
-    return grads, {"loss": loss, **metrics}
-
-  def body(carry, micro):
-    (loss, metrics), grads = grad_fn(params, micro)
-    return jax.tree.map(jnp.add, carry, (grads, {"loss": loss, **metrics})), None
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  abstract_metrics = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], microbatches(batch, k))))
-  zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                              {"loss": abstract_metrics[0][0], **abstract_metrics[0][1]})
-  (grads, metrics), _ = jax.lax.scan(body, (zeros, zero_metrics), microbatches(batch, k))
-  return grads, metrics
 
 
 def loss_fn(params, batch: dict[str, Array], *, model: Transformer, normalizer: Array):
@@ -76,11 +38,9 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer
   normalizer = jnp.maximum(target_mask(batch["loss_mask_BxT"]).sum(), 1)
   loss = functools.partial(loss_fn, model=model, normalizer=normalizer)
   grads, sums = accumulate_gradients(loss, state.params, batch, grad_accum_steps)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   metrics = {"train/loss": sums["loss"], "train/tokens": sums["tokens"], "train/grad_norm": optax.global_norm(grads),
              "train/lr": schedule(state.step)}
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return apply_gradients(state, grads, optimizer), metrics
 
 
 def eval_step(params, batch: dict[str, Array], *, model: Transformer) -> dict[str, Array]:
@@ -117,21 +77,14 @@ def exact_match(params, model_config: ModelConfig, source, tokenizer, n: int = 6
 
 def train(config, workdir: str) -> dict[str, float]:
   """Train per `config`; returns the final metrics. Resumes from <workdir>/checkpoints when present."""
-  runtime = loop.setup_runtime(config, workdir)
+  setup = loop.setup(config, workdir, kind="sft")
+  runtime, model_config, data = setup.runtime, setup.model_config, setup.data
   workdir = runtime.workdir
-  model_config, loaded = loop.model_config_from(config)
-  validate(config, model_config, sharding.data_parallel_size(runtime.mesh))
-  data = loop.prepare_data(config, workdir, kind="sft")
-  loop.check_tokenizer(model_config, data.tokenizer)
-  loop.save_config(config, workdir)
   model = Transformer(model_config)
-  rng = jax.random.key(config.seed)
-  params = loop.init_params(model_config, runtime, rng, loaded)
+  params = loop.init_params(model_config, runtime, jax.random.key(config.seed), setup.loaded_params)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params)
   schedule = learning_rate_schedule(config.optim, config.train.num_steps)
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    state = jax.jit(functools.partial(init_state, optimizer=optimizer), donate_argnums=0)(params)
-  shardings = loop.state_shardings(state)
+  state, shardings = loop.create_state(params, optimizer, runtime)
 
   train_iter = iter(loop.batches(config, data, data.train, "sft", seed=config.seed))
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
@@ -149,7 +102,7 @@ def train(config, workdir: str) -> dict[str, float]:
     if data.eval is None:
       return {}
     it = loop.batches(config, data, data.eval, "sft", seed=0, shuffle=False, num_epochs=1)
-    first = [b for _, b in zip(range(config.train.eval_batches), it)]
+    first = [loop.drop_ids(b) for _, b in zip(range(config.train.eval_batches), it)]
     with runtime.mesh, nn.logical_axis_rules(runtime.rules):
       return evaluate(state.params, first, eval_jit, runtime.mesh)
 

@@ -13,6 +13,8 @@ Batches per kind (right padding; `loss_mask` is True on completion tokens only):
   unpaired    tokens_BxT, mask_BxT, loss_mask_BxT, label_B
   prompts     prompt_BxP, prompt_mask_BxP   (left padding, ready for sampling.generate)
 
+and every batch has example_id_B: each row's index in the source (for per-example caches).
+
 T is the smallest bucket that holds the longest row of the *global* batch, so a run
 compiles at most len(buckets) programs and every process agrees on the shape.
 Every process walks the same shuffled global stream and keeps rows
@@ -87,6 +89,7 @@ class Encode:
     self.stats.add("encoded")
     if truncated:
       self.stats.add("truncated")
+    out["example_id"] = np.asarray(example["_index"], np.int64)
     return out
 
   def _prompt_only(self) -> Truncation:
@@ -126,7 +129,8 @@ class Collate:
       rows = self._local(examples, local)
       prompts = [e["prompt"] for e in rows]
       return {"prompt_BxP": _pad(prompts, length, left=True, value=self.pad_id),
-              "prompt_mask_BxP": _pad([np.ones(len(p), bool) for p in prompts], length, left=True, value=False)}
+              "prompt_mask_BxP": _pad([np.ones(len(p), bool) for p in prompts], length, left=True, value=False),
+              "example_id_B": np.stack([e["example_id"] for e in rows])}
     prefixes = ("chosen_", "rejected_") if self.kind == "preference" else ("",)
     length = bucket_length(max(len(e[p + "tokens"]) for e in examples for p in prefixes), self.buckets)
     rows = self._local(examples, local)
@@ -138,6 +142,7 @@ class Collate:
       batch[p + "loss_mask_BxT"] = _pad([e[p + "loss_mask"] for e in rows], length, value=False)
     if self.kind == "unpaired":
       batch["label_B"] = np.stack([e["label"] for e in rows])
+    batch["example_id_B"] = np.stack([e["example_id"] for e in rows])
     return batch
 
   def _local(self, examples, local):
@@ -170,7 +175,7 @@ def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, bucket
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   stats = stats if stats is not None else Stats()
 
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.source(source).map_with_index(lambda i, e: {**e, "_index": i})  # ids for caches
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)

@@ -32,3 +32,9 @@ def masked_mean(x_BxT: Array, mask_BxT: Array) -> Array:
 def sequence_logps(logps_BxT: Array, mask_BxT: Array) -> Array:
   """Sum of token log-probs over the masked (completion) positions of each row -> logps_B."""
   return jnp.sum(jnp.where(mask_BxT, logps_BxT, 0.0), axis=-1)
+
+
+def concat_pairs(batch: dict[str, Array]) -> tuple[Array, Array, Array]:
+  """Chosen rows then rejected rows: (tokens_2BxT, mask_2BxT, loss_mask_2BxT) for one forward pass."""
+  return tuple(jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+               for k in ("tokens_BxT", "mask_BxT", "loss_mask_BxT"))

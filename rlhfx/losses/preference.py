@@ -1,0 +1,200 @@
+"""Preference losses: the Bradley-Terry reward loss and the DPO family. Pure functions of arrays.
+
+Every DPO-family loss takes `PairLogps` (summed completion log-probs of the policy
+and, except the reference-free ones, of the reference) and keyword-only
+hyper-parameters, and returns `(loss, metrics)` with TRL's metric names. A custom
+loss is any function with the same signature:
+
+  def my_loss(x: PairLogps, *, beta: float) -> tuple[Array, dict[str, Array]]:
+    margin = beta * (x.chosen_logratios() - x.rejected_logratios())
+    return -jax.nn.log_sigmoid(margin - 0.5).mean(), reward_metrics(x, beta)
+
+Key: B pairs. Losses are means over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class PairLogps:
+  """Per-pair sequence statistics of chosen and rejected completions."""
+
+  chosen_B: Array  # policy: sum of log p over the chosen completion's tokens
+  rejected_B: Array
+  ref_chosen_B: Array | None = None  # reference model, same sums (None for reference-free losses)
+  ref_rejected_B: Array | None = None
+  chosen_tokens_B: Array | None = None  # completion lengths (SimPO, ORPO, the SFT term)
+  rejected_tokens_B: Array | None = None
+  chosen_mean_logits_B: Array | None = None  # mean logit over vocab and completion tokens (metrics only)
+  rejected_mean_logits_B: Array | None = None
+
+  def chosen_logratios(self) -> Array:
+    return self.chosen_B - self.ref_chosen_B
+
+  def rejected_logratios(self) -> Array:
+    return self.rejected_B - self.ref_rejected_B
+
+  def h(self) -> Array:
+    """h = log pi(yw)/ref(yw) - log pi(yl)/ref(yl)  (the implicit reward margin divided by beta)."""
+    return self.chosen_logratios() - self.rejected_logratios()
+
+
+def reward_metrics(x: PairLogps, chosen_rewards_B: Array, rejected_rewards_B: Array) -> dict[str, Array]:
+  """TRL's DPO metric names from implicit rewards."""
+  metrics = {
+      "rewards/chosen": chosen_rewards_B.mean(),
+      "rewards/rejected": rejected_rewards_B.mean(),
+      "rewards/margins": (chosen_rewards_B - rejected_rewards_B).mean(),
+      "rewards/accuracies": (chosen_rewards_B > rejected_rewards_B).astype(jnp.float32).mean(),
+      "logps/chosen": x.chosen_B.mean(),
+      "logps/rejected": x.rejected_B.mean(),
+  }
+  if x.chosen_mean_logits_B is not None:
+    metrics["logits/chosen"] = x.chosen_mean_logits_B.mean()
+    metrics["logits/rejected"] = x.rejected_mean_logits_B.mean()
+  return metrics
+
+
+def _dpo_rewards(x: PairLogps, beta: float) -> dict[str, Array]:
+  return reward_metrics(x, beta * jax.lax.stop_gradient(x.chosen_logratios()),
+                        beta * jax.lax.stop_gradient(x.rejected_logratios()))
+
+
+def dpo_loss(x: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0):
+  """DPO (Rafailov et al. 2023, eq. 7): -log sigma(beta h).
+
+  With label_smoothing eps > 0 this is conservative DPO (cDPO, Mitchell 2023):
+  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h).
+  """
+  logits = beta * x.h()
+  losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def robust_dpo_loss(x: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1):
+  """Robust DPO (Chowdhury et al. 2024, eq. 8): unbiased under preference flips with rate eps < 1/2.
+
+  [(1 - eps)(-log sigma(beta h)) - eps(-log sigma(-beta h))] / (1 - 2 eps).
+  """
+  logits = beta * x.h()
+  losses = (-(1 - label_smoothing) * jax.nn.log_sigmoid(logits)
+            + label_smoothing * jax.nn.log_sigmoid(-logits)) / (1 - 2 * label_smoothing)
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def ipo_loss(x: PairLogps, *, beta: float = 0.1):
+  """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 beta))^2, with h over summed log-probs."""
+  losses = (x.h() - 1 / (2 * beta)) ** 2
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def hinge_loss(x: PairLogps, *, beta: float = 0.1):
+  """SLiC-HF hinge (Zhao et al. 2023, eq. 1 with the reference ratio, as in DPO's framing): max(0, 1 - beta h)."""
+  losses = jax.nn.relu(1 - beta * x.h())
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def simpo_loss(x: PairLogps, *, beta: float = 2.0, gamma: float = 0.5):
+  """SimPO (Meng et al. 2024, eq. 6), reference-free: -log sigma(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma)."""
+  chosen = beta * x.chosen_B / jnp.maximum(x.chosen_tokens_B, 1)
+  rejected = beta * x.rejected_B / jnp.maximum(x.rejected_tokens_B, 1)
+  losses = -jax.nn.log_sigmoid(chosen - rejected - gamma)
+  return losses.mean(), reward_metrics(x, jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected))
+
+
+def sft_term(x: PairLogps):
+  """NLL per token of the chosen completions (to mix into a preference loss)."""
+  nll = -x.chosen_B.sum() / jnp.maximum(x.chosen_tokens_B.sum(), 1)
+  return nll, {"nll_loss": nll}
+
+
+def orpo_loss(x: PairLogps, *, lam: float = 0.1):
+  """ORPO (Hong et al. 2024, eqs. 6-7), reference-free: NLL(yw) - lam log sigma(log odds(yw) - log odds(yl)).
+
+  odds(y) = P(y) / (1 - P(y)) with P(y) the per-token mean probability exp(log pi(y) / |y|).
+  """
+  mean_c = x.chosen_B / jnp.maximum(x.chosen_tokens_B, 1)
+  mean_r = x.rejected_B / jnp.maximum(x.rejected_tokens_B, 1)
+  log_odds = (mean_c - mean_r) - (jnp.log1p(-jnp.exp(mean_c)) - jnp.log1p(-jnp.exp(mean_r)))
+  ratio = jax.nn.log_sigmoid(log_odds)
+  nll, _ = sft_term(x)
+  metrics = reward_metrics(x, lam * jax.lax.stop_gradient(mean_c), lam * jax.lax.stop_gradient(mean_r))
+  metrics.update({"nll_loss": nll, "log_odds_ratio": ratio.mean(), "log_odds_chosen": log_odds.mean()})
+  return nll - lam * ratio.mean(), metrics
+
+
+@flax.struct.dataclass
+class UnpairedLogps:
+  """Per-example statistics for unpaired feedback (KTO)."""
+
+  logps_B: Array  # policy: summed completion log-probs
+  ref_logps_B: Array  # reference
+  labels_B: Array  # True = desirable
+
+
+def kto_loss(x: UnpairedLogps, *, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0):
+  """KTO (Ethayarajh et al. 2024, eq. 8).
+
+  r = log pi(y|x)/ref(y|x); z0 = max(0, mean r over the batch), held constant (the
+  batch estimate of KL(pi || ref) that the paper takes from mismatched pairs);
+  desirable: w_D (1 - sigma(beta (r - z0))), undesirable: w_U (1 - sigma(beta (z0 - r))).
+  """
+  r = x.logps_B - x.ref_logps_B
+  z0 = jax.lax.stop_gradient(jnp.maximum(r.mean(), 0.0))
+  desirable = desirable_weight * (1 - jax.nn.sigmoid(beta * (r - z0)))
+  undesirable = undesirable_weight * (1 - jax.nn.sigmoid(beta * (z0 - r)))
+  labels = x.labels_B.astype(bool)
+  losses = jnp.where(labels, desirable, undesirable)
+  n_d, n_u = labels.sum(), (~labels).sum()
+  rewards = beta * jax.lax.stop_gradient(r)
+  metrics = {"kl": z0,
+             "rewards/chosen": jnp.where(labels, rewards, 0).sum() / jnp.maximum(n_d, 1),
+             "rewards/rejected": jnp.where(labels, 0, rewards).sum() / jnp.maximum(n_u, 1)}
+  return losses.mean(), metrics
+
+
+def bradley_terry_loss(chosen_rewards_B: Array, rejected_rewards_B: Array, *, margin_B: Array | None = None,
+                       center_coef: float = 0.0):
+  """Reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1): -log sigma(r_w - r_l - margin).
+
+  center_coef adds c * mean((r_w + r_l)^2), which keeps rewards centred at 0 (Eisenstein et al. 2023).
+  """
+  diff = chosen_rewards_B - rejected_rewards_B - (0.0 if margin_B is None else margin_B)
+  loss = -jax.nn.log_sigmoid(diff).mean()
+  if center_coef:
+    loss = loss + center_coef * jnp.mean((chosen_rewards_B + rejected_rewards_B) ** 2)
+  metrics = {"accuracy": (chosen_rewards_B > rejected_rewards_B).astype(jnp.float32).mean(),
+             "margin": (chosen_rewards_B - rejected_rewards_B).mean(),
+             "rewards/chosen": chosen_rewards_B.mean(), "rewards/rejected": rejected_rewards_B.mean()}
+  return loss, metrics
+
+
+def weighted_sum(terms: Sequence[tuple[float, Callable]]) -> Callable:
+  """A loss that is sum_i w_i * term_i(x); metrics of term i are prefixed "term{i}/" after the first."""
+
+  def loss(x):
+    total, metrics = 0.0, {}
+    for i, (weight, term) in enumerate(terms):
+      value, term_metrics = term(x)
+      total = total + weight * value
+      prefix = "" if i == 0 else f"term{i}/"
+      metrics.update({prefix + k: v for k, v in term_metrics.items()})
+    return total, metrics
+
+  return loss
+
+
+LOSSES: dict[str, Callable] = {
+    "sigmoid": dpo_loss, "robust": robust_dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "simpo": simpo_loss,
+    "orpo": orpo_loss,
+}
+REFERENCE_FREE = ("simpo", "orpo")

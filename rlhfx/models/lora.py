@@ -1,0 +1,97 @@
+"""LoRA (Hu et al. 2021): low-rank adapters as a separate parameter tree.
+
+  adapters = lora.init(params, patterns=("attn/(q|v)_proj/kernel",), rank=8, rng=key)
+  merged = lora.merge(params, adapters, scale=alpha / rank)      # W + scale * A @ B
+  lora.save(adapters, "out/adapters", rank=8, alpha=16)           # its own tree on disk
+
+Adapters are keyed by the kernel's path ("layer_0/attn/q_proj/kernel"). A kernel
+[in..., out...] gets A [in, r] (normal, std 1/r... Kaiming-style) and B [r, out]
+(zeros), flattened over the kernel's input and output axes, so the merged model
+starts equal to the base. Scanned layers (a leading "layers" axis) get one adapter
+pair per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhfx.optim import param_path
+
+
+def _input_axes(path: str) -> int:
+  """Leading input axes of a kernel: 2 for the attention output projection [N, H, D], else 1."""
+  return 2 if path.endswith("o_proj/kernel") else 1
+
+
+def targets(params, patterns: Sequence[str]) -> list[str]:
+  compiled = [re.compile(p) for p in patterns]
+  found = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  hits = [p for p in found if p.endswith("kernel") and any(c.search(p) for c in compiled)]
+  if not hits:
+    raise ValueError(f"LoRA patterns {list(patterns)} match no kernel; kernels look like {found[:3]}")
+  return hits
+
+
+def init(params, *, patterns: Sequence[str], rank: int, rng: jax.Array) -> dict[str, dict[str, jax.Array]]:
+  """Adapters for every kernel whose path matches a pattern: {path: {"a": [(L,) in, r], "b": [(L,) r, out]}}."""
+  leaves = {param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  adapters = {}
+  for i, path in enumerate(targets(params, patterns)):
+    kernel = leaves[path]
+    lead = 1 if path.startswith("layers/") else 0
+    n_in = _input_axes(path)
+    d_in = math.prod(kernel.shape[lead:lead + n_in])
+    d_out = math.prod(kernel.shape[lead + n_in:])
+    batch = kernel.shape[:lead]
+    a = jax.random.normal(jax.random.fold_in(rng, i), (*batch, d_in, rank), jnp.float32) / math.sqrt(d_in)
+    adapters[path] = {"a": a.astype(kernel.dtype), "b": jnp.zeros((*batch, rank, d_out), kernel.dtype)}
+  return adapters
+
+
+def merge(params, adapters: dict, *, scale: float):
+  """Base params with W + scale * A @ B on every adapted kernel (differentiable in the adapters)."""
+
+  def one(path, kernel):
+    name = param_path(path)
+    if name not in adapters:
+      return kernel
+    a, b = adapters[name]["a"], adapters[name]["b"]
+    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+    return (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(kernel.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def save(adapters: dict, directory: str | os.PathLike, *, rank: int, alpha: float, patterns: Sequence[str]) -> Path:
+  """adapters.safetensors ("<path>.a", "<path>.b") + adapter_config.json."""
+  from safetensors.numpy import save_file
+
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tensors = {f"{path}.{k}": np.asarray(v) for path, ab in adapters.items() for k, v in ab.items()}
+  save_file(tensors, str(directory / "adapters.safetensors"))
+  (directory / "adapter_config.json").write_text(json.dumps({"rank": rank, "alpha": alpha,
+                                                             "patterns": list(patterns)}, indent=2))
+  return directory
+
+
+def load(directory: str | os.PathLike) -> tuple[dict, dict]:
+  """(adapters, adapter_config) written by `save`."""
+  from safetensors.numpy import load_file
+
+  directory = Path(directory)
+  tensors = load_file(str(directory / "adapters.safetensors"))
+  adapters: dict = {}
+  for name, value in tensors.items():
+    path, kind = name.rsplit(".", 1)
+    adapters.setdefault(path, {})[kind] = value
+  return adapters, json.loads((directory / "adapter_config.json").read_text())

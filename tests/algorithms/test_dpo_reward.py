@@ -1,0 +1,177 @@
+"""DPO and reward steps on a tiny model: reference modes agree, trainable params move, frozen trees don't,
+a custom loss trains through the same step, chunked log-probs equal the full ones, LoRA merges and saves."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhfx.algorithms import dpo, reward
+from rlhfx.config import base_config
+from rlhfx.logprobs import completion_logps
+from rlhfx.losses import preference
+from rlhfx.losses.common import sequence_logps, target_mask, token_logps
+from rlhfx.models import Transformer, get_preset, init_params, lora
+from rlhfx.models.heads import ScoreModel, last_token_index
+from rlhfx.optim import learning_rate_schedule, make_optimizer
+from rlhfx.train_state import init_state
+
+CONFIG = get_preset("tiny")
+MODEL = Transformer(CONFIG)
+
+
+def _pairs(seed=0, b=4, t=16):
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for side in ("chosen", "rejected"):
+    tokens = rng.integers(3, 256, size=(b, t)).astype(np.int32)
+    lengths = rng.integers(10, t + 1, size=b)
+    mask = np.arange(t)[None] < lengths[:, None]
+    batch[f"{side}_tokens_BxT"] = tokens
+    batch[f"{side}_mask_BxT"] = mask
+    batch[f"{side}_loss_mask_BxT"] = mask & (np.arange(t)[None] >= 5)
+  return batch
+
+
+def _optim(num_steps=10, lr=1e-2):
+  cfg = base_config("dpo").optim
+  cfg.learning_rate, cfg.warmup_steps, cfg.schedule = lr, 0, "constant"
+  return cfg
+
+
+def test_chunked_logps_equal_full_logits():
+  params = init_params(CONFIG, jax.random.key(0))
+  batch = _pairs()
+  tokens, mask, loss = batch["chosen_tokens_BxT"], batch["chosen_mask_BxT"], batch["chosen_loss_mask_BxT"]
+  logits = MODEL.apply({"params": params}, tokens, mask)
+  want = sequence_logps(token_logps(logits, jnp.asarray(tokens)), target_mask(loss))
+  for chunk in (None, 4, 5, 64):
+    got, mean_logits, count = completion_logps(MODEL, params, tokens, mask, loss, chunk_size=chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert (np.asarray(count) == target_mask(loss).sum(-1)).all()
+  grad = lambda c: jax.grad(lambda p: completion_logps(MODEL, p, tokens, mask, loss, chunk_size=c)[0].sum())(params)  # noqa
+  for a, b in zip(jax.tree.leaves(grad(4)), jax.tree.leaves(grad(None))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_three_reference_modes_give_the_same_loss():
+  base = init_params(CONFIG, jax.random.key(0))
+  adapters = lora.init(base, patterns=("attn/(q|v)_proj/kernel", "mlp/up_proj/kernel"), rank=4,
+                       rng=jax.random.key(1))
+  adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), adapters)
+  policy = lora.merge(base, adapters, scale=2.0)  # a policy that differs from the reference (= base)
+  batch = _pairs()
+  loss = functools.partial(preference.dpo_loss, beta=0.5)
+  objective = functools.partial(dpo.dpo_objective, model=MODEL, loss=loss, lora_scale=2.0)
+  frozen, m_frozen = objective(policy, batch, base, mode="frozen")
+  ref = dpo.reference_logps_step(base, batch, model=MODEL)
+  cached = {**batch, "ref_chosen_logps_B": ref["chosen_B"], "ref_rejected_logps_B": ref["rejected_B"]}
+  precomputed, _ = objective(policy, cached, None, mode="precomputed")
+  lora_base, _ = objective({"base": base, "lora": adapters}, batch, None, mode="lora_base")
+  np.testing.assert_allclose(precomputed, frozen, rtol=1e-5)
+  np.testing.assert_allclose(lora_base, frozen, rtol=1e-5)
+  assert abs(float(frozen) - np.log(2)) > 1e-3  # the policy really differs from the reference
+  assert {"rewards/chosen", "rewards/margins", "logits/chosen", "logps/rejected"} <= set(m_frozen)
+
+
+def _dpo_step(params, reference, *, mode, loss, frozen=(), steps=1):
+  optimizer = make_optimizer(_optim(), 10, params, frozen=frozen)
+  step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(_optim(), 10), loss=loss, mode=mode,
+                                   lora_scale=2.0))
+  state = init_state(params, optimizer)
+  for _ in range(steps):
+    state, metrics = step(state, _pairs(), reference)
+  return state, metrics
+
+
+def _all_changed(before, after):
+  return all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def _all_same(before, after):
+  return all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_dpo_step_moves_every_trainable_parameter_and_no_frozen_one():
+  params = init_params(CONFIG, jax.random.key(0))
+  reference = jax.tree.map(np.array, params)  # host copy: bit-identical check after the step
+  state, metrics = _dpo_step(params, jax.tree.map(jnp.asarray, reference), mode="frozen",
+                             loss=functools.partial(preference.dpo_loss, beta=0.1))
+  assert _all_changed(params, state.params)
+  np.testing.assert_allclose(metrics["train/loss"], np.log(2), rtol=1e-6)  # policy == reference at step 0
+  assert _all_same(reference, params)
+
+
+def test_lora_step_moves_only_adapters():
+  base = init_params(CONFIG, jax.random.key(0))
+  base_copy = jax.tree.map(np.array, base)
+  adapters = lora.init(base, patterns=("attn/(q|k|v|o)_proj/kernel",), rank=2, rng=jax.random.key(1))
+  # B starts at 0, so A's gradient is 0 on the first step: two steps move both
+  state, _ = _dpo_step({"base": base, "lora": adapters}, None, mode="lora_base",
+                       loss=functools.partial(preference.dpo_loss, beta=0.1), frozen=("^base/",), steps=2)
+  assert _all_same(base_copy, state.params["base"])
+  assert _all_changed(adapters, state.params["lora"])
+  assert len(state.params["lora"]) == 4 * CONFIG.n_layers
+
+
+def test_a_custom_loss_trains_through_the_same_step():
+  # A new DPO variant, written outside the package: DPO with a margin that grows with the length gap.
+  def length_margin_dpo(x: preference.PairLogps, *, beta=0.1, per_token=0.01):
+    margin = per_token * (x.chosen_tokens_B - x.rejected_tokens_B)
+    logits = beta * (x.chosen_logratios() - x.rejected_logratios()) - margin
+    chosen, rejected = beta * x.chosen_logratios(), beta * x.rejected_logratios()
+    return -jax.nn.log_sigmoid(logits).mean(), preference.reward_metrics(x, chosen, rejected)
+
+  params = init_params(CONFIG, jax.random.key(0))
+  reference = jax.tree.map(jnp.array, params)
+  optimizer = make_optimizer(_optim(lr=3e-3), 20, params)
+  step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(_optim(), 20), loss=length_margin_dpo,
+                                   mode="frozen"))
+  state = init_state(params, optimizer)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, _pairs(), reference)
+    losses.append(float(metrics["train/loss"]))
+  assert losses[-1] < losses[0] - 0.1
+  assert float(metrics["rewards/accuracies"]) == 1.0
+
+
+def test_reward_step_moves_every_parameter_and_reads_the_last_token():
+  model = ScoreModel(CONFIG)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+  assert set(params) == {"backbone", "score"} and "lm_head" not in params["backbone"]
+  optimizer = make_optimizer(_optim(), 10, params)
+  step = jax.jit(functools.partial(reward.train_step, model=model, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(_optim(), 10)))
+  state, metrics = step(init_state(params, optimizer), _pairs())
+  assert _all_changed(params, state.params) and np.isfinite(float(metrics["train/loss"]))
+  # the reward is the score at the last real token: padding after it changes nothing
+  batch = _pairs()
+  tokens, mask = batch["chosen_tokens_BxT"], batch["chosen_mask_BxT"]
+  r = model.apply({"params": params}, tokens, mask)
+  values = model.apply({"params": params}, tokens, mask, per_token=True)
+  np.testing.assert_allclose(r, values[np.arange(4), mask.sum(1) - 1], rtol=1e-6)
+  assert (np.asarray(last_token_index(jnp.asarray(mask))) == mask.sum(1) - 1).all()
+
+
+def test_lora_merge_save_load(tmp_path):
+  base = init_params(CONFIG, jax.random.key(0))
+  adapters = lora.init(base, patterns=("o_proj/kernel", "up_proj"), rank=3, rng=jax.random.key(1))
+  np.testing.assert_array_equal(lora.merge(base, adapters, scale=1.0)["layer_0"]["attn"]["o_proj"]["kernel"],
+                                base["layer_0"]["attn"]["o_proj"]["kernel"])  # B = 0: starts at the base
+  adapters = jax.tree.map(lambda x: x + 1.0, adapters)
+  merged = lora.merge(base, adapters, scale=0.5)
+  a, b = adapters["layer_0/attn/o_proj/kernel"]["a"], adapters["layer_0/attn/o_proj/kernel"]["b"]
+  kernel = base["layer_0"]["attn"]["o_proj"]["kernel"]
+  np.testing.assert_allclose(merged["layer_0"]["attn"]["o_proj"]["kernel"],
+                             kernel + 0.5 * (a @ b).reshape(kernel.shape), rtol=1e-6)
+  lora.save(adapters, tmp_path, rank=3, alpha=1.5, patterns=("o_proj/kernel",))
+  loaded, cfg = lora.load(tmp_path)
+  assert cfg["rank"] == 3 and set(loaded) == set(adapters)
+  with pytest.raises(ValueError, match="match no kernel"):
+    lora.init(base, patterns=("nothing_here",), rank=2, rng=jax.random.key(0))
