@@ -28,7 +28,7 @@ from rlhfx import sharding
 from rlhfx.checkpoint import Checkpointer, abstract
 from rlhfx.data import builders, pipeline, synthetic
 from rlhfx.data.tokenize import Truncation, load_tokenizer
-from rlhfx.metrics import MetricsWriter, to_host
+from rlhfx.metrics import MetricsWriter, peak_flops_per_device, to_host
 from rlhfx.config import ConfigError
 from rlhfx.models import PRESETS, ModelConfig, Transformer, get_preset
 
@@ -351,6 +351,45 @@ def restore_or_init(checkpointer: Checkpointer, state, train_iter) -> tuple[Any,
   if jax.process_index() == 0:
     print(f"resumed from step {step} ({checkpointer.directory})", flush=True)
   return trees["state"], step
+
+
+def resume(config, workdir: Path, state, train_iter) -> tuple[Checkpointer, Any, int]:
+  """The run's checkpoint manager, and the state (and iterator) restored from its latest checkpoint if any."""
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                              async_save=config.train.async_checkpoints)
+  state, start = restore_or_init(checkpointer, state, train_iter)
+  return checkpointer, state, start
+
+
+@dataclasses.dataclass
+class Outcome:
+  result: LoopResult
+  before: dict[str, float]  # eval metrics before the first step ({} when resumed)
+  after: dict[str, float]  # eval metrics after the last step ({} when stopped early)
+
+  @property
+  def final(self) -> dict[str, float]:
+    return {**self.result.last_metrics, **self.after}
+
+
+def train_and_evaluate(*, config, runtime: Runtime, state, start: int, step_fn, train_iter, checkpointer,
+                       tokens_per_step, flops_per_token: float, evaluate, prepare=None) -> Outcome:
+  """Evaluate, run the loop with metrics written to the workdir, evaluate again."""
+  writer = MetricsWriter(runtime.workdir, total_steps=config.train.num_steps, peak_flops=peak_flops_per_device())
+  before = evaluate(state, start) if start == 0 else {}
+  try:
+    with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+      result = run(config=config, runtime=runtime, state=state, step_fn=step_fn, train_iter=train_iter,
+                   checkpointer=checkpointer, writer=writer, tokens_per_step=tokens_per_step,
+                   flops_per_token=flops_per_token, loss_key="train/loss", evaluate=evaluate, prepare=prepare)
+  finally:
+    checkpointer.close()
+    writer.close()
+  after = {} if result.stopped_early else evaluate(result.state, config.train.num_steps)
+  if result.stopped_early and jax.process_index() == 0:
+    print(f"stopped at step {int(jax.device_get(result.state.step))} (SIGTERM); rerun the same command to resume",
+          flush=True)
+  return Outcome(result, before, after)
 
 
 def save_config(config, workdir: Path) -> None:

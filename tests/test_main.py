@@ -18,7 +18,7 @@ import pytest
 from rlhfx.algorithms import sft
 from rlhfx.checkpoint import Checkpointer, abstract
 from rlhfx.config import base_config
-from rlhfx.models import Transformer, get_preset
+from rlhfx.models import get_preset
 from rlhfx.models.convert import from_hf
 from rlhfx.optim import make_optimizer
 

@@ -26,11 +26,10 @@ import numpy as np
 import optax
 
 from rlhfx import loop, sharding
-from rlhfx.checkpoint import Checkpointer
 from rlhfx.logprobs import completion_logps
 from rlhfx.losses import preference
 from rlhfx.losses.common import concat_pairs
-from rlhfx.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
+from rlhfx.metrics import train_flops_per_token
 from rlhfx.models import Transformer, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
 from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients
@@ -173,9 +172,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
   state, shardings = loop.create_state(params, optimizer, runtime)
 
   train_iter = iter(loop.batches(config, data, data.train, "preference", seed=config.seed))
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                              async_save=config.train.async_checkpoints)
-  state, start = loop.restore_or_init(checkpointer, state, train_iter)
+  checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
   kwargs = dict(model=model, loss=loss, mode=mode, lora_scale=lora_scale, chunk_size=chunk)
   step = functools.partial(train_step, optimizer=optimizer, schedule=schedule,
                            grad_accum_steps=config.train.grad_accum_steps, **kwargs)
@@ -201,22 +198,14 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
       n += 1
     return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
 
-  writer = MetricsWriter(workdir, total_steps=config.train.num_steps, peak_flops=peak_flops_per_device())
-  before = run_eval(state, start) if start == 0 else {}
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    result = loop.run(config=config, runtime=runtime, state=state, step_fn=step_fn, train_iter=train_iter,
-                      prepare=add_reference(table) if table is not None else None,
-                      checkpointer=checkpointer, writer=writer,
-                      tokens_per_step=lambda b: 2 * b["chosen_tokens_BxT"].size,
-                      flops_per_token=train_flops_per_token(model_config, max(config.data.buckets)),
-                      loss_key="train/loss", evaluate=run_eval)
-  checkpointer.close()
-  writer.close()
-  final = dict(result.last_metrics)
+  outcome = loop.train_and_evaluate(
+      config=config, runtime=runtime, state=state, start=start, step_fn=step_fn, train_iter=train_iter,
+      checkpointer=checkpointer, tokens_per_step=lambda b: 2 * b["chosen_tokens_BxT"].size,
+      flops_per_token=train_flops_per_token(model_config, max(config.data.buckets)), evaluate=run_eval,
+      prepare=add_reference(table) if table is not None else None)
+  result, before, after, final = outcome.result, outcome.before, outcome.after, outcome.final
   if result.stopped_early:
     return final
-  after = run_eval(result.state, config.train.num_steps)
-  final.update(after)
   params = result.state.params
   if jax.process_index() == 0:
     policy = jax.device_get(params)

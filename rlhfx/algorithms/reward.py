@@ -20,10 +20,9 @@ import numpy as np
 import optax
 
 from rlhfx import loop, sharding
-from rlhfx.checkpoint import Checkpointer
 from rlhfx.losses.common import concat_pairs
 from rlhfx.losses.preference import bradley_terry_loss
-from rlhfx.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token, wilson_interval
+from rlhfx.metrics import train_flops_per_token, wilson_interval
 from rlhfx.models.heads import ScoreModel, from_lm_params
 from rlhfx.optim import learning_rate_schedule, make_optimizer
 from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients
@@ -98,9 +97,7 @@ def train(config, workdir: str) -> dict[str, float]:
   state, shardings = loop.create_state(params, optimizer, runtime)
 
   train_iter = iter(loop.batches(config, data, data.train, "preference", seed=config.seed))
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                              async_save=config.train.async_checkpoints)
-  state, start = loop.restore_or_init(checkpointer, state, train_iter)
+  checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
   step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
                            center_coef=config.reward.center_coef, grad_accum_steps=config.train.grad_accum_steps)
   with runtime.mesh, nn.logical_axis_rules(runtime.rules):
@@ -114,21 +111,14 @@ def train(config, workdir: str) -> dict[str, float]:
       return evaluate(state.params, loop.full_batches(config, data, data.eval, "preference"), eval_jit,
                       runtime.mesh)
 
-  writer = MetricsWriter(workdir, total_steps=config.train.num_steps, peak_flops=peak_flops_per_device())
-  before = run_eval(state, start) if start == 0 else {}
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    result = loop.run(config=config, runtime=runtime, state=state, step_fn=step_fn, train_iter=train_iter,
-                      checkpointer=checkpointer, writer=writer,
-                      tokens_per_step=lambda b: 2 * b["chosen_tokens_BxT"].size,
-                      flops_per_token=train_flops_per_token(model_config, max(config.data.buckets), lm_head=False),
-                      loss_key="train/loss", evaluate=run_eval)
-  checkpointer.close()
-  writer.close()
-  final = dict(result.last_metrics)
+  outcome = loop.train_and_evaluate(
+      config=config, runtime=runtime, state=state, start=start, step_fn=step_fn, train_iter=train_iter,
+      checkpointer=checkpointer, tokens_per_step=lambda b: 2 * b["chosen_tokens_BxT"].size,
+      flops_per_token=train_flops_per_token(model_config, max(config.data.buckets), lm_head=False),
+      evaluate=run_eval)
+  result, before, after, final = outcome.result, outcome.before, outcome.after, outcome.final
   if result.stopped_early:
     return final
-  after = run_eval(result.state, config.train.num_steps)
-  final.update(after)
   with runtime.mesh, nn.logical_axis_rules(runtime.rules):
     stats = reward_stats(result.state.params, loop.full_batches(config, data, data.train, "preference",
                                                                 limit=config.reward.stats_batches),

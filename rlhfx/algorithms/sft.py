@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import functools
-import logging
 import math
-from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,10 +14,9 @@ import numpy as np
 import optax
 
 from rlhfx import loop, sampling, sharding
-from rlhfx.checkpoint import Checkpointer
 from rlhfx.losses.common import target_mask
 from rlhfx.losses.sft import sft_loss
-from rlhfx.metrics import MetricsWriter, peak_flops_per_device, train_flops_per_token
+from rlhfx.metrics import train_flops_per_token
 from rlhfx.models import ModelConfig, Transformer
 from rlhfx.optim import learning_rate_schedule, make_optimizer
 from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients, init_state, microbatches  # noqa: F401
@@ -87,9 +84,7 @@ def train(config, workdir: str) -> dict[str, float]:
   state, shardings = loop.create_state(params, optimizer, runtime)
 
   train_iter = iter(loop.batches(config, data, data.train, "sft", seed=config.seed))
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                              async_save=config.train.async_checkpoints)
-  state, start = loop.restore_or_init(checkpointer, state, train_iter)
+  checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
 
   step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
                            grad_accum_steps=config.train.grad_accum_steps)
@@ -106,33 +101,22 @@ def train(config, workdir: str) -> dict[str, float]:
     with runtime.mesh, nn.logical_axis_rules(runtime.rules):
       return evaluate(state.params, first, eval_jit, runtime.mesh)
 
-  writer = MetricsWriter(workdir, total_steps=config.train.num_steps, peak_flops=peak_flops_per_device())
-  before = run_eval(state, start) if start == 0 else {}
   accuracy_before = exact_match(state.params, model_config, data.eval, data.tokenizer) if (
       config.data.builtin and data.eval is not None and start == 0) else None
-  seq = max(config.data.buckets)
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    result = loop.run(config=config, runtime=runtime, state=state, step_fn=step_fn, train_iter=train_iter,
-                      checkpointer=checkpointer, writer=writer,
-                      tokens_per_step=lambda b: b["tokens_BxT"].size,
-                      flops_per_token=train_flops_per_token(model_config, seq), loss_key="train/loss",
-                      evaluate=run_eval)
-  checkpointer.close()
-  writer.close()
-  final = dict(result.last_metrics)
+  outcome = loop.train_and_evaluate(
+      config=config, runtime=runtime, state=state, start=start, step_fn=step_fn, train_iter=train_iter,
+      checkpointer=checkpointer, tokens_per_step=lambda b: b["tokens_BxT"].size,
+      flops_per_token=train_flops_per_token(model_config, max(config.data.buckets)), evaluate=run_eval)
+  result, before, after, final = outcome.result, outcome.before, outcome.after, outcome.final
   if result.stopped_early:
-    logging.info("stopped at step %d after SIGTERM; rerun the same command to resume", int(result.state.step))
     return final
-  after = run_eval(result.state, config.train.num_steps)
-  final.update(after)
   if config.train.export_hf and jax.process_index() == 0:
     from rlhfx.models.convert import to_hf
 
     out = to_hf(model_config, jax.device_get(result.state.params), workdir / "hf")
     data.tokenizer.save_pretrained(out)
-  summary = [f"SFT of a {model_config.num_params():,}-parameter model for {config.train.num_steps} steps "
-             f"(resumed at step {result.start_step})" if result.start_step else
-             f"SFT of a {model_config.num_params():,}-parameter model for {config.train.num_steps} steps"]
+  summary = [f"SFT of a {model_config.num_params():,}-parameter model for {config.train.num_steps} steps"
+             + (f" (resumed at step {result.start_step})" if result.start_step else "")]
   if before and after:
     summary.append(f"eval loss {before['eval/loss']:.3f} -> {after['eval/loss']:.3f} "
                    f"(perplexity {before['eval/perplexity']:.2f} -> {after['eval/perplexity']:.2f})")

@@ -103,7 +103,10 @@ def hinge_loss(x: PairLogps, *, beta: float = 0.1):
 
 
 def simpo_loss(x: PairLogps, *, beta: float = 2.0, gamma: float = 0.5):
-  """SimPO (Meng et al. 2024, eq. 6), reference-free: -log sigma(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma)."""
+  """SimPO (Meng et al. 2024, eq. 6), reference-free.
+
+  -log sigma(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma).
+  """
   chosen = beta * x.chosen_B / jnp.maximum(x.chosen_tokens_B, 1)
   rejected = beta * x.rejected_B / jnp.maximum(x.rejected_tokens_B, 1)
   losses = -jax.nn.log_sigmoid(chosen - rejected - gamma)

@@ -45,13 +45,19 @@ def test_chunked_logps_equal_full_logits():
   params = init_params(CONFIG, jax.random.key(0))
   batch = _pairs()
   tokens, mask, loss = batch["chosen_tokens_BxT"], batch["chosen_mask_BxT"], batch["chosen_loss_mask_BxT"]
-  logits = MODEL.apply({"params": params}, tokens, mask)
+  logits = jax.jit(MODEL.apply)({"params": params}, tokens, mask)
   want = sequence_logps(token_logps(logits, jnp.asarray(tokens)), target_mask(loss))
+  logps = jax.jit(completion_logps, static_argnums=0, static_argnames="chunk_size")
   for chunk in (None, 4, 5, 64):
-    got, mean_logits, count = completion_logps(MODEL, params, tokens, mask, loss, chunk_size=chunk)
+    got, mean_logits, count = logps(MODEL, params, tokens, mask, loss, chunk_size=chunk)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert (np.asarray(count) == target_mask(loss).sum(-1)).all()
-  grad = lambda c: jax.grad(lambda p: completion_logps(MODEL, p, tokens, mask, loss, chunk_size=c)[0].sum())(params)  # noqa
+  np.testing.assert_allclose(mean_logits, (np.asarray(logits)[:, :-1].mean(-1) * target_mask(loss)[:, 1:]).sum(1)
+                             / target_mask(loss).sum(1), rtol=1e-5)
+
+  def grad(c):
+    return jax.jit(jax.grad(lambda p: completion_logps(MODEL, p, tokens, mask, loss, chunk_size=c)[0].sum()))(params)
+
   for a, b in zip(jax.tree.leaves(grad(4)), jax.tree.leaves(grad(None))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 

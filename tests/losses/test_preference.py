@@ -1,6 +1,5 @@
 """Preference losses against NumPy references, and the properties the papers state."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,8 @@ def _inputs(seed=0, n=16):
   a["lc"], a["lr"] = rng.integers(3, 30, size=n).astype(np.float64), rng.integers(3, 30, size=n).astype(np.float64)
   x = P.PairLogps(chosen_B=jnp.asarray(a["pc"], jnp.float32), rejected_B=jnp.asarray(a["pr"], jnp.float32),
                   ref_chosen_B=jnp.asarray(a["rc"], jnp.float32), ref_rejected_B=jnp.asarray(a["rr"], jnp.float32),
-                  chosen_tokens_B=jnp.asarray(a["lc"], jnp.float32), rejected_tokens_B=jnp.asarray(a["lr"], jnp.float32))
+                  chosen_tokens_B=jnp.asarray(a["lc"], jnp.float32),
+                  rejected_tokens_B=jnp.asarray(a["lr"], jnp.float32))
   return a, x
 
 
