@@ -10,20 +10,15 @@ random model, GPT-2 tokenizer, 312 held-out pairs of the harmless-base test file
 
 import pathlib
 
-from rlhfx.config import base_config
+from rlhfx.config import base_config, use_hh_pairs, use_tiny_cpu_model
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def get_config(arg=None):
   config = base_config("reward")
-  config.data.train_files = (str(DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"),)  # HH transcripts
-  config.data.input_format = "hh"  # split at the last shared "\n\nAssistant:"
-  config.data.on_error = "skip"  # count and skip the unsplittable pairs and empty replies
+  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
   config.data.eval_fraction = 0.135  # about 312 of the 2,303 usable pairs held out
-  config.data.max_length = 512  # prompt + reply tokens
-  config.data.max_prompt_length = 384  # prompt tokens (the end is kept)
-  config.data.buckets = (128, 256, 512)  # padded lengths
   config.model.init_from = "openai-community/gpt2"  # ideally the SFT model's Hugging Face export
   config.model.dtype = "bfloat16"  # compute dtype
   config.train.global_batch_size = 32  # pairs per step
@@ -36,14 +31,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 50  # linear warmup
   config.reward.center_coef = 0.01  # keep rewards near 0
   if arg == "tiny":
-    config.model.init_from = ""  # random init
-    config.model.preset = "tiny"  # 2 layers, width 64
-    config.model.vocab_size = 50257  # GPT-2 vocabulary
-    config.model.dtype = "float32"  # CPU
-    config.data.tokenizer = str(DATA / "gpt2_tokenizer")  # GPT-2 BPE files
-    config.data.max_length = 256  # shorter rows on CPU
-    config.data.max_prompt_length = 192  # prompt tokens
-    config.data.buckets = (128, 256)  # padded lengths
+    use_tiny_cpu_model(config, DATA / "gpt2_tokenizer", max_length=256)  # model.* and data.* for CPU
     config.train.global_batch_size = 16  # pairs per step
     config.train.num_steps = 300  # a few CPU minutes
     config.train.log_every = 25  # console and metrics

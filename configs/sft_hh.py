@@ -9,7 +9,7 @@ Variants: "" (GPT-2 small from a Hugging Face checkpoint, bf16 compute), "tiny" 
 
 import pathlib
 
-from rlhfx.config import base_config
+from rlhfx.config import base_config, use_hh_pairs, use_tiny_cpu_model
 
 HH = str(pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_rlhf" /
          "harmless-base-test.jsonl.gz")
@@ -17,12 +17,7 @@ HH = str(pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 
 def get_config(arg=None):
   config = base_config("sft")
-  config.data.train_files = (HH,)  # Anthropic HH JSONL(.gz) transcripts
-  config.data.input_format = "hh_chosen"  # prompt = transcript up to the last "\n\nAssistant:", completion = chosen
-  config.data.on_error = "skip"  # HH has a few unsplittable pairs and empty replies: count and skip them
-  config.data.max_length = 512  # prompt + completion tokens
-  config.data.max_prompt_length = 384  # prompt tokens (the most recent turns are kept)
-  config.data.buckets = (128, 256, 512)  # padded lengths
+  use_hh_pairs(config, [HH], input_format="hh_chosen")  # prompt + chosen reply; data.* in rlhfx/config.py
   config.model.init_from = "openai-community/gpt2"  # Hugging Face dir or hub id
   config.model.dtype = "bfloat16"  # compute dtype (params stay float32)
   config.train.global_batch_size = 32  # rows per step
@@ -34,14 +29,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 100  # linear warmup
   config.optim.weight_decay = 0.01  # AdamW decay on matrices
   if arg == "tiny":
-    config.model.init_from = ""  # random init of a preset
-    config.model.preset = "tiny"  # 2 layers, width 64
-    config.model.vocab_size = 50257  # GPT-2's vocabulary
-    config.model.dtype = "float32"  # CPU: f32
-    config.data.tokenizer = str(pathlib.Path(HH).parents[1] / "gpt2_tokenizer")  # GPT-2 BPE files
-    config.data.max_length = 256  # shorter rows on CPU
-    config.data.max_prompt_length = 192  # prompt tokens
-    config.data.buckets = (128, 256)  # padded lengths
+    use_tiny_cpu_model(config, pathlib.Path(HH).parents[1] / "gpt2_tokenizer")  # model.* and data.* for CPU
     config.train.global_batch_size = 8  # rows per step
     config.train.num_steps = 50  # a smoke run
     config.train.log_every = 10  # console and metrics

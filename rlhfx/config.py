@@ -107,6 +107,28 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   return c
 
 
+def use_hh_pairs(config, files, input_format: str = "hh") -> None:
+  """Anthropic HH transcripts as the data (shared by the HH experiment files)."""
+  config.data.train_files = tuple(str(f) for f in files)  # HH JSONL(.gz) transcripts
+  config.data.input_format = input_format  # hh: split at the last shared "\n\nAssistant:"
+  config.data.on_error = "skip"  # count and skip the unsplittable pairs and empty replies
+  config.data.max_length = 512  # prompt + reply tokens
+  config.data.max_prompt_length = 384  # prompt tokens (the most recent turns are kept)
+  config.data.buckets = (128, 256, 512)  # padded lengths
+
+
+def use_tiny_cpu_model(config, tokenizer, *, max_length: int = 256) -> None:
+  """The `:tiny` variants: a random 2-layer model with the GPT-2 vocabulary, float32, shorter rows."""
+  config.model.init_from = ""  # random init of the preset
+  config.model.preset = "tiny"  # 2 layers, width 64
+  config.model.vocab_size = 50257  # GPT-2's vocabulary
+  config.model.dtype = "float32"  # CPU
+  config.data.tokenizer = str(tokenizer)  # GPT-2 BPE files (encoder.json + vocab.bpe)
+  config.data.max_length = max_length  # prompt + reply tokens
+  config.data.max_prompt_length = max_length * 3 // 4  # prompt tokens
+  config.data.buckets = (128, max_length) if max_length > 128 else (max_length,)  # padded lengths
+
+
 def validate(config, model_config, data_parallel_size: int = 1) -> None:
   """Config checks that need no data: raise ConfigError naming the field."""
   t, d = config.train, config.data
