@@ -123,9 +123,6 @@ def full_batches(config, data: Data, source, kind: str, limit: int | None = None
     rows = len(next(iter(batch.values())))
     padded = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()
               if k != "example_id_B" or keep_ids}
-    if keep_ids:
-      padded["example_id_B"] = batch["example_id_B"].tolist() + [-1] * (size - rows)
-      padded["example_id_B"] = np.asarray(padded["example_id_B"])
     padded["valid_B"] = np.arange(size) < rows
     yield padded
 

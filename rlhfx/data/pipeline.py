@@ -60,6 +60,10 @@ class Encode:
 
   def __init__(self, tokenizer, kind: str, truncation: Truncation, stats: Stats):
     self.tokenizer, self.kind, self.truncation, self.stats = tokenizer, kind, truncation, stats
+    # prompts alone: the prompt limit is the whole limit
+    self.prompt_only = Truncation(max_length=truncation.max_prompt_length + 1,
+                                  max_prompt_length=truncation.max_prompt_length,
+                                  prompt_side=truncation.prompt_side, on_overlong=truncation.on_overlong)
 
   def __call__(self, example: dict) -> dict | None:
     messages_json = _text(example["messages"])
@@ -67,7 +71,7 @@ class Encode:
     prompt_ids = encode_prompt(self.tokenizer, _text(example["prompt"]), messages)
     try:
       if self.kind == "prompts":
-        out = {"prompt": np.asarray(fit(prompt_ids, [], self._prompt_only())[0], np.int32)}
+        out = {"prompt": np.asarray(fit(prompt_ids, [], self.prompt_only)[0], np.int32)}
         truncated = len(out["prompt"]) < len(prompt_ids)
       else:
         fields = ("chosen", "rejected") if self.kind == "preference" else ("completion",)
@@ -91,11 +95,6 @@ class Encode:
       self.stats.add("truncated")
     out["example_id"] = np.asarray(example["_index"], np.int64)
     return out
-
-  def _prompt_only(self) -> Truncation:
-    t = self.truncation
-    return Truncation(max_length=t.max_prompt_length + 1, max_prompt_length=t.max_prompt_length,
-                      prompt_side=t.prompt_side, on_overlong=t.on_overlong)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
