@@ -104,6 +104,53 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.lora.rank = 0  # adapter rank (0 = no LoRA: train all parameters)
     c.lora.alpha = 16.0  # scale = alpha / rank
     c.lora.patterns = ("attn/(q|k|v|o)_proj/kernel",)  # regexes over kernel paths that get adapters
+  if algorithm in ("ppo", "grpo"):
+    c.data.input_format = "prompts"  # {"prompt"} or {"messages"} records: the prompts to sample from
+    c.train.global_batch_size = 16  # prompts per iteration (rollout rows = this x rollout.group_size)
+    c.train.num_steps = 100  # iterations (each: rollout, scoring, epochs x minibatches updates)
+    c.train.eval_every = 20  # mean score and KL on held-out prompts every N iterations
+    c.train.log_samples_every = 10  # print and append sample completions to <workdir>/samples.jsonl
+    c.train.time_phases = False  # time rollout / scoring / update as three programs (else one fused program)
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.max_new_tokens = 64  # completion length limit (a row stops at EOS)
+    c.rollout.temperature = 1.0  # sampling temperature (log-probs are taken under logits / temperature)
+    c.rollout.top_k = 0  # 0 = no top-k filter
+    c.rollout.top_p = 1.0  # 1 = no nucleus filter
+    c.rollout.group_size = 1 if algorithm == "ppo" else 8  # completions sampled per prompt
+    c.scoring = ml_collections.ConfigDict()
+    c.scoring.model = ""  # reward run workdir (or its reward_model/ folder); "" = use scoring.function
+    c.scoring.function = ""  # "fraction:<chars>" | "module:function" (rlhfx.rewards); "" = use scoring.model
+    c.scoring.normalize = True  # reward model scores -> (r - mean) / std with the reward run's statistics
+    c.scoring.missing_eos_penalty = 0.0  # subtracted from the score of a completion cut before EOS
+  if algorithm == "ppo":
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.epochs = 4  # passes over each rollout
+    c.ppo.minibatches = 1  # optimizer updates per pass
+    c.ppo.clip_eps = 0.2  # policy ratio clip
+    c.ppo.dual_clip = 0.0  # > 1: cap the loss of negative advantages at -c A (0 = off)
+    c.ppo.value_clip = 0.2  # value prediction clip around the rollout's values (0 = off)
+    c.ppo.vf_coef = 0.1  # value loss weight
+    c.ppo.entropy_coef = 0.0  # entropy bonus weight
+    c.ppo.gamma = 1.0  # discount
+    c.ppo.lam = 0.95  # GAE lambda
+    c.ppo.kl_coef = 0.05  # KL(policy || reference) coefficient (initial value when adaptive)
+    c.ppo.kl_estimator = "k1"  # k1 | k2 | k3 (rlhfx.losses.policy.kl_estimate)
+    c.ppo.kl_in = "reward"  # reward (per-token penalty, Ziegler et al.) | loss (a loss term)
+    c.ppo.kl_target = 0.0  # > 0: adaptive coefficient steering KL (nats/sequence) to this target
+    c.ppo.kl_horizon = 10000  # adaptive controller horizon (samples)
+    c.ppo.whiten_advantages = True  # advantages -> zero mean, unit variance over the rollout
+    c.ppo.whiten_rewards = False  # whiten per-token rewards (keeping their mean) before GAE
+    c.ppo.aggregation = "token_mean"  # token_mean | sequence_mean | fixed (rlhfx.losses.policy.aggregate)
+    c.ppo.value_model = "separate"  # separate (critic from the reward model, else the policy) | policy_head
+  if algorithm == "grpo":
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.advantage = "grpo"  # grpo (std-normalised) | dr_grpo (no std) | rloo (leave-one-out)
+    c.grpo.beta = 0.04  # weight of the k3 KL(policy || reference) loss term (0 = no reference model)
+    c.grpo.epochs = 1  # passes over each rollout
+    c.grpo.minibatches = 1  # optimizer updates per pass
+    c.grpo.clip_eps = 0.2  # policy ratio clip (lower side)
+    c.grpo.clip_eps_high = 0.0  # upper clip (DAPO's clip-higher); 0 = clip_eps
+    c.grpo.aggregation = "sequence_mean"  # sequence_mean (GRPO) | token_mean (DAPO) | fixed (Dr.GRPO)
   return c
 
 

@@ -172,6 +172,13 @@ def param_shardings(module: nn.Module, runtime: Runtime):
   return sharding.tree_shardings(boxed, runtime.mesh, runtime.rules)
 
 
+def abstract_params(module: nn.Module, runtime: Runtime):
+  """ShapeDtypeStructs of a module's parameters carrying their shardings (restore targets)."""
+  shapes = nn.meta.unbox(jax.eval_shape(_init_fn(module), jax.random.key(0)))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      param_shardings(module, runtime))
+
+
 def put(params, shardings):
   """Host (numpy) params -> global arrays with the given shardings (each process builds its shards)."""
   return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
@@ -374,6 +381,8 @@ def train_and_evaluate(*, config, runtime: Runtime, state, start: int, step_fn, 
   """Evaluate, run the loop with metrics written to the workdir, evaluate again."""
   writer = MetricsWriter(runtime.workdir, total_steps=config.train.num_steps, peak_flops=peak_flops_per_device())
   before = evaluate(state, start) if start == 0 else {}
+  if before:
+    writer.write(start, before)
   try:
     with runtime.mesh, nn.logical_axis_rules(runtime.rules):
       result = run(config=config, runtime=runtime, state=state, step_fn=step_fn, train_iter=train_iter,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-ALGORITHMS = ("sft", "reward", "dpo")
+ALGORITHMS = ("sft", "reward", "dpo", "ppo", "grpo")
 
 
 def train(config, workdir: str):

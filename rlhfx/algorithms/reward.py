@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhfx import loop, sharding
+from rlhfx import loop, rewards, sharding
 from rlhfx.losses.common import concat_pairs
 from rlhfx.losses.preference import bradley_terry_loss
 from rlhfx.metrics import train_flops_per_token, wilson_interval
@@ -123,6 +123,7 @@ def train(config, workdir: str) -> dict[str, float]:
     stats = reward_stats(result.state.params, loop.full_batches(config, data, data.train, "preference",
                                                                 limit=config.reward.stats_batches),
                          eval_jit, runtime.mesh)
+  export = rewards.export_reward_model(workdir / rewards.EXPORT_DIR, model_config, result.state.params, stats)
   if jax.process_index() == 0:
     (workdir / "checkpoints" / "reward_stats.json").write_text(json.dumps(stats, indent=2))
     lines = ["", "== summary ==",
@@ -134,6 +135,7 @@ def train(config, workdir: str) -> dict[str, float]:
                    f"{after['eval/pairs']} pairs)")
     lines += [f"reward mean {stats['mean']:.3f}, std {stats['std']:.3f} over {stats['count']} train completions "
               f"-> {workdir / 'checkpoints' / 'reward_stats.json'}",
+              f"reward model for PPO/GRPO (config.scoring.model): {export}",
               f"metrics: {workdir / 'metrics.jsonl'}; checkpoints: {workdir / 'checkpoints'}"]
     print("\n".join(lines), flush=True)
   return final

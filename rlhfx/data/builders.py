@@ -22,6 +22,7 @@ of the two is empty. Input formats (JSONL or a JSON array, optionally gzipped):
   prompts   {"prompt"} or {"messages"}
   sft       {"prompt", "completion"} or {"messages"} (the last message is the assistant reply)
   hh_chosen Anthropic HH transcripts as SFT data: the prompt and the chosen reply
+  hh_prompts Anthropic HH transcripts as RL prompts: the conversation up to the last "\n\nAssistant:"
 
 Bad records raise `DataError` naming file:line by default; with on_error="skip"
 they are counted by reason, logged, and stored in the dataset's metadata
@@ -175,6 +176,11 @@ def _hh_chosen(record):
   return dict(prompt=example["prompt"], messages="", completion=example["chosen"])
 
 
+def _hh_prompts(record):
+  example = _hh(record)
+  return dict(prompt=example["prompt"], messages="")
+
+
 def _sharegpt(record):
   messages = _messages(_field(record, "conversations", list), "conversations")
   system = record.get("system")
@@ -220,6 +226,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], dict]]] = {
     "pairs": ("preference", _pairs),
     "hh": ("preference", _hh),
     "hh_chosen": ("sft", _hh_chosen),
+    "hh_prompts": ("prompts", _hh_prompts),
     "sharegpt": ("preference", _sharegpt),
     "unpaired": ("unpaired", _unpaired),
     "prompts": ("prompts", _prompts),

@@ -1,0 +1,194 @@
+"""What PPO and GRPO share: the rollout, completion log-probs, in-graph scoring, the epochs x minibatches scan.
+
+One iteration = rollout (sample completions of a batch of prompts with the
+current policy) -> scoring (reward model or reward function) -> statistics under
+the frozen trees (reference log-probs; old log-probs and values) -> advantages ->
+`epochs` passes over the rollout in `minibatches` shuffled minibatches, each one
+optimizer update. With an in-graph score all of it is one jitted function.
+
+Sequences are [prompt (left-padded, P) | completion (C)]: positions count real
+tokens, so a row's completion follows its prompt directly. Everything about a
+completion lives on [B, C] arrays; the LM head runs only on the C positions that
+predict completion tokens (hidden states P-1 .. P+C-2), never on the prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhfx import sampling
+from rlhfx.losses.policy import entropy_from_logits
+from rlhfx.models import ModelConfig, Transformer
+from rlhfx.models.heads import ScoreModel
+from rlhfx.train_state import accumulate_gradients
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class RLState:
+  step: Array  # iterations done
+  params: dict  # {"policy": LM params, "value": ScoreModel params | "value_head": {...}} (no value for GRPO)
+  opt_state: object
+  kl_coef: Array  # the current KL coefficient (adaptive when a target is set)
+
+
+@flax.struct.dataclass
+class Rollout:
+  prompt_BxP: Array
+  prompt_mask_BxP: Array
+  tokens_BxC: Array  # sampled completions (pad after EOS)
+  mask_BxC: Array  # real completion tokens, EOS included
+  sample_logps_BxC: Array  # log-probs reported by the sampler
+
+  @property
+  def sequence_BxT(self) -> Array:
+    return jnp.concatenate([self.prompt_BxP, self.tokens_BxC], axis=1)
+
+  @property
+  def sequence_mask_BxT(self) -> Array:
+    return jnp.concatenate([self.prompt_mask_BxP, self.mask_BxC], axis=1)
+
+  @property
+  def prompt_len(self) -> int:
+    return self.prompt_BxP.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  model_config: ModelConfig
+  max_new_tokens: int
+  group_size: int = 1  # completions per prompt
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  @classmethod
+  def from_config(cls, config, model_config: ModelConfig, tokenizer, **overrides) -> "SamplingSettings":
+    r = config.rollout
+    fields = dict(model_config=model_config, max_new_tokens=r.max_new_tokens, group_size=r.group_size,
+                  temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_id=tokenizer.eos_token_id,
+                  pad_id=tokenizer.pad_token_id or 0)
+    return cls(**{**fields, **overrides})
+
+
+def rollout(policy_params, batch: dict[str, Array], rng: Array, s: SamplingSettings) -> Rollout:
+  """Sample `s.group_size` completions of every prompt (rows of one prompt are consecutive)."""
+  prompt_BxP = jnp.repeat(batch["prompt_BxP"], s.group_size, axis=0)
+  prompt_mask_BxP = jnp.repeat(batch["prompt_mask_BxP"], s.group_size, axis=0)
+  out = sampling.generate(policy_params, s.model_config, prompt_BxP, prompt_mask_BxP, rng,
+                          max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          eos_id=s.eos_id, pad_id=s.pad_id)
+  return Rollout(prompt_BxP=prompt_BxP, prompt_mask_BxP=prompt_mask_BxP, tokens_BxC=out.tokens_BxC,
+                 mask_BxC=out.mask_BxC, sample_logps_BxC=out.logps_BxC)
+
+
+def rollout_step(state: RLState, batch: dict[str, Array], s) -> Rollout:
+  """The rollout of iteration `state.step` (its sampling key derives from the seed and the step)."""
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step), 0)
+  return rollout(state.params["policy"], batch, rng, s.sampling)
+
+
+def update_key(state: RLState, s) -> Array:
+  """The key that shuffles iteration `state.step`'s minibatches."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step), 1)
+
+
+def iteration(state: RLState, batch: dict[str, Array], frozen: dict, s, *, update_step: Callable):
+  """Rollout, in-graph scoring and `update_step`: (new state, metrics, the rollout, its scores_B)."""
+  r = rollout_step(state, batch, s)
+  scores_B = scores(r, frozen["reward"], s.scorer)
+  state, metrics = update_step(state, r, scores_B, frozen, s)
+  return state, metrics, r, scores_B
+
+
+def completion_stats(model: Transformer, params, r: Rollout, *, temperature: float, entropy: bool = False):
+  """(logps_BxC, entropy_BxC or None, hidden_BxCxD) of the completion tokens under softmax(logits / T)."""
+  hidden_BxTxD = model.apply({"params": params}, r.sequence_BxT, r.sequence_mask_BxT, return_hidden=True)
+  p, c = r.prompt_len, r.tokens_BxC.shape[1]
+  hidden_BxCxD = hidden_BxTxD[:, p - 1:p + c - 1]
+  logits_BxCxV = model.apply({"params": params}, hidden_BxCxD, method=Transformer.unembed)
+  logits_BxCxV = logits_BxCxV / (temperature or 1.0)
+  logps_BxC = jnp.take_along_axis(jax.nn.log_softmax(logits_BxCxV, axis=-1), r.tokens_BxC[..., None], axis=-1)[..., 0]
+  ent_BxC = entropy_from_logits(logits_BxCxV) if entropy else None
+  return logps_BxC, ent_BxC, hidden_BxCxD
+
+
+def completion_values(score_model: ScoreModel, params, r: Rollout) -> Array:
+  """values_BxC of a critic: V of the state before each completion token (the hidden state predicting it)."""
+  values_BxT = score_model.apply({"params": params}, r.sequence_BxT, r.sequence_mask_BxT, per_token=True)
+  p, c = r.prompt_len, r.tokens_BxC.shape[1]
+  return values_BxT[:, p - 1:p + c - 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """How completions are scored (static): a reward model (its params travel as a frozen argument), a traceable
+  reward function, or a host text function (`host_fn`, called between rollout and update)."""
+
+  module: ScoreModel | None = None
+  mean: float = 0.0  # reward-model score normalisation
+  std: float = 1.0
+  fn: Callable | None = None  # traceable: (prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC) -> scores_B
+  host_fn: Callable | None = None  # (prompts: list[str], completions: list[str]) -> list[float]
+  missing_eos_penalty: float = 0.0
+
+  @property
+  def in_graph(self) -> bool:
+    return self.host_fn is None
+
+
+def scores(r: Rollout, reward_params, scorer: Scorer) -> Array:
+  """scores_B in-graph: the reward model's (normalised) score at the last real token, or the reward function."""
+  if scorer.module is not None:
+    raw_B = scorer.module.apply({"params": reward_params}, r.sequence_BxT, r.sequence_mask_BxT)
+    return (raw_B - scorer.mean) / scorer.std
+  if scorer.fn is not None:
+    return scorer.fn(r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC).astype(jnp.float32)
+  raise ValueError("this scorer runs on the host (a text reward function): use rlhfx.rewards.host_scores")
+
+
+def finish_scores(scores_B: Array, r: Rollout, eos_id: int | None, missing_eos_penalty: float) -> tuple[Array, Array]:
+  """(scores_B after the missing-EOS penalty, has_eos_B): a completion cut at max_new_tokens loses the penalty."""
+  if eos_id is None:
+    return scores_B, jnp.zeros(scores_B.shape, bool)
+  has_eos_B = jnp.any((r.tokens_BxC == eos_id) & r.mask_BxC, axis=-1)
+  return jnp.where(has_eos_B, scores_B, scores_B - missing_eos_penalty), has_eos_B
+
+
+def sequence_kl(logps_BxC: Array, ref_logps_BxC: Array, mask_BxC: Array) -> Array:
+  """kl_B: KL(policy || reference) of each sampled completion, the k1 estimate summed over its tokens."""
+  return jnp.sum(jnp.where(mask_BxC, logps_BxC - ref_logps_BxC, 0.0), axis=-1)
+
+
+def minibatch_epochs(params, opt_state, optimizer: optax.GradientTransformation, data: dict[str, Array],
+                     loss_fn: Callable, rng: Array, *, epochs: int, minibatches: int, grad_accum_steps: int = 1):
+  """`epochs` shuffled passes over `data` (a dict of [B, ...] arrays), each `minibatches` optimizer updates of
+  `loss_fn(params, minibatch) -> (loss, metrics)`, as nested `lax.scan`s. Returns (params, opt_state, metrics
+  averaged over all updates, plus grad_norm)."""
+  rows = jax.tree.leaves(data)[0].shape[0]
+  if rows % minibatches:
+    raise ValueError(f"{rows} rollout rows do not split into {minibatches} minibatches")
+
+  def update(carry, minibatch):
+    params, opt_state = carry
+    grads, metrics = accumulate_gradients(loss_fn, params, minibatch, grad_accum_steps, average=True)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    return (optax.apply_updates(params, updates), opt_state), metrics
+
+  def epoch(carry, epoch_rng):
+    order_B = jax.random.permutation(epoch_rng, rows)
+    shuffled = jax.tree.map(lambda x: x[order_B].reshape(minibatches, rows // minibatches, *x.shape[1:]), data)
+    return jax.lax.scan(update, carry, shuffled)
+
+  (params, opt_state), metrics_ExM = jax.lax.scan(epoch, (params, opt_state), jax.random.split(rng, epochs))
+  return params, opt_state, jax.tree.map(jnp.mean, metrics_ExM)
