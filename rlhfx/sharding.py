@@ -8,7 +8,6 @@ it), so odd vocabularies and head counts still run.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Sequence
 
@@ -130,4 +129,6 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def log_mesh(mesh: Mesh) -> None:
-  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+  axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+  print(f"mesh: {axes} over {mesh.size} {jax.devices()[0].platform} devices in {jax.process_count()} processes "
+        f"(this is process {jax.process_index()})", flush=True)

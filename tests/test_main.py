@@ -18,7 +18,7 @@ import pytest
 from rlhfx.algorithms import sft
 from rlhfx.checkpoint import Checkpointer, abstract
 from rlhfx.config import base_config
-from rlhfx.models import get_preset
+from rlhfx.models import get_preset, init_params
 from rlhfx.models.convert import from_hf
 from rlhfx.optim import make_optimizer
 
@@ -95,6 +95,11 @@ def test_two_processes_on_loopback_give_the_same_losses(baseline, tmp_path):
         p.wait()
   assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
   _assert_same_losses(_losses(tmp_path), _losses(baseline))
+  # the checkpoint the two processes wrote together restores in this one process, equal to the 1-process run's
+  (two_procs, _), (one_proc, _) = _restore_state(tmp_path), _restore_state(baseline)
+  assert int(two_procs.step) == int(one_proc.step) == 20
+  for a, b in zip(jax.tree.leaves(two_procs.params), jax.tree.leaves(one_proc.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_then_restart_equals_the_uninterrupted_run(baseline, tmp_path):
@@ -119,18 +124,26 @@ def test_checkpoint_from_one_mesh_restores_on_another(baseline, tmp_path):
   _assert_same_losses(_losses(tmp_path), _losses(baseline))
 
 
+def _restore_state(workdir, step=20):
+  """The SFT state of a quickstart run's checkpoint, restored on this process's first device."""
+  model_config = get_preset("tiny", vocab_size=259)
+  params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+  optimizer = make_optimizer(base_config("sft").optim, 20, params)
+  target = jax.eval_shape(lambda p: sft.init_state(p, optimizer), params)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints")
+  restored, meta = ckpt.restore(step, {"state": abstract(target, jax.tree.map(lambda _: device, target))})
+  ckpt.close()
+  return restored["state"], meta
+
+
 def test_exported_policy_has_the_checkpoint_logits(baseline):
   model_config, exported = from_hf(baseline / "hf")
-  config = base_config("sft")
-  optimizer = make_optimizer(config.optim, 20, exported)
-  target = jax.eval_shape(lambda p: sft.init_state(p, optimizer), exported)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  ckpt = Checkpointer(baseline / "checkpoints")
-  restored, meta = ckpt.restore(20, {"state": abstract(target, jax.tree.map(lambda _: device, target))})
-  assert meta["step"] == 20 and int(restored["state"].step) == 20
+  state, meta = _restore_state(baseline)
+  assert meta["step"] == 20 and int(state.step) == 20
   tokens = np.array([[1, 117, 104, 121, 104, 117, 118, 104, 61]], np.int32)
-  np.testing.assert_allclose(forward(model_config, exported, tokens),
-                             forward(model_config, restored["state"].params, tokens), atol=1e-6)
+  np.testing.assert_allclose(forward(model_config, exported, tokens), forward(model_config, state.params, tokens),
+                             atol=1e-6)
   assert model_config.vocab_size == 259 and model_config.n_layers == get_preset("tiny").n_layers
 
 

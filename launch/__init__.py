@@ -1,0 +1,1 @@
+"""Launchers: Cloud TPU (tpu.py), SLURM (slurm.py) and sweeps (sweep.py); run them as scripts."""

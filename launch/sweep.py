@@ -1,0 +1,213 @@
+"""Expand a config's `sweep()` into runs, each with its own work directory and name, and run them.
+
+  python launch/sweep.py --config configs/quickstart.py --root /tmp/sweeps/quickstart
+  python launch/sweep.py --config configs/dpo_hh.py --root /gcs/my-bucket/sweeps/dpo --backend tpu \\
+      --name rlhfx-sweep --zone us-west4-a --project my-project --accelerator-type v5litepod-16 --spot \\
+      --bucket my-bucket
+  python launch/sweep.py --config configs/dpo_hh.py --root /shared/sweeps/dpo --backend slurm --nodes 2
+  ... --dry-run          # print the commands instead of running them
+  ... -- --config.train.num_steps=500     # overrides applied to every run
+
+`sweep()` in the config file returns a list of {"dotted.field": value} dicts; run i is
+named `NN-field=value-...` (last component of each field) and writes to
+<root>/<name>. Backends:
+  local  (default) one run after another in subprocesses, each logging to
+         <root>/<name>/sweep.log. A failed run is reported and the others continue;
+         the exit status is 1 if any failed.
+  tpu    one TPU VM (launch/tpu.py) created once; the runs go one after another on all
+         of its workers; the VM is deleted at the end.
+  slurm  one sbatch job per run (launch/slurm.py).
+A run that finished leaves <root>/<name>/sweep_done.json: rerunning the sweep skips it,
+and a run that was interrupted resumes from its latest checkpoint (rlhfx resumes by
+itself from the work directory). A summary goes to <root>/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from launch import slurm, tpu  # noqa: E402
+
+DONE = slurm.DONE
+
+
+def load_sweep(config: str) -> list[dict]:
+  """The list of override dicts from the config file's sweep() (the ':variant' suffix is ignored)."""
+  path = pathlib.Path(config.split(":")[0])
+  if not path.is_absolute():
+    path = (ROOT / path) if not path.exists() else path.absolute()
+  spec = importlib.util.spec_from_file_location(f"_sweep_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "sweep"):
+    raise SystemExit(f"{path} has no sweep() function")
+  runs = module.sweep()
+  if not runs or not all(isinstance(r, dict) for r in runs):
+    raise SystemExit(f"{path}: sweep() must return a non-empty list of dicts")
+  return runs
+
+
+def format_value(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(str(v) for v in value) + ("," if len(value) == 1 else "")
+  return str(value)
+
+
+def run_name(index: int, overrides: dict) -> str:
+  parts = [f"{key.split('.')[-1]}={format_value(value)}" for key, value in overrides.items()]
+  return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", "-".join([f"{index:02d}", *parts]))
+
+
+def expand(config: str, root: str, extra: list[str]) -> list[dict]:
+  """[{name, workdir, overrides}] for every entry of sweep()."""
+  runs = []
+  for i, entry in enumerate(load_sweep(config)):
+    name = run_name(i, entry)
+    overrides = [f"--config.{k}={format_value(v)}" for k, v in entry.items()] + list(extra)
+    runs.append({"name": name, "workdir": f"{root.rstrip('/')}/{name}", "overrides": overrides})
+  return runs
+
+
+def run_local(config: str, runs: list[dict], *, dry_run: bool, out=None) -> list[dict]:
+  out = out or sys.stdout
+  results = []
+  for r in runs:
+    workdir = pathlib.Path(r["workdir"])
+    command = [sys.executable, *shlex.split(tpu.rlhfx_command(config, str(workdir), r["overrides"], "python"))[1:]]
+    if (workdir / DONE).exists():
+      print(f"{r['name']}: finished before, skipped", file=out, flush=True)
+      results.append({**r, "status": "skipped (finished)"})
+      continue
+    if dry_run:
+      print(shlex.join(command), file=out, flush=True)
+      results.append({**r, "status": "dry-run"})
+      continue
+    resuming = (workdir / "checkpoints").exists()
+    print(f"{r['name']}: {'resuming' if resuming else 'starting'} -> {workdir}/sweep.log", file=out, flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(workdir / "sweep.log", "a") as log:
+      rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - t0
+    if rc == 0:
+      (workdir / DONE).write_text(json.dumps({"config": config, "overrides": r["overrides"], "seconds": seconds}))
+      status = "finished"
+    else:
+      tail = (workdir / "sweep.log").read_text().strip().splitlines()[-1:] or [""]
+      status = f"failed (exit {rc}): {tail[0][:200]}"
+    print(f"{r['name']}: {status} in {seconds:.0f} s", file=out, flush=True)
+    results.append({**r, "status": status, "seconds": seconds})
+  return results
+
+
+def run_tpu(config: str, runs: list[dict], args, *, dry_run: bool, out=None) -> list[dict]:
+  out = out or sys.stdout
+  target = tpu.target_from(args)
+  runner = tpu.Runner(dry_run, pathlib.Path(args.log_dir) / f"{target.name}.log", out=out)
+  results = []
+  for command in tpu.create(target):
+    runner(command)
+  if target.queued:
+    tpu.wait_active(target, runner)
+  try:
+    tarball = f"/tmp/{target.name}.tar.gz"
+    runner.note(f"pack the project (git ls-files -co --exclude-standard) into {tarball}")
+    if not dry_run:
+      tpu.pack(tarball)
+    for command in tpu.copy(target, tarball) + tpu.install(target):
+      runner(command)
+    for r in runs:
+      done = f"{r['workdir']}/{DONE}"
+      train = tpu.rlhfx_command(config, r["workdir"], r["overrides"], f"{tpu.REMOTE_VENV}/bin/python")
+      guarded = (f"cd {tpu.REMOTE_DIR} && if [ -f {shlex.quote(done)} ]; then echo 'finished before'; else "
+                 f"{train} && echo '{{\"config\": \"{config}\"}}' > {shlex.quote(done)}; fi")
+      rc = runner(tpu.ssh(target, guarded), stream=True, check=False)
+      status = "dry-run" if dry_run else "finished" if rc == 0 else f"failed (exit {rc})"
+      if not dry_run:
+        runner.note(f"{r['name']}: {status}")
+      results.append({**r, "status": status})
+  finally:
+    if not args.keep:
+      for command in tpu.delete(target):
+        runner(command, check=False)
+  return results
+
+
+def run_slurm(config: str, runs: list[dict], args, *, dry_run: bool, out=None) -> list[dict]:
+  out = out or sys.stdout
+  results = []
+  for r in runs:
+    script = slurm.sbatch_script(name=f"{args.name}-{r['name']}", config=config, workdir=r["workdir"],
+                                 overrides=r["overrides"], nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                 time=args.time, partition=args.partition, venv=args.venv,
+                                 project_dir=args.project_dir, log_dir=args.log_dir)
+    rc = slurm.submit(script, pathlib.Path(args.log_dir) / f"{args.name}-{r['name']}.sbatch", dry_run=dry_run,
+                      out=out)
+    results.append({**r, "status": "dry-run" if dry_run else ("submitted" if rc == 0 else f"sbatch exit {rc}")})
+  return results
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="configs/<file>.py[:variant] with a sweep() function")
+  p.add_argument("--root", required=True, help="the sweep's directory: one work directory per run under it")
+  p.add_argument("--backend", default="local", choices=["local", "tpu", "slurm"])
+  p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+  p.add_argument("--log-dir", default=str(ROOT / "logs"))
+  p.add_argument("--keep", action="store_true", help="tpu: keep the VM at the end")
+  g = p.add_argument_group("tpu backend (see launch/tpu.py)")
+  g.add_argument("--name", default="rlhfx-sweep")
+  g.add_argument("--zone", default="")
+  g.add_argument("--project", default="")
+  g.add_argument("--accelerator-type", default="v5litepod-8")
+  g.add_argument("--runtime-version", default="v2-alpha-tpuv5-lite")
+  g.add_argument("--spot", action="store_true")
+  g.add_argument("--reserved", action="store_true")
+  g.add_argument("--queued", action="store_true")
+  g.add_argument("--bucket", default="")
+  g = p.add_argument_group("slurm backend (see launch/slurm.py)")
+  g.add_argument("--nodes", type=int, default=1)
+  g.add_argument("--gpus-per-node", type=int, default=8)
+  g.add_argument("--time", default="24:00:00")
+  g.add_argument("--partition", default="")
+  g.add_argument("--venv", default="~/rlhfx-venv")
+  g.add_argument("--project-dir", default=str(ROOT))
+  p.add_argument("overrides", nargs="*", help="after --: overrides for every run")
+  return p
+
+
+def main(argv=None, out=None) -> int:
+  out = out or sys.stdout
+  args = parser().parse_args(argv)
+  runs = expand(args.config, args.root, args.overrides)
+  print(f"sweep of {len(runs)} runs from {args.config} ({args.backend})", file=out, flush=True)
+  if args.backend == "local":
+    results = run_local(args.config, runs, dry_run=args.dry_run, out=out)
+  elif args.backend == "tpu":
+    if not (args.zone and args.project):
+      raise SystemExit("--backend tpu needs --zone and --project")
+    results = run_tpu(args.config, runs, args, dry_run=args.dry_run, out=out)
+  else:
+    results = run_slurm(args.config, runs, args, dry_run=args.dry_run, out=out)
+  if args.backend == "local" and not args.dry_run:
+    pathlib.Path(args.root).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(args.root) / "sweep.json").write_text(json.dumps(results, indent=2))
+  failed = [r for r in results if r["status"].startswith("failed")]
+  print(f"done: {len(results) - len(failed)} ok, {len(failed)} failed" +
+        "".join(f"\n  {r['name']}: {r['status']}" for r in failed), file=out, flush=True)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

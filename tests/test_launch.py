@@ -1,0 +1,148 @@
+"""launch/: the dry-run commands of the TPU and SLURM paths (golden text), and a local sweep that is killed
+mid-way and rerun (finished runs skipped, the interrupted one resumed from its checkpoint).
+
+Regenerate the golden files after an intended change with RLHFX_UPDATE_GOLDENS=1 pytest tests/test_launch.py.
+"""
+
+import io
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDENS = ROOT / "tests" / "goldens" / "launch"
+sys.path.insert(0, str(ROOT))
+
+from launch import slurm, sweep, tpu  # noqa: E402
+
+TPU_ARGS = ["--name", "rlhfx-dpo", "--zone", "us-west4-a", "--project", "my-project", "--accelerator-type",
+            "v5litepod-16", "--runtime-version", "v2-alpha-tpuv5-lite", "--spot", "--bucket", "my-bucket",
+            "--config", "configs/dpo_hh.py", "--workdir", "/gcs/my-bucket/runs/dpo", "--log-dir", "logs", "--dry-run",
+            "--", "--config.optim.learning_rate=1e-6"]
+SLURM_ARGS = ["--name", "dpo-1b", "--nodes", "2", "--gpus-per-node", "8", "--time", "12:00:00", "--partition", "gpu",
+              "--project-dir", "/home/me/rlhfx", "--config", "configs/dpo_hh.py", "--workdir", "/shared/runs/dpo",
+              "--log-dir", "logs", "--dry-run", "--", "--config.dpo.beta=0.05"]
+SWEEP_TPU = ["--config", "configs/quickstart.py", "--root", "/gcs/my-bucket/sweeps/qs", "--backend", "tpu",
+             "--zone", "us-west4-a", "--project", "my-project", "--queued", "--reserved", "--bucket", "my-bucket",
+             "--log-dir", "logs", "--dry-run", "--", "--config.train.num_steps=100"]
+SWEEP_SLURM = ["--config", "configs/quickstart.py", "--root", "/shared/sweeps/qs", "--backend", "slurm",
+               "--name", "qs", "--nodes", "1", "--gpus-per-node", "4", "--project-dir", "/home/me/rlhfx",
+               "--log-dir", "logs", "--dry-run"]
+
+
+def _capture(main, argv) -> str:
+  out = io.StringIO()
+  if main is sweep.main:
+    assert main(argv, out=out) == 0
+  else:
+    import contextlib
+
+    with contextlib.redirect_stdout(out):
+      assert main(argv) == 0
+  return out.getvalue()
+
+
+def _check_golden(name: str, text: str):
+  path = GOLDENS / name
+  if os.environ.get("RLHFX_UPDATE_GOLDENS"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  assert text == path.read_text(), f"{name} differs from its golden file (see the module docstring)"
+
+
+@pytest.mark.parametrize("name,main,argv", [("tpu.txt", tpu.main, TPU_ARGS), ("slurm.txt", slurm.main, SLURM_ARGS),
+                                            ("sweep_tpu.txt", sweep.main, SWEEP_TPU),
+                                            ("sweep_slurm.txt", sweep.main, SWEEP_SLURM)])
+def test_dry_run_commands_match_golden_text(name, main, argv):
+  _check_golden(name, _capture(main, argv))
+
+
+def test_dry_run_runs_the_same_command_on_every_worker():
+  text = _capture(tpu.main, TPU_ARGS)
+  run = [line for line in text.splitlines() if "rlhfx.main" in line]
+  assert len(run) == 1 and "--worker=all" in run[0] and "~/rlhfx-venv/bin/python -m rlhfx.main" in run[0]
+  assert text.splitlines()[-1].startswith("gcloud compute tpus tpu-vm delete rlhfx-dpo")  # deleted at the end
+
+
+def test_sweep_names_and_overrides():
+  runs = sweep.expand("configs/quickstart.py", "/r", ["--config.seed=3"])
+  assert [r["name"] for r in runs] == ["00-learning_rate=0.001-n_layers=2", "01-learning_rate=0.001-n_layers=3",
+                                       "02-learning_rate=0.003-n_layers=2", "03-learning_rate=0.003-n_layers=3"]
+  assert runs[3]["overrides"] == ["--config.optim.learning_rate=0.003", "--config.model.n_layers=3",
+                                  "--config.seed=3"]
+  assert runs[0]["workdir"] == "/r/00-learning_rate=0.001-n_layers=2"
+  assert sweep.format_value((128,)) == "128," and sweep.format_value((1, 2)) == "1,2"
+
+
+SWEEP_CONFIG = '''
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("quickstart", {quickstart!r})
+_quickstart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_quickstart)
+
+
+def get_config(arg=None):
+  config = _quickstart.get_config(arg)
+  with config.unlocked():
+    config.train.num_steps = {steps}
+    config.train.checkpoint_every = 10
+    config.train.log_every = 10
+    config.train.eval_every = 0
+    config.data.eval_fraction = 0.0
+    config.train.export_hf = False
+  return config
+
+
+def sweep():
+  return [{{"optim.learning_rate": 0.003}}, {{"optim.learning_rate": "bad"}}, {{"optim.learning_rate": 0.001}}]
+'''
+
+
+def _complete_checkpoints(workdir):
+  """Finished checkpoint directories (Orbax renames a step's temporary directory to its number when done)."""
+  directory = workdir / "checkpoints"
+  return [p for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+
+
+def test_local_sweep_reports_failures_and_resumes_after_a_kill(tmp_path):
+  config = tmp_path / "sweep_config.py"
+  config.write_text(SWEEP_CONFIG.format(quickstart=str(ROOT / "configs" / "quickstart.py"), steps=150))
+  root = tmp_path / "sweep"
+  command = [sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", str(config), "--root", str(root)]
+  last = root / "02-learning_rate=0.001"
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  try:  # kill the whole sweep (launcher and its run) once the third run has a checkpoint
+    deadline = time.time() + 400
+    while time.time() < deadline and not _complete_checkpoints(last):
+      assert proc.poll() is None, proc.stdout.read()
+      time.sleep(0.5)
+    assert _complete_checkpoints(last), "the third run never wrote a checkpoint"
+    time.sleep(1.0)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  first = proc.stdout.read()
+  assert "00-learning_rate=0.003: finished" in first
+  assert "01-learning_rate=bad: failed" in first  # reported; the sweep went on to the next run
+  assert not (last / sweep.DONE).exists()
+
+  second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert second.returncode == 1, second.stdout + second.stderr  # the bad run still fails
+  assert "00-learning_rate=0.003: finished before, skipped" in second.stdout
+  assert "02-learning_rate=0.001: resuming" in second.stdout
+  assert "02-learning_rate=0.001: finished" in second.stdout
+  log = (last / "sweep.log").read_text()
+  assert "resumed from step" in log
+  steps = [json.loads(line)["step"] for line in (last / "metrics.jsonl").read_text().splitlines()
+           if "train/loss" in line]
+  assert steps[-1] == 150 and steps.count(10) == 1  # continued, not restarted from step 0
+  summary = json.loads((root / "sweep.json").read_text())
+  assert [r["status"].split(" ")[0] for r in summary] == ["skipped", "failed", "finished"]
