@@ -134,19 +134,27 @@ def model_config_from(config) -> tuple[ModelConfig, Any]:
   """(ModelConfig, numpy params or None for random init) from config.model."""
   m = config.model
   overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
-  overrides.update({k: m[k] for k in ("vocab_size", "max_seq_len", "n_layers", "d_model") if m[k] is not None})
+  shape = {k: m[k] for k in ("vocab_size", "n_layers", "d_model") if m[k] is not None}
+  if m.max_seq_len is not None:
+    overrides["max_seq_len"] = m.max_seq_len
   params = None
-  if m.init_from.startswith("llama2c:"):
-    from rlhfx.models.convert import from_llama2c
+  if m.init_from:
+    if m.init_from.startswith("llama2c:"):
+      from rlhfx.models.convert import from_llama2c
 
-    model_config, params = from_llama2c(m.init_from.removeprefix("llama2c:"))
-    model_config = model_config.replace(**overrides)
-  elif m.init_from:
-    from rlhfx.models.convert import from_hf
+      model_config, params = from_llama2c(m.init_from.removeprefix("llama2c:"))
+      model_config = model_config.replace(**overrides)
+    else:
+      from rlhfx.models.convert import from_hf
 
-    model_config, params = from_hf(m.init_from, dtype=m.param_dtype,
-                                   **{k: v for k, v in overrides.items() if k != "param_dtype"})
+      model_config, params = from_hf(m.init_from, **overrides)
+    changed = {k: v for k, v in shape.items() if getattr(model_config, k) != v}
+    if changed:  # a pretrained model's shapes come from its checkpoint
+      k, v = next(iter(changed.items()))
+      raise ConfigError(f"config.model.{k}={v} differs from the pretrained model's {k}={getattr(model_config, k)} "
+                        f"(config.model.init_from={m.init_from!r}); leave config.model.{k} unset")
   else:
+    overrides.update(shape)
     if m.preset not in PRESETS:
       raise ConfigError(f"config.model.preset={m.preset!r} is not a preset; known presets: {sorted(PRESETS)}")
     model_config = get_preset(m.preset, **overrides)

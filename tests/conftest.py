@@ -15,6 +15,19 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens"
 
 
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", help="also run tests marked slow (CI=true does too)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow") or os.environ.get("CI"):
+    return
+  skip = pytest.mark.skip(reason="slow (minutes): runs in CI (CI=true) or with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
 def _sha256sums() -> dict[str, str]:
   sums = {}
   for line in (SHARED_DATA / "SHA256SUMS").read_text().splitlines():

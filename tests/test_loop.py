@@ -91,3 +91,17 @@ def test_keeps_the_last_n_checkpoints_and_resumes_from_the_latest(tmp_path):
   assert start == 12
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(result.state.params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_pretrained_model_shapes_come_from_the_checkpoint(shared_data):
+  """config.model.{vocab_size,n_layers,d_model} may repeat a pretrained model's value but never change it."""
+  from rlhfx.config import ConfigError
+
+  config = base_config("sft")
+  config.model.init_from = f"llama2c:{shared_data('stories260k/stories260K.bin')}"
+  config.model.vocab_size = 512  # the checkpoint's own value: fine
+  model_config, params = loop.model_config_from(config)
+  assert model_config.n_layers == 5 and params is not None
+  config.model.n_layers = 2
+  with pytest.raises(ConfigError, match=r"config.model.n_layers=2 differs from the pretrained model's n_layers=5"):
+    loop.model_config_from(config)

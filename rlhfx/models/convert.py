@@ -290,11 +290,11 @@ def _strip_prefix(names: dict[str, Path], cfg: ModelConfig) -> dict[str, tuple[s
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
-def from_hf(path_or_hub_id: str | os.PathLike, *, dtype: str | None = None, **config_overrides):
+def from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None, **config_overrides):
   """(ModelConfig, params) from a Hugging Face directory or hub id.
 
-  `dtype` sets the parameter dtype (default: float32); other keyword arguments
-  override ModelConfig fields (e.g. scan_layers=True, remat="full").
+  `param_dtype` sets the parameter dtype (default: float32); other keyword arguments
+  override ModelConfig fields (e.g. dtype="bfloat16" compute, scan_layers=True, remat="full").
   """
   from safetensors import safe_open
 
@@ -303,7 +303,7 @@ def from_hf(path_or_hub_id: str | os.PathLike, *, dtype: str | None = None, **co
   if not config_file.exists():
     raise CheckpointError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
   config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-  config = config.replace(param_dtype=dtype or "float32", **config_overrides)
+  config = config.replace(param_dtype=param_dtype or "float32", **config_overrides)
   located = _strip_prefix(_safetensor_files(directory), config)
   table = _table(config)
   wanted = {e.hf for e in table}

@@ -102,10 +102,10 @@ def test_sharded_export_reloads(tmp_path):
 
 
 def test_bf16_parameters(tmp_path):
-  config, params = from_hf(GOLDENS / "llama", dtype="bfloat16")
+  config, params = from_hf(GOLDENS / "llama", param_dtype="bfloat16")
   assert all(x.dtype == np.dtype("bfloat16") for x in jax.tree.leaves(params))
   out = to_hf(config, params, tmp_path / "bf16")
-  _, params2 = from_hf(out, dtype="bfloat16")
+  _, params2 = from_hf(out, param_dtype="bfloat16")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     np.testing.assert_array_equal(a, b)
 

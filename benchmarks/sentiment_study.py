@@ -1,0 +1,346 @@
+"""The DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, sec. 6.1) in miniature, on CPU.
+
+  python benchmarks/sentiment_study.py --out-dir /tmp/study              # full: reward vs KL, PNG + table
+  python benchmarks/sentiment_study.py --variant quick --out-dir /tmp/q  # the test suite's smaller run
+
+Real artifacts from ../shared/data, none made by this project:
+  policy = reference = the pretrained llama2.c stories260K (TinyStories), its tok512 tokenizer;
+  reward = a ScoreModel on the stories260K backbone trained (Bradley-Terry, rlhfx.algorithms.reward)
+           on the 1,000 labelled IMDb sentences (UCI Sentiment Labelled Sentences), each pair one
+           positive and one negative sentence; held-out pairwise accuracy is reported;
+  prompts = story openings ("One day, Lily went to the park."), disjoint train / eval sets.
+Methods, each at several KL budgets:
+  best-of-N  N samples of the reference, keep the highest-scoring (KL = log N - (N-1)/N);
+  PPO        rlhfx.algorithms.ppo against the reward model, one run per KL coefficient;
+  DPO        rlhfx.algorithms.dpo on pairs of reference samples ranked by the reward model,
+             one run per beta.
+Every policy is evaluated the same way: `--eval-samples` samples for each eval prompt (fixed
+seeds), mean normalised reward-model score, and KL(policy || reference) estimated from the
+same samples (sum over tokens of log pi - log pi_ref, averaged). Writes results.json,
+study.md (table) and study.png (reward against KL, one curve per method) to --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import pathlib
+import random
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  rm_steps: int = 300
+  ppo_kl_coefs: tuple = (0.5, 0.2, 0.05)
+  ppo_iterations: int = 80
+  dpo_betas: tuple = (1.0, 0.3, 0.1)
+  dpo_steps: int = 150
+  best_of: tuple = (1, 2, 4, 8, 16)
+  eval_prompts: int = 64
+  eval_samples: int = 4
+  dpo_samples: int = 4  # reference samples per train prompt ranked into pairs
+  max_new_tokens: int = 32
+
+
+VARIANTS = {"full": Variant(),
+            "quick": Variant(rm_steps=80, ppo_kl_coefs=(0.2,), ppo_iterations=16, dpo_betas=(0.3,), dpo_steps=30,
+                             best_of=(1, 4), eval_prompts=32, eval_samples=2, dpo_samples=2)}
+
+STARTS = ["Once upon a time,", "One day,", "Yesterday,", "In the morning,", "After lunch,", "Last summer,"]
+CHARACTERS = ["Lily", "Tim", "Sue", "Ben", "Max", "Anna", "a little dog", "a small bird", "the old man", "Mia"]
+ACTIONS = ["went to the park.", "found a box.", "saw a big tree.", "met a new friend.", "played with a ball.",
+           "looked at the sky."]
+
+
+def story_openings() -> tuple[list[str], list[str]]:
+  """(train, eval) story openings: all start x character x action combinations, split 2:1 by a fixed shuffle."""
+  openings = [f"{s} {c} {a}" for s, c, a in itertools.product(STARTS, CHARACTERS, ACTIONS)]
+  random.Random(0).shuffle(openings)
+  cut = len(openings) * 2 // 3
+  return openings[:cut], openings[cut:]
+
+
+def imdb_pairs(path: pathlib.Path) -> list[dict]:
+  """Each labelled sentence in exactly one pair: (positive, negative), in a fixed shuffled order."""
+  pos, neg = [], []
+  # split on "\n" only: a review contains U+0085 (NEXT LINE), which str.splitlines() would break at
+  for line_number, line in enumerate(path.read_text(encoding="utf-8").rstrip("\n").split("\n"), 1):
+    text, _, label = line.rpartition("\t")
+    if label.strip() not in ("0", "1") or not text.strip():
+      raise ValueError(f"{path}:{line_number}: expected 'sentence<TAB>0|1'")
+    (pos if label.strip() == "1" else neg).append(text.strip())
+  rng = random.Random(0)
+  rng.shuffle(pos), rng.shuffle(neg)
+  return [{"prompt": "", "chosen": " " + p, "rejected": " " + n} for p, n in zip(pos, neg)]
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def common(config, *, steps: int, batch: int) -> None:
+  config.model.init_from = f"llama2c:{DATA / 'stories260k' / 'stories260K.bin'}"  # the pretrained policy
+  config.data.tokenizer = str(DATA / "stories260k" / "tok512.bin")  # its tokenizer
+  config.train.num_steps = steps
+  config.train.global_batch_size = batch
+  config.train.log_every = max(1, steps // 4)
+  config.train.checkpoint_every = steps
+  config.train.eval_every = 0
+
+
+def reward_config(pairs_file, steps):
+  from rlhfx.config import base_config
+
+  c = base_config("reward")
+  common(c, steps=steps, batch=16)
+  c.data.train_files = (str(pairs_file),)
+  c.data.input_format = "pairs"
+  c.data.eval_fraction = 0.2  # about 100 held-out pairs (200 sentences)
+  c.data.max_length, c.data.max_prompt_length, c.data.buckets = 96, 8, (64, 96)
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.weight_decay = 3e-3, 20, 0.01
+  c.train.export_hf = False
+  return c
+
+
+def ppo_config(prompts_file, rm_dir, kl_coef, v: Variant):
+  from rlhfx.config import base_config
+
+  c = base_config("ppo")
+  common(c, steps=v.ppo_iterations, batch=32)
+  c.data.train_files, c.data.eval_fraction = (str(prompts_file),), 0.0
+  c.data.max_length, c.data.max_prompt_length, c.data.buckets = 64, 24, (24,)
+  c.scoring.model = str(rm_dir)
+  c.rollout.max_new_tokens = v.max_new_tokens
+  c.train.log_samples_every = 0
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-4, 0, "constant"
+  c.ppo.kl_coef, c.ppo.epochs, c.ppo.minibatches = kl_coef, 4, 2
+  return c
+
+
+def dpo_config(pairs_file, beta, v: Variant):
+  from rlhfx.config import base_config
+
+  c = base_config("dpo")
+  common(c, steps=v.dpo_steps, batch=16)
+  c.data.train_files, c.data.input_format, c.data.eval_fraction = (str(pairs_file),), "pairs", 0.0
+  c.data.max_length, c.data.max_prompt_length, c.data.buckets = 64, 24, (64,)
+  c.dpo.beta = beta
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-4, 10, "constant"
+  return c
+
+
+class Evaluator:
+  """Samples, reward-model scores and KL to the reference, the same way for every policy."""
+
+  def __init__(self, rm_dir: pathlib.Path, prompts: list[str], v: Variant):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from rlhfx import onpolicy, rewards
+    from rlhfx.data.tokenize import encode_prompt, load_tokenizer
+    from rlhfx.models import Transformer
+    from rlhfx.models.convert import from_llama2c
+    from rlhfx.models.heads import ScoreModel
+    from rlhfx.sampling import pad_prompts
+
+    self.tokenizer = load_tokenizer(str(DATA / "stories260k" / "tok512.bin"))
+    self.model_config, self.reference = from_llama2c(DATA / "stories260k" / "stories260K.bin")
+    rm_config = rewards.reward_model_config(rm_dir)
+    module = ScoreModel(rm_config)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    init = lambda: nn.meta.unbox(module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])  # noqa: E731
+    shapes = jax.eval_shape(init)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    rm = rewards.load_reward_model(rm_dir, target)
+    self.reward_params = rm.params
+    self.scorer = onpolicy.Scorer(module=module, mean=rm.mean, std=rm.std)
+    ids = [encode_prompt(self.tokenizer, p, []) for p in prompts]
+    tokens, mask = pad_prompts(ids, pad_id=self.tokenizer.pad_token_id or 0)
+    self.batch = {"prompt_BxP": jnp.asarray(tokens), "prompt_mask_BxP": jnp.asarray(mask)}
+    self.prompts = prompts
+    model = Transformer(self.model_config)
+
+    def sample(policy, n, seed):
+      s = onpolicy.SamplingSettings(self.model_config, max_new_tokens=v.max_new_tokens, group_size=n,
+                                    eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
+      r = onpolicy.rollout(policy, self.batch, jax.random.key(seed), s)
+      scores_B = onpolicy.scores(r, self.reward_params, self.scorer)
+      logps = onpolicy.completion_stats(model, policy, r, temperature=1.0)[0]
+      ref = onpolicy.completion_stats(model, self.reference, r, temperature=1.0)[0]
+      return r, scores_B, onpolicy.sequence_kl(logps, ref, r.mask_BxC)
+
+    self._sample = jax.jit(sample, static_argnums=(1, 2))
+    self.v = v
+
+  def samples(self, policy, n: int, seed: int = 0):
+    import jax
+
+    return jax.device_get(self._sample(policy, n, seed))
+
+  def evaluate(self, policy) -> dict:
+    import numpy as np
+
+    _, scores, kl = self.samples(policy, self.v.eval_samples, seed=1)
+    return {"reward": float(scores.mean()), "reward_sem": float(scores.std() / math.sqrt(scores.size)),
+            "kl": float(kl.mean()), "kl_sem": float(kl.std() / math.sqrt(kl.size)), "samples": int(scores.size),
+            "negative_kl_share": float(np.mean(kl < 0))}
+
+  def best_of_n(self, ns) -> list[dict]:
+    """Best-of-N of reference samples: reward of the top-scoring of N; KL = log N - (N-1)/N (Stiennon et al.)."""
+
+    n_max = max(ns)
+    _, scores, _ = self.samples(self.reference, n_max * self.v.eval_samples, seed=2)
+    scores_PxKxN = scores.reshape(len(self.prompts), self.v.eval_samples, n_max)
+    out = []
+    for n in ns:
+      best = scores_PxKxN[..., :n].max(-1)
+      out.append({"n": n, "reward": float(best.mean()), "reward_sem": float(best.std() / math.sqrt(best.size)),
+                  "kl": math.log(n) - (n - 1) / n, "samples": int(best.size)})
+    return out
+
+  def ranked_pairs(self, prompts: list[str], n: int) -> list[dict]:
+    """Reference samples of `prompts`, n per prompt, ranked by the reward model into pairs (best vs worst, ...)."""
+    import numpy as np
+
+    saved = self.batch, self.prompts
+    from rlhfx.data.tokenize import encode_prompt
+    from rlhfx.sampling import pad_prompts
+    import jax.numpy as jnp
+
+    tokens, mask = pad_prompts([encode_prompt(self.tokenizer, p, []) for p in prompts],
+                               pad_id=self.tokenizer.pad_token_id or 0)
+    self.batch, self.prompts = {"prompt_BxP": jnp.asarray(tokens), "prompt_mask_BxP": jnp.asarray(mask)}, prompts
+    try:
+      r, scores, _ = self.samples(self.reference, n, seed=3)
+    finally:
+      self.batch, self.prompts = saved
+    texts = [self.tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(r.tokens_BxC, r.mask_BxC)]
+    pairs = []
+    for i, prompt in enumerate(prompts):
+      order = np.argsort(-scores[i * n:(i + 1) * n])
+      for a, b in zip(order[: n // 2], order[::-1][: n // 2]):
+        if scores[i * n + a] > scores[i * n + b] and texts[i * n + a].strip() and texts[i * n + b].strip():
+          pairs.append({"prompt": prompt, "chosen": texts[i * n + a], "rejected": texts[i * n + b]})
+    return pairs
+
+
+def trained_policy(workdir: pathlib.Path):
+  from rlhfx.models.convert import from_hf
+
+  return from_hf(workdir / "hf")[1]
+
+
+def run(variant: str, out: pathlib.Path) -> dict:
+  from rlhfx.algorithms import dpo, ppo, reward
+
+  v = VARIANTS[variant]
+  out.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+  train_prompts, eval_prompts = story_openings()
+  eval_prompts = eval_prompts[:v.eval_prompts]
+  timings = {}
+
+  t0 = time.perf_counter()
+  rm_dir = out / "reward_model"
+  rm_final = reward.train(reward_config(write_jsonl(out / "inputs" / "imdb_pairs.jsonl",
+                                                    imdb_pairs(DATA / "sentiment" / "imdb_labelled.txt")),
+                                        v.rm_steps), rm_dir)
+  timings["reward_model_s"] = time.perf_counter() - t0
+  evaluator = Evaluator(rm_dir, eval_prompts, v)
+  results = {"variant": variant, "config": dataclasses.asdict(v),
+             "reward_model": {k: rm_final[k] for k in ("eval/accuracy", "eval/accuracy_low95", "eval/accuracy_high95",
+                                                       "eval/pairs")},
+             "reference": evaluator.evaluate(evaluator.reference), "best_of_n": evaluator.best_of_n(v.best_of),
+             "ppo": [], "dpo": []}
+
+  prompts_file = write_jsonl(out / "inputs" / "train_prompts.jsonl", [{"prompt": p} for p in train_prompts])
+  t0 = time.perf_counter()
+  for kl_coef in v.ppo_kl_coefs:
+    workdir = out / f"ppo_kl{kl_coef}"
+    ppo.train(ppo_config(prompts_file, rm_dir, kl_coef, v), workdir)
+    results["ppo"].append({"kl_coef": kl_coef, **evaluator.evaluate(trained_policy(workdir))})
+  timings["ppo_s"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  pairs = evaluator.ranked_pairs(train_prompts, v.dpo_samples)
+  pairs_file = write_jsonl(out / "inputs" / "ranked_pairs.jsonl", pairs)
+  results["dpo_pairs"] = len(pairs)
+  for beta in v.dpo_betas:
+    workdir = out / f"dpo_beta{beta}"
+    dpo.train(dpo_config(pairs_file, beta, v), workdir)
+    results["dpo"].append({"beta": beta, **evaluator.evaluate(trained_policy(workdir))})
+  timings["dpo_s"] = time.perf_counter() - t0
+  timings["total_s"] = time.perf_counter() - t_start
+  results["timings"] = timings
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  (out / "study.md").write_text(table(results))
+  plot(results, out / "study.png")
+  return results
+
+
+def table(results: dict) -> str:
+  rm = results["reward_model"]
+  lines = [f"Reward model: held-out pairwise accuracy {rm['eval/accuracy']:.1%} "
+           f"(95% interval {rm['eval/accuracy_low95']:.1%}-{rm['eval/accuracy_high95']:.1%}, "
+           f"{int(rm['eval/pairs'])} IMDb pairs).", "",
+           "| method | setting | reward (normalised RM score) | KL(policy \\|\\| reference), nats |",
+           "|---|---|---|---|"]
+  for b in results["best_of_n"]:
+    lines.append(f"| best-of-N | N = {b['n']} | {b['reward']:.3f} ± {b['reward_sem']:.3f} | {b['kl']:.2f} (exact) |")
+  for name, key in (("PPO", "kl_coef"), ("DPO", "beta")):
+    for r in results[name.lower()]:
+      lines.append(f"| {name} | {key} = {r[key]} | {r['reward']:.3f} ± {r['reward_sem']:.3f} | "
+                   f"{r['kl']:.2f} ± {r['kl_sem']:.2f} |")
+  t = results["timings"]
+  lines += ["", f"Wall time on this machine: {t['total_s'] / 60:.1f} min (reward model {t['reward_model_s']:.0f} s, "
+            f"PPO {t['ppo_s']:.0f} s, DPO {t['dpo_s']:.0f} s incl. ranking {results.get('dpo_pairs', 0)} pairs)."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no PNG", file=sys.stderr)
+    return
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  curves = {"best-of-N": results["best_of_n"], "PPO": results["ppo"], "DPO": results["dpo"]}
+  for (name, points), marker in zip(curves.items(), "osD"):
+    points = sorted(points, key=lambda p: p["kl"])
+    ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], yerr=[p["reward_sem"] for p in points],
+                marker=marker, capsize=3, label=name)
+  ax.set_xlabel("KL(policy || reference), nats per completion")
+  ax.set_ylabel("reward (normalised reward-model score)")
+  ax.set_title("Controlled sentiment on stories260K (IMDb reward model)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variant", default="full", choices=sorted(VARIANTS))
+  p.add_argument("--out-dir", default="/tmp/sentiment_study")
+  args = p.parse_args()
+  sys.path.insert(0, str(ROOT))
+  results = run(args.variant, pathlib.Path(args.out_dir))
+  print(table(results))
+  print(json.dumps({k: results[k] for k in ("reward_model", "reference", "timings")}))
+
+
+if __name__ == "__main__":
+  main()
