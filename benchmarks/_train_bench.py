@@ -17,6 +17,7 @@ def parse(description: str, dpo: bool):
   p.add_argument("--n-head", type=int, default=4)
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--n-positions", type=int, default=None)
+  p.add_argument("--preset", default=None, help="an rlhfx preset (e.g. llama3.2-1b) instead of the GPT-2 flags")
   p.add_argument("--seq", type=int, default=128, help="prompt + completion tokens")
   p.add_argument("--prompt-len", type=int, default=None, help="default seq // 2")
   p.add_argument("--batch", type=int, default=4, help="preference pairs per step")
@@ -41,8 +42,13 @@ def parse(description: str, dpo: bool):
 
 
 def model_config(args):
-  from rlhfx.models import ModelConfig
+  from rlhfx.models import ModelConfig, get_preset
 
+  if args.preset:
+    config = get_preset(args.preset, dtype="bfloat16" if args.bf16 else "float32",
+                        remat="full" if args.grad_ckpt else "none", max_seq_len=max(args.seq, 1024))
+    args.vocab, args.n_layer, args.n_embd, args.n_head = config.vocab_size, config.n_layers, config.d_model, config.n_heads
+    return config
   return ModelConfig(vocab_size=args.vocab, d_model=args.n_embd, n_layers=args.n_layer, n_heads=args.n_head,
                      max_seq_len=args.n_positions or max(1024, args.seq), norm="layernorm", mlp="gelu",
                      positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,

@@ -28,6 +28,7 @@ def main():
   p.add_argument("--n-head", type=int, default=4)
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--n-positions", type=int, default=None)
+  p.add_argument("--preset", default=None, help="an rlhfx preset (e.g. llama3.2-1b) instead of the GPT-2 flags")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=64)
@@ -44,13 +45,17 @@ def main():
   import jax.numpy as jnp
 
   from rlhfx import sampling
-  from rlhfx.models import ModelConfig, init_params
+  from rlhfx.models import ModelConfig, get_preset, init_params
 
   total = args.prompt_len + args.new_tokens
-  config = ModelConfig(vocab_size=args.vocab, d_model=args.n_embd, n_layers=args.n_layer, n_heads=args.n_head,
-                       max_seq_len=args.n_positions or max(1024, total), norm="layernorm", mlp="gelu",
-                       positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
-                       dtype=args.dtype, arch="gpt2")
+  if args.preset:
+    config = get_preset(args.preset, dtype=args.dtype)
+    args.vocab, args.n_layer, args.n_embd, args.n_head = config.vocab_size, config.n_layers, config.d_model, config.n_heads
+  else:
+    config = ModelConfig(vocab_size=args.vocab, d_model=args.n_embd, n_layers=args.n_layer, n_heads=args.n_head,
+                         max_seq_len=args.n_positions or max(1024, total), norm="layernorm", mlp="gelu",
+                         positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+                         dtype=args.dtype, arch="gpt2")
   params = init_params(config, jax.random.key(args.seed))
   prompt = jax.random.randint(jax.random.key(args.seed + 1), (args.batch, args.prompt_len), 3, args.vocab)
   mask = jnp.ones_like(prompt, bool)
