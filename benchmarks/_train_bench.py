@@ -47,7 +47,8 @@ def model_config(args):
   if args.preset:
     config = get_preset(args.preset, dtype="bfloat16" if args.bf16 else "float32",
                         remat="full" if args.grad_ckpt else "none", max_seq_len=max(args.seq, 1024))
-    args.vocab, args.n_layer, args.n_embd, args.n_head = config.vocab_size, config.n_layers, config.d_model, config.n_heads
+    args.vocab, args.n_layer = config.vocab_size, config.n_layers
+    args.n_embd, args.n_head = config.d_model, config.n_heads
     return config
   return ModelConfig(vocab_size=args.vocab, d_model=args.n_embd, n_layers=args.n_layer, n_heads=args.n_head,
                      max_seq_len=args.n_positions or max(1024, args.seq), norm="layernorm", mlp="gelu",

@@ -12,7 +12,7 @@ achieved GFLOP/s next to the matmul peak measured in the same run. Compile time 
 separately (rlhfx's first step); it is never inside the timed steps.
 
 The table, the machine, the versions and every command go to BENCHMARKS.md between the
-`compare_trl` markers (the rest of that file - profiles, notes - is kept).
+`compare_trl:<size>` markers (the rest of that file - profiles, notes - is kept).
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRL = ROOT.parent / "shared" / "bench" / "trl"
-BEGIN, END = "<!-- compare_trl:begin -->", "<!-- compare_trl:end -->"
+
+def markers(size: str) -> tuple[str, str]:
+  """The lines around one size's generated block in BENCHMARKS.md."""
+  return f"<!-- compare_trl:{size}:begin -->", f"<!-- compare_trl:{size}:end -->"
+
 
 SIZES = {
     "tiny": {"model": ["--n-layer", "2", "--n-embd", "128", "--n-head", "4", "--vocab", "1024"],
@@ -116,17 +120,25 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_markdown(path: pathlib.Path, rows, cmds, info, args_line: str) -> None:
-  block = [BEGIN, f"## rlhfx vs TRL on this machine ({datetime.date.today().isoformat()})", "",
+def display(command: list[str], trl_python: str) -> str:
+  """A command as a reader would type it: relative paths, `python` for this interpreter."""
+  words = ["python" if w == sys.executable else "<trl-venv>/bin/python" if w == trl_python else
+           w.replace(str(ROOT) + "/", "").replace(str(TRL), "../shared/bench/trl") for w in command]
+  return shlex.join(words)
+
+
+def write_markdown(path: pathlib.Path, size: str, rows, cmds, info, args_line: str, trl_python: str) -> None:
+  begin, end = markers(size)
+  block = [begin, f"## rlhfx vs TRL, {size} ({datetime.date.today().isoformat()})", "",
            f"Machine: {info['machine']['cpu']}, {info['machine']['cores']} cores, {info['machine']['os']}. "
            f"Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".", "",
            f"Made by `python benchmarks/compare_trl.py {args_line}`: medians of {info['runs']} interleaved runs "
            "(A B A B), fp32 unless the row says bf16; tokens/s counts chosen + rejected rows for training steps "
            "and generated tokens for generation.", "", table(rows), "", "Commands (one run of each side):", "",
-           "```"] + [shlex.join(c) for c in cmds] + ["```", END]
+           "```"] + [display(c, trl_python) for c in cmds] + ["```", end]
   text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-  if BEGIN in text and END in text:
-    text = text[:text.index(BEGIN)] + "\n".join(block) + text[text.index(END) + len(END):]
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + "\n".join(block) + text[text.index(end) + len(end):]
   else:
     text = text.rstrip("\n") + "\n\n" + "\n".join(block) + "\n"
   path.write_text(text)
@@ -175,7 +187,7 @@ def main():
   args_line = re.sub(r"--trl-venv \S+", "--trl-venv <venv>", args_line)
   print(table(rows))
   print(json.dumps({"rows": rows, **info}))
-  write_markdown(pathlib.Path(args.markdown), rows, cmds, info, args_line)
+  write_markdown(pathlib.Path(args.markdown), args.size, rows, cmds, info, args_line, trl_python)
 
 
 if __name__ == "__main__":

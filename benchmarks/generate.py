@@ -50,7 +50,8 @@ def main():
   total = args.prompt_len + args.new_tokens
   if args.preset:
     config = get_preset(args.preset, dtype=args.dtype)
-    args.vocab, args.n_layer, args.n_embd, args.n_head = config.vocab_size, config.n_layers, config.d_model, config.n_heads
+    args.vocab, args.n_layer = config.vocab_size, config.n_layers
+    args.n_embd, args.n_head = config.d_model, config.n_heads
   else:
     config = ModelConfig(vocab_size=args.vocab, d_model=args.n_embd, n_layers=args.n_layer, n_heads=args.n_head,
                          max_seq_len=args.n_positions or max(1024, total), norm="layernorm", mlp="gelu",
