@@ -9,34 +9,13 @@ A random policy starts near 26/256 = 10%; the KL penalty keeps the policy near t
 reference while the score rises.
 """
 
-import string
-
-from rlhfx.config import base_config
+from rlhfx.config import base_config, use_letters_task
 
 
 def get_config(arg=None):
   config = base_config("ppo")
-  config.model.preset = "tiny"  # 2 layers, width 64
-  config.model.vocab_size = 259  # the byte tokenizer
-  config.data.builtin = "reverse"  # prompts "reverse: abcd =" generated in code
-  config.data.tokenizer = "builtin:bytes"  # one token per byte
-  config.data.eval_fraction = 0.05  # held-out prompts for eval/scores and eval/kl
-  config.data.max_length = 40  # prompt + completion bytes
-  config.data.max_prompt_length = 24  # prompt bytes
-  config.data.buckets = (24,)  # one prompt shape, one compilation
-  config.scoring.function = "fraction:" + string.ascii_lowercase  # share of completion bytes in a-z
-  config.rollout.max_new_tokens = 16  # completion bytes
+  use_letters_task(config)  # model, data, scoring, rollout, schedule: see rlhfx/config.py
   config.train.global_batch_size = 32  # prompts per iteration
-  config.train.num_steps = 60  # iterations
-  config.train.log_every = 5  # console and metrics
-  config.train.eval_every = 20  # held-out score and KL
-  config.train.eval_batches = 2  # 64 held-out prompts
-  config.train.checkpoint_every = 30  # checkpoints
-  config.train.log_samples_every = 20  # sample completions
-  config.train.export_hf = False  # a toy policy
-  config.optim.learning_rate = 3e-3  # small random model
-  config.optim.warmup_steps = 0  # no warmup
-  config.optim.schedule = "constant"  # constant rate
   config.ppo.epochs = 2  # passes over each rollout
   config.ppo.minibatches = 2  # updates per pass
   config.ppo.kl_coef = 0.02  # per-token KL penalty

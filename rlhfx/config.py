@@ -176,6 +176,33 @@ def use_tiny_cpu_model(config, tokenizer, *, max_length: int = 256) -> None:
   config.data.buckets = (128, max_length) if max_length > 128 else (max_length,)  # padded lengths
 
 
+def use_letters_task(config) -> None:
+  """The programmatic-reward toy of configs/{ppo,grpo}_letters.py: a random byte-level tiny policy, the built-in
+  reverse task's prompts, score = share of completion bytes in a-z (computed inside the compiled iteration)."""
+  import string
+
+  config.model.preset = "tiny"  # 2 layers, width 64
+  config.model.vocab_size = 259  # the byte tokenizer
+  config.data.builtin = "reverse"  # prompts "reverse: abcd =" generated in code
+  config.data.tokenizer = "builtin:bytes"  # one token per byte
+  config.data.eval_fraction = 0.05  # held-out prompts for eval/scores and eval/kl
+  config.data.max_length = 40  # prompt + completion bytes
+  config.data.max_prompt_length = 24  # prompt bytes
+  config.data.buckets = (24,)  # one prompt shape, one compilation
+  config.scoring.function = "fraction:" + string.ascii_lowercase  # share of completion bytes in a-z
+  config.rollout.max_new_tokens = 16  # completion bytes
+  config.train.num_steps = 60  # iterations
+  config.train.log_every = 5  # console and metrics
+  config.train.eval_every = 20  # held-out score and KL
+  config.train.eval_batches = 2  # batches of held-out prompts per evaluation
+  config.train.checkpoint_every = 30  # checkpoints
+  config.train.log_samples_every = 20  # sample completions
+  config.train.export_hf = False  # a toy policy
+  config.optim.learning_rate = 3e-3  # small random model
+  config.optim.warmup_steps = 0  # no warmup
+  config.optim.schedule = "constant"  # constant rate
+
+
 def validate(config, model_config, data_parallel_size: int = 1) -> None:
   """Config checks that need no data: raise ConfigError naming the field."""
   t, d = config.train, config.data
