@@ -32,10 +32,11 @@ class ScoreModel(nn.Module):
   def __call__(self, tokens_BxT, mask_BxT=None, *, per_token: bool = False):
     mask_BxT = jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else mask_BxT
     hidden_BxTxD = self.backbone(tokens_BxT, mask_BxT, return_hidden=True)
-    values_BxT = self.score(hidden_BxTxD.astype(jnp.float32))[..., 0]
     if per_token:
-      return values_BxT
-    return jnp.take_along_axis(values_BxT, last_token_index(mask_BxT)[:, None], axis=1)[:, 0]
+      return self.score(hidden_BxTxD.astype(jnp.float32))[..., 0]
+    # only the last real token's hidden state goes through the head (forward and backward)
+    last_BxD = jnp.take_along_axis(hidden_BxTxD, last_token_index(mask_BxT)[:, None, None], axis=1)[:, 0]
+    return self.score(last_BxD.astype(jnp.float32))[..., 0]
 
 
 def from_lm_params(lm_params: dict, score_params: dict) -> dict:

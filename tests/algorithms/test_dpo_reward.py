@@ -181,3 +181,17 @@ def test_lora_merge_save_load(tmp_path):
   assert cfg["rank"] == 3 and set(loaded) == set(adapters)
   with pytest.raises(ValueError, match="match no kernel"):
     lora.init(base, patterns=("nothing_here",), rank=2, rng=jax.random.key(0))
+
+
+def test_sequence_reward_is_the_per_token_value_at_the_last_real_token():
+  """The reward reads only the last real token's hidden state; it must equal the per-token head there."""
+  import flax.linen as nn
+
+  cfg = get_preset("tiny", vocab_size=64)
+  model = ScoreModel(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (3, 7), 3, 64)
+  mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3, [0] * 2 + [1] * 5], bool)  # full, right- and left-padded
+  params = nn.meta.unbox(model.init(jax.random.key(1), tokens, mask)["params"])
+  per_token = model.apply({"params": params}, tokens, mask, per_token=True)
+  want = np.take_along_axis(np.asarray(per_token), np.asarray(last_token_index(mask))[:, None], 1)[:, 0]
+  np.testing.assert_allclose(model.apply({"params": params}, tokens, mask), want, rtol=1e-5, atol=1e-6)
