@@ -122,9 +122,9 @@ def table(rows: list[dict]) -> str:
 
 def display(command: list[str], trl_python: str) -> str:
   """A command as a reader would type it: relative paths, `python` for this interpreter."""
-  words = ["python" if w == sys.executable else "<trl-venv>/bin/python" if w == trl_python else
-           w.replace(str(ROOT) + "/", "").replace(str(TRL), "../shared/bench/trl") for w in command]
-  return shlex.join(words)
+  words = [w.replace(str(ROOT) + "/", "").replace(str(TRL), "../shared/bench/trl") for w in command[1:]]
+  python = {sys.executable: "python", trl_python: "<trl-venv>/bin/python"}.get(command[0], command[0])
+  return f"{python} {shlex.join(words)}"
 
 
 def write_markdown(path: pathlib.Path, size: str, rows, cmds, info, args_line: str, trl_python: str) -> None:
