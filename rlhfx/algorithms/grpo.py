@@ -8,8 +8,7 @@ rewards); advantages from each prompt's group (`grpo.advantage`: grpo = (r - mea
 dr_grpo = r - mean, rloo = leave-one-out baseline), the same for every token of a
 completion; `grpo.epochs` x `grpo.minibatches` updates of the clipped surrogate plus
 beta x k3 KL(policy || reference) per token, reduced per `grpo.aggregation`. With one
-update per rollout the ratio is 1, the loss is the plain policy gradient, and no separate
-forward pass computes "old" log-probs.
+update per rollout the ratio is 1 and the loss is the plain policy gradient.
 """
 
 from __future__ import annotations
@@ -65,43 +64,34 @@ class Settings:
 
 
 def minibatch_loss(params, mb: dict, *, s: Settings, beta: Array):
-  """Clipped surrogate with per-row advantages + beta x k3 KL to the reference, aggregated per settings.
-
-  With one update per rollout the rollout's policy is the current one: its log-probs are the
-  stop-gradient of this forward pass (ratio 1), so no separate "old" forward pass is run.
-  """
+  """Clipped surrogate with per-row advantages + beta x k3 KL to the reference, aggregated per settings."""
   r = mb["rollout"]
   logps_BxC, ent_BxC, _ = onpolicy.completion_stats(s.model, params["policy"], r, temperature=s.sampling.temperature,
                                                     entropy=True)
   mask_BxC = r.mask_BxC
-  old_logps_BxC = mb["old_logps_BxC"] if "old_logps_BxC" in mb else jax.lax.stop_gradient(logps_BxC)
   advantages_BxC = jnp.broadcast_to(mb["advantages_B"][:, None], mask_BxC.shape)
-  pg, pg_m = L.ppo_policy_loss(logps_BxC, old_logps_BxC, advantages_BxC, mask_BxC, clip_eps=s.clip_eps,
+  pg, pg_m = L.ppo_policy_loss(logps_BxC, mb["old_logps_BxC"], advantages_BxC, mask_BxC, clip_eps=s.clip_eps,
                                clip_eps_high=s.clip_eps_high, aggregation=s.aggregation,
                                normaliser=s.sampling.max_new_tokens)
-  metrics = {"policy_loss": pg, "entropy": masked_mean(ent_BxC, mask_BxC), "approxkl": pg_m["approxkl"],
-             "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"],
-             "rollout_neg_logp": jnp.sum(jnp.where(mask_BxC, -old_logps_BxC, 0.0), axis=-1).mean()}
-  loss = pg
-  if s.use_reference:
-    kl = L.aggregate(L.kl_estimate(logps_BxC, mb["ref_logps_BxC"], "k3"), mask_BxC, s.aggregation,
-                     normaliser=s.sampling.max_new_tokens)
-    loss = loss + beta * kl
-    metrics["kl"] = kl
-    metrics["rollout_kl"] = onpolicy.sequence_kl(old_logps_BxC, mb["ref_logps_BxC"], mask_BxC).mean()
-  return loss, metrics
+  kl = L.aggregate(L.kl_estimate(logps_BxC, mb["ref_logps_BxC"], "k3"), mask_BxC, s.aggregation,
+                   normaliser=s.sampling.max_new_tokens)
+  loss = pg + beta * kl
+  return loss, {"policy_loss": pg, "kl": kl, "entropy": masked_mean(ent_BxC, mask_BxC),
+                "approxkl": pg_m["approxkl"], "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"]}
 
 
 def update_step(state: RLState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
   mask_BxC = r.mask_BxC
   scores_B, has_eos_B = onpolicy.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
-  data = {"rollout": r, "advantages_B": L.group_advantages(scores_B, s.sampling.group_size, kind=s.advantage)}
-  if s.epochs * s.minibatches > 1:  # later updates need the rollout policy's log-probs
-    data["old_logps_BxC"] = jax.lax.stop_gradient(onpolicy.completion_stats(
-        s.model, state.params["policy"], r, temperature=s.sampling.temperature)[0])
+  advantages_B = L.group_advantages(scores_B, s.sampling.group_size, kind=s.advantage)
+  old_logps_BxC = jax.lax.stop_gradient(onpolicy.completion_stats(s.model, state.params["policy"], r,
+                                                                  temperature=s.sampling.temperature)[0])
   if s.use_reference:
-    data["ref_logps_BxC"] = onpolicy.completion_stats(s.model, frozen["reference"], r,
-                                                      temperature=s.sampling.temperature)[0]
+    ref_logps_BxC = onpolicy.completion_stats(s.model, frozen["reference"], r,
+                                              temperature=s.sampling.temperature)[0]
+  else:  # the KL term is 0 and the reference is not run
+    ref_logps_BxC = old_logps_BxC
+  data = {"rollout": r, "old_logps_BxC": old_logps_BxC, "ref_logps_BxC": ref_logps_BxC, "advantages_B": advantages_B}
   loss = functools.partial(minibatch_loss, s=s, beta=state.kl_coef)
   params, opt_state, m = onpolicy.minibatch_epochs(state.params, state.opt_state, s.optimizer, data, loss,
                                                    onpolicy.update_key(state, s),
@@ -109,14 +99,15 @@ def update_step(state: RLState, r: Rollout, scores_B: Array, frozen: dict, s: Se
                                                    grad_accum_steps=s.grad_accum_steps)
   scores_NxG = scores_B.reshape(-1, s.sampling.group_size)
   metrics = {
-      "train/loss": m["loss"], "objective/scores": scores_B.mean(), "objective/entropy": m["rollout_neg_logp"],
+      "train/loss": m["loss"], "objective/scores": scores_B.mean(),
+      "objective/entropy": jnp.sum(jnp.where(mask_BxC, -old_logps_BxC, 0.0), axis=-1).mean(),
       "objective/scores_std_in_group": scores_NxG.std(-1).mean(),
       "objective/zero_std_groups": jnp.mean(scores_NxG.std(-1) == 0), "loss/policy_avg": m["policy_loss"],
-      "policy/approxkl_avg": m["approxkl"], "policy/clipfrac_avg": m["clipfrac"],
+      "loss/kl_avg": m["kl"], "policy/approxkl_avg": m["approxkl"], "policy/clipfrac_avg": m["clipfrac"],
       "policy/entropy_avg": m["entropy"], "val/ratio": m["ratio"], "val/num_eos_tokens": has_eos_B.sum(),
       "val/completion_length": mask_BxC.sum(-1).mean(), "train/grad_norm": m["grad_norm"]}
-  if s.use_reference:  # rollout statistics: each minibatch's rows, averaged over the updates
-    metrics.update({"objective/kl": m["rollout_kl"], "loss/kl_avg": m["kl"]})
+  if s.use_reference:
+    metrics["objective/kl"] = onpolicy.sequence_kl(old_logps_BxC, ref_logps_BxC, mask_BxC).mean()
   return RLState(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=state.kl_coef), metrics
 
 
