@@ -10,14 +10,28 @@ import statistics
 import time
 
 
-def parse(description: str, dpo: bool):
-  p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+  """The GPT-2-shaped model flags of ../shared/bench/trl's scripts, plus --preset."""
   p.add_argument("--n-layer", type=int, default=2)
   p.add_argument("--n-embd", type=int, default=128)
   p.add_argument("--n-head", type=int, default=4)
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--n-positions", type=int, default=None)
   p.add_argument("--preset", default=None, help="an rlhfx preset (e.g. llama3.2-1b) instead of the GPT-2 flags")
+
+
+def print_record(record: dict, out: str | None) -> None:
+  """Print one JSON line (and append it to `out`)."""
+  line = json.dumps(record)
+  print(line, flush=True)
+  if out:
+    with open(out, "a") as f:
+      f.write(line + "\n")
+
+
+def parse(description: str, dpo: bool):
+  p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_flags(p)
   p.add_argument("--seq", type=int, default=128, help="prompt + completion tokens")
   p.add_argument("--prompt-len", type=int, default=None, help="default seq // 2")
   p.add_argument("--batch", type=int, default=4, help="preference pairs per step")
@@ -133,8 +147,4 @@ def emit(args, algo: str, times, flops_per_step: float, extra: dict):
       "step_s_all": [round(t, 6) for t in times],
       "versions": {"python": platform.python_version(), "jax": jax.__version__},
   }
-  line = json.dumps(record)
-  print(line, flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(line + "\n")
+  print_record(record, args.out)

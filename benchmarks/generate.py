@@ -12,7 +12,6 @@ then the median of --repeats timed calls. `--eigen-threads off` sets
 """
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -20,15 +19,12 @@ import statistics
 import sys
 import time
 
+from _train_bench import add_model_flags, print_record
+
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--n-layer", type=int, default=2)
-  p.add_argument("--n-embd", type=int, default=128)
-  p.add_argument("--n-head", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=1024)
-  p.add_argument("--n-positions", type=int, default=None)
-  p.add_argument("--preset", default=None, help="an rlhfx preset (e.g. llama3.2-1b) instead of the GPT-2 flags")
+  add_model_flags(p)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--prompt-len", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=64)
@@ -97,11 +93,7 @@ def main():
   }
   if args.new_tokens > 1 and med > first_med:
     record["decode_tokens_per_s_est"] = args.batch * (args.new_tokens - 1) / (med - first_med)
-  line = json.dumps(record)
-  print(line, flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(line + "\n")
+  print_record(record, args.out)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ compile times separately; generated tokens/s of the fused iteration.
 
 import argparse
 import functools
-import json
 import os
 import platform
 import resource
 import statistics
 import sys
 import time
+
+from _train_bench import print_record
 
 
 def main():
@@ -130,11 +131,7 @@ def main():
       "eigen_threads": args.eigen_threads, "jax": jax.__version__, "python": sys.version.split()[0],
       "machine": platform.machine(), "cpus": os.cpu_count(), "device": jax.devices()[0].device_kind,
   }
-  line = json.dumps(record)
-  print(line, flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write(line + "\n")
+  print_record(record, args.out)
 
 
 if __name__ == "__main__":
