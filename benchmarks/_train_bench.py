@@ -49,6 +49,8 @@ def parse(description: str, dpo: bool):
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--loss-type", default="sigmoid")
     p.add_argument("--chunk-size", type=int, default=0, help="LM-head chunk (0 = whole sequence)")
+    p.add_argument("--window", type=int, default=None,
+                   help="LM-head positions per row (default: the completion length; 0 = every position)")
   args = p.parse_args()
   if args.eigen_threads == "off":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()

@@ -7,7 +7,9 @@ Same flags and fields as ../shared/bench/trl/dpo_step.py:
 
 One step = policy forward+backward over the 2B concatenated rows, reference forward
 over the same rows, loss, clipping and AdamW, as one jitted program with the state
-donated. compile_s is the first step minus the median.
+donated. compile_s is the first step minus the median. Like TRL, the LM head sees
+only the completion positions (`--window`, default seq - prompt: rlhfx's
+`data.max_completion_length`); `--window 0` projects every position.
 """
 
 import functools
@@ -29,20 +31,25 @@ def main():
   from rlhfx.train_state import init_state
 
   config = model_config(args)
+  prompt = args.prompt_len if args.prompt_len is not None else args.seq // 2
+  window = args.seq - prompt if args.window is None else args.window
   params = init_params(config, jax.random.key(args.seed))
   reference = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   optimizer = make_optimizer(optim_config(args), args.steps + args.warmup, params)
   loss = functools.partial(preference.LOSSES[args.loss_type], beta=args.beta)
   step = jax.jit(functools.partial(dpo.train_step, model=Transformer(config), optimizer=optimizer,
                                    schedule=learning_rate_schedule(optim_config(args), 10), loss=loss,
-                                   mode="frozen", chunk_size=args.chunk_size or None), donate_argnums=0)
+                                   mode="frozen", chunk_size=args.chunk_size or None, window=window or None),
+                 donate_argnums=0)
   batch = jax.tree.map(jnp.asarray, pairs(args))
   times, _ = time_steps(lambda s, b: step(s, b, reference), init_state(params, optimizer), batch, args)
   tokens = 2 * args.batch * args.seq
-  train = train_flops_per_token(config, args.seq) * tokens
+  head_positions = 2 * args.batch * (min(window + 1, args.seq) if window else args.seq)
+  train = (train_flops_per_token(config, args.seq, lm_head=False) * tokens
+           + 6 * config.vocab_size * config.d_model * head_positions)
   emit(args, "dpo", times, train * 4 / 3,  # + the reference forward (a third of forward + backward)
        {"loss_type": args.loss_type, "beta": args.beta, "reference": "frozen tree, forward each step",
-        "chunk_size": args.chunk_size, "n_params": config.num_params()})
+        "chunk_size": args.chunk_size, "lm_head_window": window, "n_params": config.num_params()})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Same flags and fields as ../shared/bench/trl/rm_step.py:
   python benchmarks/reward_step.py --n-layer 2 --n-embd 128 --n-head 4 --vocab 1024 --seq 128 --batch 4 --steps 50
 
 One step = forward+backward of backbone and score head over the 2B concatenated
-rows, loss, clipping and AdamW, as one jitted program with the state donated.
+rows, loss, clipping and AdamW, as one jitted program with the state donated. The
+last layer computes queries, attention output and MLP only at each row's scored
+(last) token, and the FLOP count says so (rlhfx.metrics.score_flops_per_token).
 """
 
 import functools
@@ -21,7 +23,7 @@ def main():
   import jax.numpy as jnp
 
   from rlhfx.algorithms import reward
-  from rlhfx.metrics import train_flops_per_token
+  from rlhfx.metrics import score_flops_per_token
   from rlhfx.models.heads import ScoreModel
   from rlhfx.optim import learning_rate_schedule, make_optimizer
   from rlhfx.train_state import init_state
@@ -35,7 +37,7 @@ def main():
   batch = jax.tree.map(jnp.asarray, pairs(args))
   times, _ = time_steps(step, init_state(params, optimizer), batch, args)
   tokens = 2 * args.batch * args.seq
-  emit(args, "reward", times, train_flops_per_token(config, args.seq, lm_head=False) * tokens,
+  emit(args, "reward", times, score_flops_per_token(config, args.seq) * tokens,
        {"n_params": config.num_params()})
 
 

@@ -44,6 +44,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # tokenizer: HF dir / hub id / encoder.json dir / .model / .bin / builtin:bytes; "" = init_from
   c.data.max_length = 256  # prompt + completion tokens per row
   c.data.max_prompt_length = 128  # prompt tokens kept (its end, with prompt_side=keep_end)
+  c.data.max_completion_length = 0  # completion tokens kept (0 = what max_length leaves); DPO's LM head sees only these
   c.data.prompt_side = "keep_end"  # keep_end | keep_start: which part of a long prompt survives
   c.data.on_overlong = "truncate"  # truncate | skip | error (counted either way)
   c.data.buckets = (64, 128, 256)  # padded lengths; at most this many compiled shapes
@@ -221,3 +222,6 @@ def validate(config, model_config, data_parallel_size: int = 1) -> None:
                      f"max_seq_len={model_config.max_seq_len}")
   if not 0 <= d.eval_fraction < 1:
     raise ConfigError(f"config.data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+  if not 0 <= d.max_completion_length < d.max_length:
+    raise ConfigError(f"config.data.max_completion_length={d.max_completion_length} must be 0 (no limit) or "
+                      f"less than config.data.max_length={d.max_length}")

@@ -99,7 +99,8 @@ def prepare_data(config, workdir: Path, kind: str) -> Data:
   logging.info("data %s: %s", data_dir, counts)
   tokenizer = load_tokenizer(d.tokenizer or config.model.init_from)
   truncation = Truncation(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                          prompt_side=d.prompt_side, on_overlong=d.on_overlong)
+                          max_completion_length=d.max_completion_length or None, prompt_side=d.prompt_side,
+                          on_overlong=d.on_overlong)
   eval_source = builders.data_source(data_dir, "eval") if counts.get("written/eval") else None
   return Data(tokenizer, builders.data_source(data_dir, "train"), eval_source, counts, truncation)
 

@@ -52,6 +52,15 @@ def train_flops_per_token(config, seq_len: int, *, lm_head: bool = True) -> floa
   return 6 * matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
 
 
+def score_flops_per_token(config, seq_len: int) -> float:
+  """train_flops_per_token of a sequence reward model (no LM head), whose last layer computes keys and
+  values at every position but queries, attention output and MLP only at the scored one."""
+  full = train_flops_per_token(config, seq_len, lm_head=False)
+  per_layer = full / config.n_layers
+  kv = 6 * 2 * config.d_model * config.num_kv_heads * config.dim_per_head
+  return full - per_layer + kv + per_layer / seq_len
+
+
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
   """95% (z=1.96) Wilson score interval of a binomial proportion (Wilson 1927)."""
   if n == 0:

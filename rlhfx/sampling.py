@@ -68,6 +68,19 @@ def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> A
   return logits_BxV
 
 
+def categorical(rng: Array, logits_BxV: Array) -> Array:
+  """token_B ~ softmax(logits_BxV) by inverting the CDF with one uniform draw per row.
+
+  The same distribution as `jax.random.categorical`, whose Gumbel-max trick draws V
+  random numbers per row: on CPU that threefry call cost more than a tiny model's
+  whole decode step (BENCHMARKS.md). Tokens with zero probability (-inf logits) never
+  come out: the CDF does not rise at them.
+  """
+  cdf_BxV = jnp.cumsum(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1)
+  u_Bx1 = jax.random.uniform(rng, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+  return jnp.minimum(jnp.sum(cdf_BxV <= u_Bx1, axis=-1), logits_BxV.shape[-1] - 1).astype(jnp.int32)
+
+
 def _sample(logits_BxV, rng, temperature: float, top_k: int, top_p: float):
   """(token_B, logp_B) from last-position logits."""
   if temperature == 0.0:
@@ -75,7 +88,7 @@ def _sample(logits_BxV, rng, temperature: float, top_k: int, top_p: float):
     scaled_BxV = logits_BxV
   else:
     scaled_BxV = logits_BxV / temperature
-    token_B = jax.random.categorical(rng, filter_logits(scaled_BxV, top_k=top_k, top_p=top_p), axis=-1)
+    token_B = categorical(rng, filter_logits(scaled_BxV, top_k=top_k, top_p=top_p))
   logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
   return token_B.astype(jnp.int32), logp_B
 

@@ -128,6 +128,22 @@ def test_sampling_never_leaves_the_allowed_set(top_k, top_p):
   assert len(seen) > 1  # it does sample, not just pick the argmax
 
 
+def test_categorical_draws_follow_the_softmax():
+  """Inverse-CDF sampling: frequencies of 200k draws match softmax(logits) within 5 standard errors, in
+  each row; -inf logits are never drawn."""
+  logits = np.log(np.array([[0.5, 0.25, 0.15, 0.07, 0.03, 0.0], [0.0, 0.0, 0.9, 0.0, 0.1, 0.0]], np.float32))
+  n = 100_000
+  draws = jax.jit(jax.vmap(sampling.categorical, (0, None)))(jax.random.split(jax.random.key(0), n),
+                                                              jnp.asarray(logits))
+  draws = np.asarray(draws)
+  probs = np.exp(logits)
+  for row in range(2):
+    freq = np.bincount(draws[:, row], minlength=6) / n
+    stderr = np.sqrt(probs[row] * (1 - probs[row]) / n)
+    assert (np.abs(freq - probs[row]) <= 5 * stderr + 1e-12).all(), (freq, probs[row])
+    assert (freq[probs[row] == 0] == 0).all()
+
+
 def test_stories260k_decodes_the_known_story(shared_data):
   """The real pretrained llama2.c model, greedy from BOS, 60 tokens (../shared/data/README.md)."""
   config, params = from_llama2c(shared_data("stories260k/stories260K.bin"))

@@ -10,8 +10,9 @@ Reference log-probs come from one of three places (`config.dpo.reference`):
 Reference-free losses (SimPO, ORPO) skip the reference entirely.
 
 Policy log-probs of chosen and rejected come from one forward pass over the
-concatenated 2B rows; the LM head runs in chunks (`config.dpo.chunk_size`) so the
-full 2B x T x V logits are never built.
+concatenated 2B rows. The LM head sees only the completion positions when
+`config.data.max_completion_length` bounds them, and runs in chunks
+(`config.dpo.chunk_size`) so the full 2B x T x V logits are never built.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ Array = jax.Array
 REFERENCE_MODES = ("frozen", "precomputed", "lora_base", "none")
 
 
-def pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_size: int | None = None):
+def pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_size: int | None = None,
+               window: int | None = None):
   """Policy statistics of chosen and rejected completions from one forward pass over 2B rows."""
   tokens, mask, loss_mask = concat_pairs(batch)
   logps_2B, mean_logits_2B, count_2B = completion_logps(model, params, tokens, mask, loss_mask,
-                                                        chunk_size=chunk_size)
+                                                        chunk_size=chunk_size, window=window)
   (chosen, rejected), (m_c, m_r), (n_c, n_r) = (jnp.split(x, 2) for x in (logps_2B, mean_logits_2B, count_2B))
   return preference.PairLogps(chosen_B=chosen, rejected_B=rejected, chosen_tokens_B=n_c, rejected_tokens_B=n_r,
                               chosen_mean_logits_B=m_c, rejected_mean_logits_B=m_r)
@@ -57,24 +59,24 @@ def split_params(params, reference_params, *, mode: str, lora_scale: float = 1.0
 
 
 def dpo_objective(params, batch, reference_params, *, model: Transformer, loss: Callable, mode: str,
-                  lora_scale: float = 1.0, chunk_size: int | None = None):
+                  lora_scale: float = 1.0, chunk_size: int | None = None, window: int | None = None):
   """loss(PairLogps) with the reference filled in per `mode`."""
   policy, reference = split_params(params, reference_params, mode=mode, lora_scale=lora_scale)
-  x = pair_logps(model, policy, batch, chunk_size=chunk_size)
+  x = pair_logps(model, policy, batch, chunk_size=chunk_size, window=window)
   if mode == "precomputed":
     x = x.replace(ref_chosen_B=batch["ref_chosen_logps_B"], ref_rejected_B=batch["ref_rejected_logps_B"])
   elif mode != "none":
-    ref = pair_logps(model, jax.lax.stop_gradient(reference), batch, chunk_size=chunk_size)
+    ref = pair_logps(model, jax.lax.stop_gradient(reference), batch, chunk_size=chunk_size, window=window)
     x = x.replace(ref_chosen_B=ref.chosen_B, ref_rejected_B=ref.rejected_B)
   return loss(x)
 
 
 def train_step(state: TrainState, batch, reference_params, *, model: Transformer, optimizer, schedule,
                loss: Callable, mode: str, lora_scale: float = 1.0, chunk_size: int | None = None,
-               grad_accum_steps: int = 1):
+               window: int | None = None, grad_accum_steps: int = 1):
   """One optimizer step of `loss` (any function PairLogps -> (loss, metrics))."""
   objective = functools.partial(dpo_objective, model=model, loss=loss, mode=mode, lora_scale=lora_scale,
-                                chunk_size=chunk_size)
+                                chunk_size=chunk_size, window=window)
   grads, m = accumulate_gradients(lambda p, b: objective(p, b, reference_params), state.params, batch,
                                   grad_accum_steps, average=True)
   metrics = {("train/loss" if k == "loss" else k): v for k, v in m.items()}
@@ -82,14 +84,15 @@ def train_step(state: TrainState, batch, reference_params, *, model: Transformer
   return apply_gradients(state, grads, optimizer), metrics
 
 
-def reference_logps_step(params, batch, *, model: Transformer, chunk_size: int | None = None):
-  x = pair_logps(model, params, batch, chunk_size=chunk_size)
+def reference_logps_step(params, batch, *, model: Transformer, chunk_size: int | None = None,
+                         window: int | None = None):
+  x = pair_logps(model, params, batch, chunk_size=chunk_size, window=window)
   return {"chosen_B": x.chosen_B, "rejected_B": x.rejected_B}
 
 
-def eval_step(params, batch, reference_params, *, model, loss, mode, lora_scale=1.0, chunk_size=None):
+def eval_step(params, batch, reference_params, *, model, loss, mode, lora_scale=1.0, chunk_size=None, window=None):
   _, metrics = dpo_objective(params, batch, reference_params, model=model, loss=loss, mode=mode,
-                             lora_scale=lora_scale, chunk_size=chunk_size)
+                             lora_scale=lora_scale, chunk_size=chunk_size, window=window)
   return metrics
 
 
@@ -117,9 +120,9 @@ def reference_mode(config) -> str:
   return mode
 
 
-def precompute_reference(config, data, source, params, model, runtime, chunk_size) -> np.ndarray:
+def precompute_reference(config, data, source, params, model, runtime, chunk_size, window) -> np.ndarray:
   """[N, 2] reference log-probs (chosen, rejected) of every example of `source`, by example id."""
-  fn = jax.jit(functools.partial(reference_logps_step, model=model, chunk_size=chunk_size))
+  fn = jax.jit(functools.partial(reference_logps_step, model=model, chunk_size=chunk_size, window=window))
   table = np.full((len(source), 2), np.nan, np.float32)
   for local in loop.full_batches(config, data, source, "preference", keep_ids=True):
     valid, ids = local.pop("valid_B"), local.pop("example_id_B")
@@ -149,6 +152,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
   loss = loss or loss_from_config(config.dpo)
   mode = reference_mode(config)
   chunk = config.dpo.chunk_size or None
+  window = config.data.max_completion_length or None  # LM head only over the completion positions
   base = loop.init_params(model_config, runtime, jax.random.key(config.seed), setup.loaded_params)
   lora_scale = config.lora.alpha / config.lora.rank if config.lora.rank else 1.0
   if config.lora.rank:
@@ -162,9 +166,9 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
     reference = jax.tree.map(lambda x: jnp.array(x, copy=True), base)
   table = eval_table = None
   if mode == "precomputed":  # before the state takes (donates) the parameters
-    table = precompute_reference(config, data, data.train, base, model, runtime, chunk)
+    table = precompute_reference(config, data, data.train, base, model, runtime, chunk, window)
     if data.eval is not None:
-      eval_table = precompute_reference(config, data, data.eval, base, model, runtime, chunk)
+      eval_table = precompute_reference(config, data, data.eval, base, model, runtime, chunk, window)
   # with LoRA the base is frozen through optax (no update, no optimizer state)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params,
                              frozen=("^base/",) if config.lora.rank else ())
@@ -173,7 +177,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
 
   train_iter = iter(loop.batches(config, data, data.train, "preference", seed=config.seed))
   checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
-  kwargs = dict(model=model, loss=loss, mode=mode, lora_scale=lora_scale, chunk_size=chunk)
+  kwargs = dict(model=model, loss=loss, mode=mode, lora_scale=lora_scale, chunk_size=chunk, window=window)
   step = functools.partial(train_step, optimizer=optimizer, schedule=schedule,
                            grad_accum_steps=config.train.grad_accum_steps, **kwargs)
   with runtime.mesh, nn.logical_axis_rules(runtime.rules):

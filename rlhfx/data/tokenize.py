@@ -190,12 +190,15 @@ class Truncation:
   """How to fit an example into `max_length` tokens.
 
   The prompt keeps its end (the most recent turns) and is cut to at most
-  `max_prompt_length`; the completion is cut at its end. `on_overlong`:
+  `max_prompt_length`; the completion is cut at its end, to at most
+  `max_completion_length` when that is set (DPO then runs the LM head over that
+  many positions per row instead of the whole row). `on_overlong`:
   "truncate" (default), "skip" (dropped and counted) or "error".
   """
 
   max_length: int = 512
   max_prompt_length: int = 256
+  max_completion_length: int | None = None  # None: whatever max_length leaves after the prompt
   prompt_side: str = "keep_end"  # keep_end | keep_start
   on_overlong: str = "truncate"  # truncate | skip | error
 
@@ -207,6 +210,14 @@ class Truncation:
     if not 0 < self.max_prompt_length < self.max_length:
       raise ValueError(f"Truncation: need 0 < max_prompt_length ({self.max_prompt_length}) < max_length "
                        f"({self.max_length})")
+    if self.max_completion_length is not None and not 0 < self.max_completion_length < self.max_length:
+      raise ValueError(f"Truncation: need 0 < max_completion_length ({self.max_completion_length}) < max_length "
+                       f"({self.max_length})")
+
+  @property
+  def completion_limit(self) -> int:
+    """Most completion tokens a row can hold."""
+    return self.max_completion_length or self.max_length
 
 
 class Overlong(ValueError):
@@ -250,15 +261,18 @@ def encode_completion(tokenizer, completion: str, messages: Sequence[dict]) -> l
 def fit(prompt_ids: list[int], completion_ids: list[int], truncation: Truncation):
   """Apply the truncation policy -> (prompt_ids, completion_ids, was_truncated)."""
   t = truncation
-  if len(prompt_ids) + len(completion_ids) <= t.max_length and len(prompt_ids) <= t.max_prompt_length:
+  if (len(prompt_ids) + len(completion_ids) <= t.max_length and len(prompt_ids) <= t.max_prompt_length
+      and len(completion_ids) <= t.completion_limit):
     return prompt_ids, completion_ids, False
   if t.on_overlong != "truncate":
-    raise Overlong(f"{len(prompt_ids)} prompt + {len(completion_ids)} completion tokens exceed "
-                   f"max_prompt_length={t.max_prompt_length} / max_length={t.max_length}")
+    limits = f"max_prompt_length={t.max_prompt_length} / max_length={t.max_length}"
+    if t.max_completion_length is not None:
+      limits += f" / max_completion_length={t.max_completion_length}"
+    raise Overlong(f"{len(prompt_ids)} prompt + {len(completion_ids)} completion tokens exceed {limits}")
   if len(prompt_ids) > t.max_prompt_length:
     keep = t.max_prompt_length
     prompt_ids = prompt_ids[-keep:] if t.prompt_side == "keep_end" else prompt_ids[:keep]
-  completion_ids = completion_ids[:t.max_length - len(prompt_ids)]
+  completion_ids = completion_ids[:min(t.max_length - len(prompt_ids), t.completion_limit)]
   return prompt_ids, completion_ids, True
 
 

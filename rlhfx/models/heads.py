@@ -31,12 +31,13 @@ class ScoreModel(nn.Module):
 
   def __call__(self, tokens_BxT, mask_BxT=None, *, per_token: bool = False):
     mask_BxT = jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else mask_BxT
-    hidden_BxTxD = self.backbone(tokens_BxT, mask_BxT, return_hidden=True)
     if per_token:
+      hidden_BxTxD = self.backbone(tokens_BxT, mask_BxT, return_hidden=True)
       return self.score(hidden_BxTxD.astype(jnp.float32))[..., 0]
-    # only the last real token's hidden state goes through the head (forward and backward)
-    last_BxD = jnp.take_along_axis(hidden_BxTxD, last_token_index(mask_BxT)[:, None, None], axis=1)[:, 0]
-    return self.score(last_BxD.astype(jnp.float32))[..., 0]
+    # only the last real token's state is computed in the last layer and goes through the head
+    last_Bx1xD = self.backbone(tokens_BxT, mask_BxT, return_hidden=True,
+                               select_BxQ=last_token_index(mask_BxT)[:, None])
+    return self.score(last_Bx1xD[:, 0].astype(jnp.float32))[..., 0]
 
 
 def from_lm_params(lm_params: dict, score_params: dict) -> dict:

@@ -33,17 +33,17 @@ Array = jax.Array
 class Cache:
   """Key/value cache for all layers, filled left to right."""
 
-  k_LxBxSxKxH: Array
-  v_LxBxSxKxH: Array
+  k_LxBxKxSxH: Array  # heads before slots: decoding reads each head's keys contiguously
+  v_LxBxKxSxH: Array
   mask_BxS: Array  # True where a slot holds a real token
   index: Array  # int32 scalar: the next slot to write
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> Cache:
-  shape = (config.n_layers, batch, length, config.num_kv_heads, config.dim_per_head)
+  shape = (config.n_layers, batch, config.num_kv_heads, length, config.dim_per_head)
   return Cache(
-      k_LxBxSxKxH=jnp.zeros(shape, config.jnp_dtype),
-      v_LxBxSxKxH=jnp.zeros(shape, config.jnp_dtype),
+      k_LxBxKxSxH=jnp.zeros(shape, config.jnp_dtype),
+      v_LxBxKxSxH=jnp.zeros(shape, config.jnp_dtype),
       mask_BxS=jnp.zeros((batch, length), bool),
       index=jnp.zeros((), jnp.int32),
   )
@@ -148,17 +148,56 @@ def _dense(cfg: ModelConfig, features, axis, kernel_axes, bias_axes, use_bias, n
                param_dtype=cfg.jnp_param_dtype, kernel_axes=kernel_axes, bias_axes=bias_axes, name=name)
 
 
+def write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH):
+  """Write new keys and values at slot `index` -> (keys_BxKxSxH, values_BxKxSxH, updated cache).
+
+  `layer_cache` is (k_LxBxKxSxH, v_LxBxKxSxH, layer): the stacked cache of all layers, written at
+  `layer` only (in place inside a decode loop, where copying per-layer slices back into the stack
+  cost whole-cache copies every step); or (k_BxKxSxH, v_BxKxSxH): one layer's, under nn.scan.
+  """
+  k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.swapaxes(1, 2), v_BxTxKxH.swapaxes(1, 2)
+  if len(layer_cache) == 2:
+    cache_k, cache_v = layer_cache
+    k_BxKxSxH = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxH.astype(cache_k.dtype), (0, 0, index, 0))
+    v_BxKxSxH = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxH.astype(cache_v.dtype), (0, 0, index, 0))
+    return k_BxKxSxH, v_BxKxSxH, (k_BxKxSxH, v_BxKxSxH)
+  cache_k, cache_v, layer = layer_cache
+  at = (layer, 0, 0, index, 0)
+  cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxH[None].astype(cache_k.dtype), at)
+  cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxH[None].astype(cache_v.dtype), at)
+  return cache_k[layer], cache_v[layer], (cache_k, cache_v)
+
+
+def cached_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float):
+  """Softmax attention against a head-major cache (the decode path; same maths as the training path)."""
+  b, t, n, h = q_BxTxNxH.shape
+  k = k_BxKxSxH.shape[1]
+  q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  scores_BxKxGxTxS = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH.astype(q_BxTxNxH.dtype),
+                                preferred_element_type=jnp.float32) * scale
+  scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(q_BxTxNxH.dtype)
+  out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs_BxKxGxTxS, v_BxKxSxH.astype(q_BxTxNxH.dtype))
+  return out_BxTxKxGxH.reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, attn_mask_BxTxS, layer_cache, index):
+  def __call__(self, x_BxTxD, positions_BxT, attn_mask_BxQxS, layer_cache, index, select_BxQ=None):
+    """With `select_BxQ`, queries (and the output) are only at those positions of each row; keys and
+    values still cover all T (attn_mask_BxQxS is then the mask of the selected rows)."""
     cfg = self.config
     n, k, h = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+    xq_BxQxD, q_positions_BxQ = x_BxTxD, positions_BxT
+    if select_BxQ is not None:
+      xq_BxQxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
+      q_positions_BxQ = jnp.take_along_axis(positions_BxT, select_BxQ, axis=1)
     q_BxTxNxH = _dense(cfg, (n, h), -1, ("embed", "heads", "head_dim"), ("heads", "head_dim"), cfg.qkv_bias,
-                       "q_proj")(x_BxTxD)
+                       "q_proj")(xq_BxQxD)
     k_BxTxKxH = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), cfg.qkv_bias,
                        "k_proj")(x_BxTxD)
     v_BxTxKxH = _dense(cfg, (k, h), -1, ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), cfg.qkv_bias,
@@ -168,20 +207,17 @@ class Attention(nn.Module):
       k_BxTxKxH = Norm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
     if cfg.positions == "rope":
       inv_freq = rope_frequencies(cfg)
-      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, inv_freq)
+      q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxQ, inv_freq)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
                                                        "activation_head_dim"))
     if layer_cache is not None:
-      cache_k, cache_v = layer_cache
-      k_BxSxKxH = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxH.astype(cache_k.dtype), (0, index, 0, 0))
-      v_BxSxKxH = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxH.astype(cache_v.dtype), (0, index, 0, 0))
-      new_cache = (k_BxSxKxH, v_BxSxKxH)
+      k_BxKxSxH, v_BxKxSxH, new_cache = write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
+      out_BxTxNxH = cached_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, attn_mask_BxQxS, 1.0 / math.sqrt(h))
     else:
-      k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype), v_BxSxKxH.astype(q_BxTxNxH.dtype),
-        mask=attn_mask_BxTxS[:, None], scale=1.0 / math.sqrt(h))
+      new_cache = None
+      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=attn_mask_BxQxS[:, None],
+                                                 scale=1.0 / math.sqrt(h))
     out_BxTxD = _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), ("embed",), cfg.out_bias,
                        "o_proj")(out_BxTxNxH)
     return out_BxTxD, new_cache
@@ -211,10 +247,16 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer_cache, positions_BxT, attn_mask_BxTxS, index):
+  def __call__(self, x_BxTxD, layer_cache, positions_BxT, attn_mask_BxTxS, index, select_BxQ=None):
+    """With `select_BxQ` the block's output is only at those positions (x_BxQxD; see Attention)."""
     cfg = self.config
+    attn_mask_BxQxS = attn_mask_BxTxS
+    if select_BxQ is not None:
+      attn_mask_BxQxS = jnp.take_along_axis(attn_mask_BxTxS, select_BxQ[..., None], axis=1)
     attn_out, new_cache = Attention(cfg, name="attn")(
-        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, attn_mask_BxTxS, layer_cache, index)
+        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, attn_mask_BxQxS, layer_cache, index, select_BxQ)
+    if select_BxQ is not None:
+      x_BxTxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
     x_BxTxD = x_BxTxD + attn_out
     x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
@@ -264,12 +306,20 @@ class Transformer(nn.Module):
       self.lm_head = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), ("vocab",), False, "lm_head")
 
   def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
-               return_hidden: bool = False):
-    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, mask_BxT, positions_BxT, cache=cache)
+               return_hidden: bool = False, select_BxQ=None):
+    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, mask_BxT, positions_BxT, cache=cache, select_BxQ=select_BxQ)
     out = hidden_BxTxD if return_hidden else self.unembed(hidden_BxTxD)
     return out if cache is None else (out, cache)
 
-  def hidden_states(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None):
+  def hidden_states(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
+                    select_BxQ=None):
+    """Final hidden states [B, T, D], or [B, Q, D] at the positions `select_BxQ` only.
+
+    Selecting positions (a reward model reads one per row) lets the last layer compute queries,
+    attention output and MLP for those positions alone: every layer's keys and values still
+    cover the whole row, so the selected states equal the full pass's there. With scan_layers
+    the last layer is not separate, so the whole pass runs and the positions are gathered after.
+    """
     cfg = self.config
     batch, length = tokens_BxT.shape
     if mask_BxT is None:
@@ -291,19 +341,21 @@ class Transformer(nn.Module):
       x_BxTxD = x_BxTxD + self.pos_embed(positions_BxT)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
-    kv = None if cache is None else (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH)
+    kv = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
     if cfg.scan_layers:
       x_BxTxD, new_kv = self.layers(x_BxTxD, kv, positions_BxT, attn_mask_BxTxS, index)
+      if select_BxQ is not None:
+        x_BxTxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
     else:
       new_kv = kv
       for i, layer in enumerate(self.layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BxTxD, layer_new = layer(x_BxTxD, layer_kv, positions_BxT, attn_mask_BxTxS, index)
-        if kv is not None:  # in-place update of layer i's slice
-          new_kv = (new_kv[0].at[i].set(layer_new[0]), new_kv[1].at[i].set(layer_new[1]))
+        layer_kv = None if kv is None else (*new_kv, i)  # the stacked cache, written at layer i
+        last = select_BxQ if i == len(self.layers) - 1 else None
+        x_BxTxD, layer_new = layer(x_BxTxD, layer_kv, positions_BxT, attn_mask_BxTxS, index, last)
+        new_kv = new_kv if kv is None else layer_new
     hidden_BxTxD = self.final_norm(x_BxTxD)
     if cache is not None:
-      cache = Cache(k_LxBxSxKxH=new_kv[0], v_LxBxSxKxH=new_kv[1], mask_BxS=kv_mask_BxS, index=index + length)
+      cache = Cache(k_LxBxKxSxH=new_kv[0], v_LxBxKxSxH=new_kv[1], mask_BxS=kv_mask_BxS, index=index + length)
     return hidden_BxTxD, cache
 
   def unembed(self, hidden_BxTxD):

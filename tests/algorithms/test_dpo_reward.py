@@ -62,6 +62,37 @@ def test_chunked_logps_equal_full_logits():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_completion_window_logps_equal_full_rows():
+  """LM head over a window of W positions per row = over whole rows, when every completion fits in W."""
+  params = init_params(CONFIG, jax.random.key(0))
+  t, window = 24, 6
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(3, 256, size=(5, t)).astype(np.int32)
+  # (prompt, completion) lengths: short and long prompts, a completion ending the row (start clamped),
+  # one of exactly W tokens, a 1-token completion
+  spans = [(3, 6), (10, 4), (20, 4), (17, 6), (1, 1)]
+  mask = np.stack([np.arange(t) < p + c for p, c in spans])
+  loss = np.stack([(np.arange(t) >= p) & (np.arange(t) < p + c) for p, c in spans])
+  logps = jax.jit(completion_logps, static_argnums=0, static_argnames=("chunk_size", "window"))
+  want, want_mean, want_count = logps(MODEL, params, tokens, mask, loss)
+  for chunk in (None, 4):
+    got, mean, count = logps(MODEL, params, tokens, mask, loss, chunk_size=chunk, window=window)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-5)
+    np.testing.assert_array_equal(count, want_count)
+
+  def grad(w):
+    return jax.jit(jax.grad(lambda p: completion_logps(MODEL, p, tokens, mask, loss, window=w)[0].sum()))(params)
+
+  for a, b in zip(jax.tree.leaves(grad(window)), jax.tree.leaves(grad(None))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # a completion longer than the window is NaN, never a partial sum; the other rows are unchanged
+  got, _, _ = logps(MODEL, params, tokens, mask, loss, window=3)
+  too_long = np.array([c > 3 for _, c in spans])
+  assert np.isnan(np.asarray(got)[too_long]).all()
+  np.testing.assert_allclose(np.asarray(got)[~too_long], np.asarray(want)[~too_long], rtol=1e-5)
+
+
 def test_three_reference_modes_give_the_same_loss():
   base = init_params(CONFIG, jax.random.key(0))
   adapters = lora.init(base, patterns=("attn/(q|v)_proj/kernel", "mlp/up_proj/kernel"), rank=4,

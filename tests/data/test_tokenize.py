@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from rlhfx.data.tokenize import TokenizerError, llama2c_tokenizer
+from rlhfx.data.tokenize import Overlong, TokenizerError, Truncation, fit, llama2c_tokenizer
 
 TEXTS = [
     "Once upon a time, there was a little girl named Lily.",
@@ -77,3 +77,17 @@ def test_truncated_tokenizer_names_the_file(tok512, tmp_path):
   bad.write_bytes(tok512.read_bytes()[:3001])
   with pytest.raises(TokenizerError, match=r"tok_cut\.bin: truncated inside (the header of )?token \d+"):
     llama2c_tokenizer(bad)
+
+
+def test_max_completion_length_cuts_completions_at_their_end():
+  limits = Truncation(max_length=12, max_prompt_length=6, max_completion_length=4)
+  assert limits.completion_limit == 4 and Truncation(12, 6).completion_limit == 12
+  prompt, completion, cut = fit([1, 2, 3], [10, 11, 12, 13, 14, 15], limits)
+  assert (prompt, completion, cut) == ([1, 2, 3], [10, 11, 12, 13], True)
+  assert fit([1, 2], [10, 11, 12, 13], limits) == ([1, 2], [10, 11, 12, 13], False)
+  # without the limit the same completion fits in max_length
+  assert fit([1, 2, 3], [10, 11, 12, 13, 14, 15], Truncation(12, 6))[2] is False
+  with pytest.raises(Overlong, match="max_completion_length=4"):
+    fit([1], [10, 11, 12, 13, 14], Truncation(12, 6, max_completion_length=4, on_overlong="error"))
+  with pytest.raises(ValueError, match="max_completion_length"):
+    Truncation(12, 6, max_completion_length=12)
