@@ -25,7 +25,7 @@ def main():
 
   from rlhfx.algorithms import dpo
   from rlhfx.losses import preference
-  from rlhfx.metrics import train_flops_per_token
+  from rlhfx.metrics import sequence_train_flops
   from rlhfx.models import Transformer, init_params
   from rlhfx.optim import learning_rate_schedule, make_optimizer
   from rlhfx.train_state import init_state
@@ -43,10 +43,7 @@ def main():
                  donate_argnums=0)
   batch = jax.tree.map(jnp.asarray, pairs(args))
   times, _ = time_steps(lambda s, b: step(s, b, reference), init_state(params, optimizer), batch, args)
-  tokens = 2 * args.batch * args.seq
-  head_positions = 2 * args.batch * (min(window + 1, args.seq) if window else args.seq)
-  train = (train_flops_per_token(config, args.seq, lm_head=False) * tokens
-           + 6 * config.vocab_size * config.d_model * head_positions)
+  train = sequence_train_flops(config, args.seq, kept=window + 1 if window else None) * 2 * args.batch
   emit(args, "dpo", times, train * 4 / 3,  # + the reference forward (a third of forward + backward)
        {"loss_type": args.loss_type, "beta": args.beta, "reference": "frozen tree, forward each step",
         "chunk_size": args.chunk_size, "lm_head_window": window, "n_params": config.num_params()})

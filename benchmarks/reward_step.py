@@ -7,7 +7,7 @@ Same flags and fields as ../shared/bench/trl/rm_step.py:
 One step = forward+backward of backbone and score head over the 2B concatenated
 rows, loss, clipping and AdamW, as one jitted program with the state donated. The
 last layer computes queries, attention output and MLP only at each row's scored
-(last) token, and the FLOP count says so (rlhfx.metrics.score_flops_per_token).
+(last) token, and the FLOP count says so (rlhfx.metrics.sequence_train_flops).
 """
 
 import functools
@@ -23,7 +23,7 @@ def main():
   import jax.numpy as jnp
 
   from rlhfx.algorithms import reward
-  from rlhfx.metrics import score_flops_per_token
+  from rlhfx.metrics import sequence_train_flops
   from rlhfx.models.heads import ScoreModel
   from rlhfx.optim import learning_rate_schedule, make_optimizer
   from rlhfx.train_state import init_state
@@ -36,8 +36,7 @@ def main():
                                    schedule=learning_rate_schedule(optim_config(args), 10)), donate_argnums=0)
   batch = jax.tree.map(jnp.asarray, pairs(args))
   times, _ = time_steps(step, init_state(params, optimizer), batch, args)
-  tokens = 2 * args.batch * args.seq
-  emit(args, "reward", times, score_flops_per_token(config, args.seq) * tokens,
+  emit(args, "reward", times, sequence_train_flops(config, args.seq, kept=1, lm_head=False) * 2 * args.batch,
        {"n_params": config.num_params()})
 
 

@@ -4,7 +4,8 @@
                                                       chunk_size=128, window=64)
 
 With `window=W`, only the W positions of each row that predict its completion go
-through the LM head (a per-row slice starting where the completion does), which
+through the last layer's queries and MLP and through the LM head (a per-row window
+starting where the completion does), which
 is all the log-probs need when no completion is longer than W tokens
 (`Truncation.max_completion_length`); a row whose completion is longer gets NaN,
 never a partial sum. The final hidden states go through the LM head `chunk_size`
@@ -53,31 +54,33 @@ def token_logps_and_mean_logits(model: Transformer, params, hidden_BxTxD: Array,
   return jnp.pad(logps_BxS, ((0, 0), (1, 0))), jnp.pad(mean_BxS, ((0, 0), (1, 0)))
 
 
-def completion_window(hidden_BxTxD: Array, tokens_BxT: Array, loss_mask_BxT: Array, window: int):
-  """Per row, the `window` + 1 positions s..s+W from the one before its first completion token.
+def completion_window(loss_mask_BxT: Array, window: int) -> Array:
+  """positions_BxW1: per row, the `window` + 1 positions s..s+W from the one before its first completion token.
 
-  Returns (hidden_BxW1xD, tokens_BxW1, loss_mask_BxW1), W1 = window + 1: the hidden states at
-  s..s+W-1 predict tokens s+1..s+W. The start s is clamped so the slice stays inside the row;
-  it then still covers every position after s.
+  The hidden states at s..s+W-1 predict tokens s+1..s+W. The start s is clamped so the window
+  stays inside the row; it then still covers every position after s.
   """
-  length = tokens_BxT.shape[1]
+  length = loss_mask_BxT.shape[1]
   first_B = jnp.argmax(loss_mask_BxT, axis=-1).astype(jnp.int32)
   start_B = jnp.clip(first_B - 1, 0, length - window - 1)
-  take = lambda x, n: jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, n, axis=0))(x, start_B)  # noqa: E731
-  return take(hidden_BxTxD, window + 1), take(tokens_BxT, window + 1), take(loss_mask_BxT, window + 1)
+  return start_B[:, None] + jnp.arange(window + 1, dtype=jnp.int32)
 
 
 def completion_logps(model: Transformer, params, tokens_BxT: Array, mask_BxT: Array, loss_mask_BxT: Array, *,
                      chunk_size: int | None = None, window: int | None = None):
   """(sum of completion log-probs_B, mean logit over completion positions_B, completion tokens_B)."""
-  hidden_BxTxD = model.apply({"params": params}, tokens_BxT, mask_BxT, return_hidden=True)
-  mask_BxT = target_mask(loss_mask_BxT)
-  count_B = mask_BxT.sum(-1)
-  # U: the positions used, the whole row or the completion window
-  hidden_BxUxD, tokens_BxU, targets_BxU = hidden_BxTxD, tokens_BxT, mask_BxT
+  targets_BxT = target_mask(loss_mask_BxT)
+  count_B = targets_BxT.sum(-1)
+  # U: the positions used, the whole row or the completion window; with a window the model's
+  # last layer computes only those positions (Transformer select_BxQ) and so does the LM head
+  select_BxU = None
+  tokens_BxU, targets_BxU = tokens_BxT, targets_BxT
   if window and window + 1 < tokens_BxT.shape[1]:
-    hidden_BxUxD, tokens_BxU, targets_BxU = completion_window(hidden_BxTxD, tokens_BxT, mask_BxT, window)
-    targets_BxU = target_mask(targets_BxU)  # slot 0 is context (a prompt token), never a target
+    select_BxU = completion_window(targets_BxT, window)
+    tokens_BxU = jnp.take_along_axis(tokens_BxT, select_BxU, axis=1)
+    # slot 0 is context (a prompt token), never a target
+    targets_BxU = target_mask(jnp.take_along_axis(targets_BxT, select_BxU, axis=1))
+  hidden_BxUxD = model.apply({"params": params}, tokens_BxT, mask_BxT, return_hidden=True, select_BxQ=select_BxU)
   logps_BxU, mean_BxU = token_logps_and_mean_logits(model, params, hidden_BxUxD, tokens_BxU, chunk_size)
   logps_B = jnp.sum(jnp.where(targets_BxU, logps_BxU, 0.0), axis=-1)
   logps_B = jnp.where(targets_BxU.sum(-1) == count_B, logps_B, jnp.nan)  # NaN: completion longer than the window

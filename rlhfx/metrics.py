@@ -52,13 +52,15 @@ def train_flops_per_token(config, seq_len: int, *, lm_head: bool = True) -> floa
   return 6 * matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
 
 
-def score_flops_per_token(config, seq_len: int) -> float:
-  """train_flops_per_token of a sequence reward model (no LM head), whose last layer computes keys and
-  values at every position but queries, attention output and MLP only at the scored one."""
-  full = train_flops_per_token(config, seq_len, lm_head=False)
-  per_layer = full / config.n_layers
-  kv = 6 * 2 * config.d_model * config.num_kv_heads * config.dim_per_head
-  return full - per_layer + kv + per_layer / seq_len
+def sequence_train_flops(config, seq_len: int, *, kept: int | None = None, lm_head: bool = True) -> float:
+  """Forward + backward matmul FLOPs of one sequence when only `kept` of its positions (default all) go
+  through the last layer's queries, attention output and MLP and through the LM head; keys and values
+  cover every position (a reward model keeps 1, DPO with a completion window W + 1)."""
+  kept = seq_len if kept is None else min(kept, seq_len)
+  per_token = train_flops_per_token(config, seq_len, lm_head=False)
+  last_layer_unkept = per_token / config.n_layers - 6 * 2 * config.d_model * config.num_kv_heads * config.dim_per_head
+  body = per_token * seq_len - last_layer_unkept * (seq_len - kept)
+  return body + (6 * config.vocab_size * config.d_model * kept if lm_head else 0)
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -30,7 +30,7 @@ from rlhfx import loop, sharding
 from rlhfx.logprobs import completion_logps
 from rlhfx.losses import preference
 from rlhfx.losses.common import concat_pairs
-from rlhfx.metrics import train_flops_per_token
+from rlhfx.metrics import sequence_train_flops
 from rlhfx.models import Transformer, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
 from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients
@@ -202,10 +202,12 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
       n += 1
     return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
 
+  longest = max(config.data.buckets)
   outcome = loop.train_and_evaluate(
       config=config, runtime=runtime, state=state, start=start, step_fn=step_fn, train_iter=train_iter,
       checkpointer=checkpointer, tokens_per_step=lambda b: 2 * b["chosen_tokens_BxT"].size,
-      flops_per_token=train_flops_per_token(model_config, max(config.data.buckets)), evaluate=run_eval,
+      flops_per_token=sequence_train_flops(model_config, longest, kept=window + 1 if window else None) / longest,
+      evaluate=run_eval,
       prepare=add_reference(table) if table is not None else None)
   result, before, after, final = outcome.result, outcome.before, outcome.after, outcome.final
   if result.stopped_early:

@@ -22,7 +22,7 @@ import optax
 from rlhfx import loop, rewards, sharding
 from rlhfx.losses.common import concat_pairs
 from rlhfx.losses.preference import bradley_terry_loss
-from rlhfx.metrics import score_flops_per_token, wilson_interval
+from rlhfx.metrics import sequence_train_flops, wilson_interval
 from rlhfx.models.heads import ScoreModel, from_lm_params
 from rlhfx.optim import learning_rate_schedule, make_optimizer
 from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients
@@ -114,7 +114,8 @@ def train(config, workdir: str) -> dict[str, float]:
   outcome = loop.train_and_evaluate(
       config=config, runtime=runtime, state=state, start=start, step_fn=step_fn, train_iter=train_iter,
       checkpointer=checkpointer, tokens_per_step=lambda b: 2 * b["chosen_tokens_BxT"].size,
-      flops_per_token=score_flops_per_token(model_config, max(config.data.buckets)),
+      flops_per_token=sequence_train_flops(model_config, max(config.data.buckets), kept=1, lm_head=False)
+      / max(config.data.buckets),
       evaluate=run_eval)
   result, before, after, final = outcome.result, outcome.before, outcome.after, outcome.final
   if result.stopped_early:
