@@ -185,6 +185,7 @@ def main():
   info = {"machine": machine(), "versions": versions(trl_python), "runs": args.runs}
   args_line = " ".join(shlex.quote(x) for x in sys.argv[1:])
   args_line = re.sub(r"--trl-venv \S+", "--trl-venv <venv>", args_line)
+  args_line = re.sub(r" ?--(jsonl|markdown) \S+", "", args_line)  # where the records went is not how they were made
   print(table(rows))
   print(json.dumps({"rows": rows, **info}))
   write_markdown(pathlib.Path(args.markdown), args.size, rows, cmds, info, args_line, trl_python)
