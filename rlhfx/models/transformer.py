@@ -182,7 +182,8 @@ def cached_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float):
 
 
 class Attention(nn.Module):
-  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+  """Multi-head / grouped-query attention: `jax.nn.dot_product_attention` over a whole sequence (GPUs pick
+  fused kernels), `cached_attention` against a KV cache while sampling."""
 
   config: ModelConfig
 
