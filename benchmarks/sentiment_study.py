@@ -52,7 +52,7 @@ class Variant:
 
 VARIANTS = {"full": Variant(),
             "quick": Variant(rm_steps=80, ppo_kl_coefs=(0.2,), ppo_iterations=16, dpo_betas=(0.3,), dpo_steps=30,
-                             best_of=(1, 4), eval_prompts=32, eval_samples=2, dpo_samples=2)}
+                             best_of=(1, 4), eval_samples=4, dpo_samples=2)}
 
 STARTS = ["Once upon a time,", "One day,", "Yesterday,", "In the morning,", "After lunch,", "Last summer,"]
 CHARACTERS = ["Lily", "Tim", "Sue", "Ben", "Max", "Anna", "a little dog", "a small bird", "the old man", "Mia"]
