@@ -8,7 +8,7 @@ import pytest
 from conftest import GOLDENS, forward
 from rlhfx import sampling
 from rlhfx.data.tokenize import llama2c_tokenizer
-from rlhfx.models.convert import from_hf, from_llama2c
+from rlhfx.models.convert import from_hf, from_llama2c, stack_layers
 
 PROMPTS = [[5, 17, 3, 9, 44], [60, 1], [7, 7, 12, 90, 33, 4, 8]]
 
@@ -53,6 +53,16 @@ def test_padded_batch_equals_each_prompt_alone(model):
     alone = _generate(config, params, [prompt], max_new_tokens=8, temperature=0.0)
     np.testing.assert_array_equal(batch.tokens_BxC[i], alone.tokens_BxC[0])
     np.testing.assert_allclose(batch.logps_BxC[i], alone.logps_BxC[0], atol=1e-5)
+
+
+def test_scan_layers_samples_the_same_tokens(model):
+  """The nn.scan decoder (one layer's cache per step) samples what the per-layer loop does."""
+  config, params = model
+  loop = _generate(config, params, PROMPTS, rng=1, max_new_tokens=6, temperature=0.7)
+  scanned = _generate(config.replace(scan_layers=True), stack_layers(params, config.n_layers), PROMPTS, rng=1,
+                      max_new_tokens=6, temperature=0.7)
+  np.testing.assert_array_equal(scanned.tokens_BxC, loop.tokens_BxC)
+  np.testing.assert_allclose(scanned.logps_BxC, loop.logps_BxC, atol=1e-5)
 
 
 def test_sampled_logps_are_the_policy_logps(model):

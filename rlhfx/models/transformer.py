@@ -155,16 +155,14 @@ def write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH):
   `layer` only (in place inside a decode loop, where copying per-layer slices back into the stack
   cost whole-cache copies every step); or (k_BxKxSxH, v_BxKxSxH): one layer's, under nn.scan.
   """
-  k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.swapaxes(1, 2), v_BxTxKxH.swapaxes(1, 2)
-  if len(layer_cache) == 2:
-    cache_k, cache_v = layer_cache
-    k_BxKxSxH = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxH.astype(cache_k.dtype), (0, 0, index, 0))
-    v_BxKxSxH = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxH.astype(cache_v.dtype), (0, 0, index, 0))
-    return k_BxKxSxH, v_BxKxSxH, (k_BxKxSxH, v_BxKxSxH)
+  if len(layer_cache) == 2:  # one layer's cache: a stack of one
+    k_BxKxSxH, v_BxKxSxH, (k_1xBxKxSxH, v_1xBxKxSxH) = write_cache(
+        (layer_cache[0][None], layer_cache[1][None], 0), index, k_BxTxKxH, v_BxTxKxH)
+    return k_BxKxSxH, v_BxKxSxH, (k_1xBxKxSxH[0], v_1xBxKxSxH[0])
   cache_k, cache_v, layer = layer_cache
   at = (layer, 0, 0, index, 0)
-  cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxH[None].astype(cache_k.dtype), at)
-  cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxH[None].astype(cache_v.dtype), at)
+  cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxH.swapaxes(1, 2)[None].astype(cache_k.dtype), at)
+  cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxH.swapaxes(1, 2)[None].astype(cache_v.dtype), at)
   return cache_k[layer], cache_v[layer], (cache_k, cache_v)
 
 
