@@ -111,6 +111,7 @@ def _complete_checkpoints(workdir):
   return [p for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
 
 
+@pytest.mark.slow  # about 65 s: three training runs, a kill and a resume
 def test_local_sweep_reports_failures_and_resumes_after_a_kill(tmp_path):
   config = tmp_path / "sweep_config.py"
   config.write_text(SWEEP_CONFIG.format(quickstart=str(ROOT / "configs" / "quickstart.py"), steps=150))

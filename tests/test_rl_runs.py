@@ -96,6 +96,7 @@ def test_grpo_with_a_python_text_reward(tmp_path):
   assert all(r["time/scoring_s"] > 0 for r in _train(tmp_path).values())
 
 
+@pytest.mark.slow  # about 45 s: a reward model run, then a PPO run on its export
 def test_ppo_from_a_trained_reward_model(tmp_path, shared_data):
   """reward_hh -> its exported reward_model/ -> PPO on HH prompts with normalised scores and the RM as critic."""
   shared_data("hh_rlhf/harmless-base-test.jsonl.gz")

@@ -72,11 +72,13 @@ def test_selected_positions_equal_the_full_pass_there(family):
   assert got.shape == (2, 2, config.d_model)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   scanned = config.replace(scan_layers=True)
-  np.testing.assert_allclose(hidden(stack_layers(params, config.n_layers), scanned, select), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(hidden, static_argnums=1)(stack_layers(params, config.n_layers), scanned, select),
+                             want, rtol=1e-5, atol=1e-5)
 
   weights = jax.random.normal(jax.random.key(0), want.shape)
-  grad_full = jax.grad(lambda p: (jnp.take_along_axis(hidden(p, config, None), select[..., None], 1) * weights).sum())
-  grad_sel = jax.grad(lambda p: (hidden(p, config, select) * weights).sum())
+  grad_full = jax.jit(jax.grad(
+      lambda p: (jnp.take_along_axis(hidden(p, config, None), select[..., None], 1) * weights).sum()))
+  grad_sel = jax.jit(jax.grad(lambda p: (hidden(p, config, select) * weights).sum()))
   for a, b in zip(jax.tree.leaves(grad_sel(params)), jax.tree.leaves(grad_full(params))):
     # float32 sums in another order: a few entries of ~0.01 differ by ~4e-6
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
