@@ -1,8 +1,8 @@
 """Shared test fixtures: the real third-party artifacts in ../shared/data."""
 
+import atexit
 import functools
 import hashlib
-import atexit
 import os
 import pathlib
 import shutil
@@ -22,9 +22,10 @@ def _share_compiled_programs() -> None:
   """One persistent XLA compilation cache for this test session: this process and every run it starts
   (python -m rlhfx.main, launch scripts, loopback processes) inherit it through the environment.
 
-  Most of the suite's time is compiling programs that an earlier test or run already compiled (the same
-  train step under another partial, a resumed run); test_main.py took 228 s without the cache and 166 s
-  with it. The folder is new each session and removed after, so no run reads programs from an earlier
+  Much of the suite's time is compiling, and many programs were compiled before by an earlier test or run
+  (the same train step under another partial, a resumed run, a second process): test_main.py took 228 s
+  without the cache and 166 s with it; the whole suite less (965 -> 924 s, one pair of runs on a noisy
+  machine). The folder is new each session and removed after, so no run reads programs from an earlier
   checkout; a JAX_COMPILATION_CACHE_DIR set by the user is used as it is.
   """
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
