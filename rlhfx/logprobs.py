@@ -7,10 +7,10 @@ With `window=W`, only the W positions of each row that predict its completion go
 through the last layer's queries and MLP and through the LM head (a per-row window
 starting where the completion does), which is all the log-probs need when no
 completion is longer than W tokens (`Truncation.max_completion_length`); a row whose
-completion is longer gets NaN, never a partial sum. The final hidden states go through the LM head `chunk_size`
-positions at a time inside a rematerialised `lax.scan`: only one chunk's logits
-live at once, in the forward and in the backward pass (the tiled LM head TRL
-uses, as a scan).
+completion is longer gets NaN, never a partial sum. The final hidden states go
+through the LM head `chunk_size` positions at a time inside a rematerialised
+`lax.scan`: only one chunk's logits live at once, in the forward and in the
+backward pass (the tiled LM head TRL uses, as a scan).
 """
 
 from __future__ import annotations
