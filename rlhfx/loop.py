@@ -11,6 +11,7 @@ it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -131,8 +132,9 @@ def full_batches(config, data: Data, source, kind: str, limit: int | None = None
 # ----------------------------------------------------------------------------- model
 
 
-def model_config_from(config) -> tuple[ModelConfig, Any]:
-  """(ModelConfig, numpy params or None for random init) from config.model."""
+def model_config_from(config, load_params: bool = True) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, numpy params or None for random init) from config.model; without `load_params` a Hugging
+  Face model's config.json alone is read and the params are None (the planner)."""
   m = config.model
   overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
   shape = {k: m[k] for k in ("vocab_size", "n_layers", "d_model") if m[k] is not None}
@@ -145,10 +147,14 @@ def model_config_from(config) -> tuple[ModelConfig, Any]:
 
       model_config, params = from_llama2c(m.init_from.removeprefix("llama2c:"))
       model_config = model_config.replace(**overrides)
-    else:
+    elif load_params:
       from rlhfx.models.convert import from_hf
 
       model_config, params = from_hf(m.init_from, **overrides)
+    else:
+      from rlhfx.models.convert import hf_model_config
+
+      model_config = hf_model_config(m.init_from, **overrides)
     changed = {k: v for k, v in shape.items() if getattr(model_config, k) != v}
     if changed:  # a pretrained model's shapes come from its checkpoint
       k, v = next(iter(changed.items()))
@@ -177,13 +183,13 @@ def _init_fn(module: nn.Module):
 
 def param_shardings(module: nn.Module, runtime: Runtime):
   """Shardings of a module's parameters from their logical axis names and the config's rules."""
-  boxed = jax.eval_shape(_init_fn(module), jax.random.key(0))
+  boxed = jax.eval_shape(lambda: _init_fn(module)(jax.random.key(0)))  # traced: nothing runs
   return sharding.tree_shardings(boxed, runtime.mesh, runtime.rules)
 
 
 def abstract_params(module: nn.Module, runtime: Runtime):
   """ShapeDtypeStructs of a module's parameters carrying their shardings (restore targets)."""
-  shapes = nn.meta.unbox(jax.eval_shape(_init_fn(module), jax.random.key(0)))
+  shapes = sharding.unbox(jax.eval_shape(lambda: _init_fn(module)(jax.random.key(0))))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                       param_shardings(module, runtime))
 
@@ -200,8 +206,23 @@ def init_params(model_config: ModelConfig, runtime: Runtime, rng, params=None, m
   shardings = param_shardings(module, runtime)
   if params is not None:
     return put(params, shardings)
-  with runtime.mesh:
-    return jax.jit(lambda k: nn.meta.unbox(_init_fn(module)(k)), out_shardings=shardings)(rng)
+  with sharding.active(runtime.mesh, runtime.rules):
+    return jax.jit(lambda k: sharding.unbox(_init_fn(module)(k)), out_shardings=shardings)(rng)
+
+
+def frozen_copy(tree, dtype):
+  """A copy of a frozen tree (reference, reward model) with floating leaves stored in the compute `dtype`.
+
+  Every use casts weights to the compute dtype first (Dense, Embed, Norm), so the model computes the
+  same numbers from it in half the memory under bfloat16; a reward model's score head ("score", float32
+  by design) keeps its dtype.
+  """
+
+  def one(path, x):
+    keep = any(getattr(k, "key", None) == "score" for k in path) or not jnp.issubdtype(x.dtype, jnp.floating)
+    return jnp.array(x, copy=True) if keep else x.astype(dtype) if x.dtype != dtype else jnp.array(x, copy=True)
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def state_shardings(state):
@@ -229,13 +250,14 @@ def setup(config, workdir, kind: str) -> Setup:
   return Setup(runtime, model_config, loaded, data)
 
 
-def create_state(params, optimizer, runtime: Runtime):
-  """TrainState built on device from (sharded) params; returns (state, its shardings)."""
-  from rlhfx.train_state import init_state
+def create_state(params, optimizer, runtime: Runtime, init=None):
+  """(state, its shardings): `init(params)` (default: a TrainState) built on device from sharded params, every
+  leaf sharded like its parameter (rlhfx.train_state.create_state)."""
+  from rlhfx import train_state
 
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    state = jax.jit(lambda p: init_state(p, optimizer), donate_argnums=0)(params)
-  return state, state_shardings(state)
+  init = init or functools.partial(train_state.init_state, optimizer=optimizer)
+  with sharding.active(runtime.mesh, runtime.rules):
+    return train_state.create_state(init, params, optimizer, runtime.mesh)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -366,11 +388,20 @@ def restore_or_init(checkpointer: Checkpointer, state, train_iter) -> tuple[Any,
   return trees["state"], step
 
 
-def resume(config, workdir: Path, state, train_iter) -> tuple[Checkpointer, Any, int]:
-  """The run's checkpoint manager, and the state (and iterator) restored from its latest checkpoint if any."""
+def resume(config, workdir: Path, state, train_iter, frozen: dict | None = None) -> tuple[Checkpointer, Any, int]:
+  """The run's checkpoint manager, and the state (and iterator) restored from its latest checkpoint if any.
+
+  Where every array of the state and of the `frozen` trees lives is written to <workdir>/placement.json
+  (key path -> shape, dtype, PartitionSpec, bytes on one device), after the restore.
+  """
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                               async_save=config.train.async_checkpoints)
   state, start = restore_or_init(checkpointer, state, train_iter)
+  if jax.process_index() == 0:
+    trees = {"state": state, **{k: v for k, v in (frozen or {}).items() if v is not None}}
+    placement = {"step": start, "mesh": dict(state.step.sharding.mesh.shape),
+                 **{name: sharding.describe(tree) for name, tree in trees.items()}}
+    (workdir / "placement.json").write_text(json.dumps(placement, indent=1))
   return checkpointer, state, start
 
 
@@ -393,7 +424,7 @@ def train_and_evaluate(*, config, runtime: Runtime, state, start: int, step_fn, 
   if before:
     writer.write(start, before)
   try:
-    with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    with sharding.active(runtime.mesh, runtime.rules):
       result = run(config=config, runtime=runtime, state=state, step_fn=step_fn, train_iter=train_iter,
                    checkpointer=checkpointer, writer=writer, tokens_per_step=tokens_per_step,
                    flops_per_token=flops_per_token, loss_key="train/loss", evaluate=evaluate, prepare=prepare)

@@ -8,6 +8,7 @@ it), so odd vocabularies and head counts still run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -103,6 +104,39 @@ def _spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rul
   return P(*spec)
 
 
+@contextlib.contextmanager
+def active(mesh: Mesh, rules):
+  """Trace and run under `mesh` and the logical-axis rules.
+
+  `jax.set_mesh`, not the legacy `with mesh:`: only the former sets the abstract mesh that
+  activation constraints (`constrain`) resolve against. Under `with mesh:` every constraint
+  is a no-op, activations lose their batch sharding and XLA all-reduces partial products of
+  the FSDP-sharded weights instead of gathering them per layer.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation from its logical axis names (see `active`).
+
+  Like `nn.with_logical_constraint`, but a mesh axis that does not divide a dimension is
+  dropped for it (a batch of one, an odd vocabulary), as for parameters. A no-op outside
+  `active`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  return jax.lax.with_sharding_constraint(x, _spec_for(names, x.shape, mesh, rules))
+
+
+def unbox(boxed_tree) -> Any:
+  """The values of an nn.Partitioned tree, without Flax's own constraints (their placement is `tree_shardings`')."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed_tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def tree_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
   """NamedShardings for a tree whose leaves are nn.Partitioned (or plain: replicated)."""
 
@@ -112,6 +146,20 @@ def tree_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
     return NamedSharding(mesh, P())
 
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def describe(tree) -> dict[str, dict[str, Any]]:
+  """{key path: shape, dtype, PartitionSpec, bytes on one device} of every array leaf (for placement.json)."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if not isinstance(x, jax.Array):
+      continue
+    spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else None
+    out[jax.tree_util.keystr(path, simple=True, separator="/")] = {
+        "shape": list(x.shape), "dtype": str(x.dtype), "spec": None if spec is None else [
+            list(a) if isinstance(a, tuple) else a for a in tuple(spec) + (None,) * (x.ndim - len(spec))],
+        "device_bytes": max(s.data.nbytes for s in x.addressable_shards), "bytes": x.nbytes}
+  return out
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

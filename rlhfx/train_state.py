@@ -8,6 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 Array = jax.Array
 
@@ -21,6 +22,44 @@ class TrainState:
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def state_shardings(abstract_state, param_shardings, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh):
+  """Shardings of a state (`TrainState` or any struct with `params` and `opt_state`) like its parameters'.
+
+  Each optimizer-state leaf that mirrors a parameter (Adam's moments, per-parameter masks)
+  gets that parameter's sharding; every other leaf (step, counts, scalars) is replicated.
+  optax creates the moments with `zeros_like`, which carries no sharding: without these
+  as `out_shardings` they come out replicated on every device.
+  """
+  replicated = NamedSharding(mesh, P())
+  by_path = {tuple(path): (x.shape, sh) for (path, x), sh in zip(
+      jax.tree_util.tree_leaves_with_path(abstract_state.params), jax.tree.leaves(param_shardings))}
+
+  def like_its_parameter(path, leaf):
+    # an optimizer-state leaf mirrors the parameter whose key path ends its own (mu/<param path>)
+    for start in range(len(path)):
+      shape, sh = by_path.get(tuple(path[start:]), (None, None))
+      if shape == leaf.shape:
+        return sh
+    return replicated
+
+  opt_state = jax.tree_util.tree_map_with_path(like_its_parameter, abstract_state.opt_state)
+  everything = jax.tree.map(lambda _: replicated, abstract_state)
+  return everything.replace(params=param_shardings, opt_state=opt_state)
+
+
+def create_state(init: Callable, params, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+  """(state, its shardings): `init(params)` (e.g. init_state with the optimizer bound) compiled with
+  out_shardings from `state_shardings`, the parameters donated. Works on ShapeDtypeStructs too
+  (`jax.eval_shape`), which is how the planner builds the state without allocating it."""
+  abstract = jax.eval_shape(init, params)
+  shardings = state_shardings(abstract, jax.tree.map(lambda x: x.sharding, params), optimizer, mesh)
+  if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                        shardings), shardings
+  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params), shardings
 
 
 def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:

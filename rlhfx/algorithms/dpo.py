@@ -96,6 +96,24 @@ def eval_step(params, batch, reference_params, *, model, loss, mode, lora_scale=
   return metrics
 
 
+def step_kwargs(config, model: Transformer, loss: Callable | None = None) -> dict:
+  """The keyword arguments `train_step` and `eval_step` take for `config` (loss: the configured built-in one)."""
+  return dict(model=model, loss=loss or loss_from_config(config.dpo), mode=reference_mode(config),
+              lora_scale=config.lora.alpha / config.lora.rank if config.lora.rank else 1.0,
+              chunk_size=config.dpo.chunk_size or None, window=config.data.max_completion_length or None)
+
+
+def jit_train_step(config, model: Transformer, optimizer, shardings, reference, *, loss: Callable | None = None):
+  """The jitted step a run executes, state donated (`rlhfx.plan` compiles this same function); `reference` is
+  the frozen tree, its ShapeDtypeStructs, or None."""
+  step = functools.partial(train_step, optimizer=optimizer,
+                           schedule=learning_rate_schedule(config.optim, config.train.num_steps),
+                           grad_accum_steps=config.train.grad_accum_steps, **step_kwargs(config, model, loss))
+  reference_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
+  return jax.jit(step, in_shardings=(shardings, None, reference_shardings), out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+
 def loss_from_config(cfg) -> Callable:
   """The configured built-in loss with its hyper-parameters bound (plus the SFT term when weighted)."""
   if cfg.loss not in preference.LOSSES:
@@ -126,7 +144,7 @@ def precompute_reference(config, data, source, params, model, runtime, chunk_siz
   table = np.full((len(source), 2), np.nan, np.float32)
   for local in loop.full_batches(config, data, source, "preference", keep_ids=True):
     valid, ids = local.pop("valid_B"), local.pop("example_id_B")
-    with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    with sharding.active(runtime.mesh, runtime.rules):
       out = jax.device_get(fn(params, sharding.global_batch(local, runtime.mesh)))
     table[ids[valid], 0], table[ids[valid], 1] = out["chosen_B"][valid], out["rejected_B"][valid]
   return table
@@ -158,12 +176,13 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
   if config.lora.rank:
     adapters = lora.init(base, patterns=tuple(config.lora.patterns), rank=config.lora.rank,
                          rng=jax.random.key(config.seed + 1))
+    adapters = jax.device_put(adapters, lora.shardings(adapters, base))
     params = {"base": base, "lora": adapters}
   else:
     params = base
   reference = None
-  if mode == "frozen":  # a copy of the initial policy
-    reference = jax.tree.map(lambda x: jnp.array(x, copy=True), base)
+  if mode == "frozen":  # a copy of the initial policy, stored in the compute dtype
+    reference = loop.frozen_copy(base, model_config.jnp_dtype)
   table = eval_table = None
   if mode == "precomputed":  # before the state takes (donates) the parameters
     table = precompute_reference(config, data, data.train, base, model, runtime, chunk, window)
@@ -172,18 +191,13 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
   # with LoRA the base is frozen through optax (no update, no optimizer state)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params,
                              frozen=("^base/",) if config.lora.rank else ())
-  schedule = learning_rate_schedule(config.optim, config.train.num_steps)
   state, shardings = loop.create_state(params, optimizer, runtime)
 
   train_iter = iter(loop.batches(config, data, data.train, "preference", seed=config.seed))
-  checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
-  kwargs = dict(model=model, loss=loss, mode=mode, lora_scale=lora_scale, chunk_size=chunk, window=window)
-  step = functools.partial(train_step, optimizer=optimizer, schedule=schedule,
-                           grad_accum_steps=config.train.grad_accum_steps, **kwargs)
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
-    jitted = jax.jit(step, in_shardings=(shardings, None, ref_shardings), out_shardings=(shardings, None),
-                     donate_argnums=0)
+  checkpointer, state, start = loop.resume(config, workdir, state, train_iter, frozen={"reference": reference})
+  kwargs = step_kwargs(config, model, loss)
+  with sharding.active(runtime.mesh, runtime.rules):
+    jitted = jit_train_step(config, model, optimizer, shardings, reference, loss=loss)
     eval_jit = jax.jit(functools.partial(eval_step, **kwargs))
   step_fn = lambda state, batch: jitted(state, batch, reference)  # noqa: E731
 
@@ -196,7 +210,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
       local = add_reference(eval_table)(local) if eval_table is not None else loop.drop_ids(local)
       if not valid.all():  # metrics are batch means: weight only full batches exactly, skip the padded tail
         continue
-      with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+      with sharding.active(runtime.mesh, runtime.rules):
         m = jax.device_get(eval_jit(state.params, sharding.global_batch(local, runtime.mesh), reference))
       sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
       n += 1

@@ -117,6 +117,18 @@ def iteration_flops(model_config, prompt_len: int, completion_len: int, epochs: 
   return per_sequence / seq_len
 
 
+def jit_programs(s, update_step, shardings):
+  """(fused iteration, rollout, scoring, update): the jitted programs a run executes, state donated (`rlhfx.plan`
+  compiles these same functions). The fused one runs when scoring is in-graph and phases are not timed."""
+  fused = jax.jit(functools.partial(onpolicy.iteration, s=s, update_step=update_step),
+                  in_shardings=(shardings, None, None), out_shardings=(shardings, None, None, None), donate_argnums=0)
+  rollout_jit = jax.jit(functools.partial(onpolicy.rollout_step, s=s))
+  score_jit = jax.jit(functools.partial(onpolicy.scores, scorer=s.scorer))
+  update_jit = jax.jit(functools.partial(update_step, s=s), in_shardings=(shardings, None, None, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+  return fused, rollout_jit, score_jit, update_jit
+
+
 def train(config, workdir: str, *, algorithm: str, init_params, settings, update_step, epochs: int, minibatches: int,
           kl_coef: float) -> dict[str, float]:
   setup = loop.setup(config, workdir, kind="prompts")
@@ -128,33 +140,28 @@ def train(config, workdir: str, *, algorithm: str, init_params, settings, update
                       f"max_seq_len={model_config.max_seq_len}")
   model = Transformer(model_config)
   policy = loop.init_params(model_config, runtime, jax.random.key(config.seed), setup.loaded_params)
-  reference = copy_tree(policy)
+  reference = loop.frozen_copy(policy, model_config.jnp_dtype)
   scorer, reward_params = make_scorer(config, data.tokenizer, runtime, model_config)
   params, critic = init_params(policy, runtime, setup, scorer, reward_params, config)
   optimizer = make_optimizer(config.optim, config.train.num_steps * epochs * minibatches, params,
                              frozen=tuple(config.optim.freeze))
   sampling = onpolicy.SamplingSettings.from_config(config, model_config, data.tokenizer)
   s = settings(config, model=model, critic=critic, scorer=scorer, sampling=sampling, optimizer=optimizer).check()
+  if reward_params is not None:  # the critic took its own copy; the frozen scorer is kept in its compute dtype
+    reward_params = loop.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
   frozen = {"reference": reference, "reward": reward_params}
   rows = config.train.global_batch_size * sampling.group_size
   if rows % (minibatches * config.train.grad_accum_steps):
     raise ConfigError(f"{rows} rollout rows (global_batch_size x rollout.group_size) do not split into "
                       f"config.{algorithm}.minibatches x config.train.grad_accum_steps micro-batches")
 
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    state = jax.jit(lambda p: RLState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                                      kl_coef=jnp.float32(kl_coef)), donate_argnums=0)(params)
-  shardings = loop.state_shardings(state)
+  state, shardings = loop.create_state(params, optimizer, runtime, init=lambda p: RLState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p), kl_coef=jnp.float32(kl_coef)))
   train_iter = iter(loop.batches(config, data, data.train, "prompts", seed=config.seed))
-  checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
+  checkpointer, state, start = loop.resume(config, workdir, state, train_iter, frozen=frozen)
 
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    fused = jax.jit(functools.partial(onpolicy.iteration, s=s, update_step=update_step),
-                    in_shardings=(shardings, None, None), out_shardings=(shardings, None, None, None), donate_argnums=0)
-    rollout_jit = jax.jit(functools.partial(onpolicy.rollout_step, s=s))
-    score_jit = jax.jit(functools.partial(onpolicy.scores, scorer=scorer))
-    update_jit = jax.jit(functools.partial(update_step, s=s), in_shardings=(shardings, None, None, None),
-                         out_shardings=(shardings, None), donate_argnums=0)
+  with sharding.active(runtime.mesh, runtime.rules):
+    fused, rollout_jit, score_jit, update_jit = jit_programs(s, update_step, shardings)
   split = config.train.time_phases or not scorer.in_graph
   done = [start]
 
@@ -195,7 +202,7 @@ def train(config, workdir: str, *, algorithm: str, init_params, settings, update
     ref = onpolicy.completion_stats(model, reference_params, r, temperature=eval_sampling.temperature)[0]
     return r, onpolicy.sequence_kl(logps, ref, r.mask_BxC)
 
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+  with sharding.active(runtime.mesh, runtime.rules):
     eval_jit = jax.jit(eval_rollout)
 
   def run_eval(state, step_number):
@@ -203,7 +210,7 @@ def train(config, workdir: str, *, algorithm: str, init_params, settings, update
     if data.eval is None:
       return {}
     scores, kls, lengths = [], [], []
-    with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    with sharding.active(runtime.mesh, runtime.rules):
       for i, local in enumerate(loop.full_batches(config, data, data.eval, "prompts",
                                                   limit=config.train.eval_batches)):
         valid = local.pop("valid_B")

@@ -52,6 +52,14 @@ def train_step(state: TrainState, batch, *, model: ScoreModel, optimizer, schedu
   return apply_gradients(state, grads, optimizer), metrics
 
 
+def jit_train_step(config, model: ScoreModel, optimizer, shardings):
+  """The jitted step a run executes, state donated (`rlhfx.plan` compiles this same function)."""
+  step = functools.partial(train_step, model=model, optimizer=optimizer,
+                           schedule=learning_rate_schedule(config.optim, config.train.num_steps),
+                           center_coef=config.reward.center_coef, grad_accum_steps=config.train.grad_accum_steps)
+  return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+
+
 def eval_step(params, batch, *, model: ScoreModel):
   chosen_B, rejected_B = pair_rewards(model, params, batch)
   return {"chosen_B": chosen_B, "rejected_B": rejected_B}
@@ -93,21 +101,18 @@ def train(config, workdir: str) -> dict[str, float]:
     score = jax.device_get(params["score"])
     params = loop.put(from_lm_params(setup.loaded_params, score), shardings)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params)
-  schedule = learning_rate_schedule(config.optim, config.train.num_steps)
   state, shardings = loop.create_state(params, optimizer, runtime)
 
   train_iter = iter(loop.batches(config, data, data.train, "preference", seed=config.seed))
   checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
-  step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
-                           center_coef=config.reward.center_coef, grad_accum_steps=config.train.grad_accum_steps)
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    step_fn = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+  with sharding.active(runtime.mesh, runtime.rules):
+    step_fn = jit_train_step(config, model, optimizer, shardings)
     eval_jit = jax.jit(functools.partial(eval_step, model=model))
 
   def run_eval(state, step_number):
     if data.eval is None:
       return {}
-    with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    with sharding.active(runtime.mesh, runtime.rules):
       return evaluate(state.params, loop.full_batches(config, data, data.eval, "preference"), eval_jit,
                       runtime.mesh)
 
@@ -120,7 +125,7 @@ def train(config, workdir: str) -> dict[str, float]:
   result, before, after, final = outcome.result, outcome.before, outcome.after, outcome.final
   if result.stopped_early:
     return final
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+  with sharding.active(runtime.mesh, runtime.rules):
     stats = reward_stats(result.state.params, loop.full_batches(config, data, data.train, "preference",
                                                                 limit=config.reward.stats_batches),
                          eval_jit, runtime.mesh)

@@ -40,6 +40,14 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer
   return apply_gradients(state, grads, optimizer), metrics
 
 
+def jit_train_step(config, model: Transformer, optimizer, shardings):
+  """The jitted step a run executes, state donated (`rlhfx.plan` compiles this same function)."""
+  step = functools.partial(train_step, model=model, optimizer=optimizer,
+                           schedule=learning_rate_schedule(config.optim, config.train.num_steps),
+                           grad_accum_steps=config.train.grad_accum_steps)
+  return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+
+
 def eval_step(params, batch: dict[str, Array], *, model: Transformer) -> dict[str, Array]:
   _, metrics = loss_fn(params, batch, model=model, normalizer=1.0)
   return {"nll_sum": metrics["nll_sum"], "tokens": metrics["tokens"]}
@@ -80,17 +88,14 @@ def train(config, workdir: str) -> dict[str, float]:
   model = Transformer(model_config)
   params = loop.init_params(model_config, runtime, jax.random.key(config.seed), setup.loaded_params)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params)
-  schedule = learning_rate_schedule(config.optim, config.train.num_steps)
   state, shardings = loop.create_state(params, optimizer, runtime)
 
   train_iter = iter(loop.batches(config, data, data.train, "sft", seed=config.seed))
   checkpointer, state, start = loop.resume(config, workdir, state, train_iter)
 
-  step = functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
-                           grad_accum_steps=config.train.grad_accum_steps)
   eval_fn = functools.partial(eval_step, model=model)
-  with runtime.mesh, nn.logical_axis_rules(runtime.rules):
-    step_fn = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+  with sharding.active(runtime.mesh, runtime.rules):
+    step_fn = jit_train_step(config, model, optimizer, shardings)
     eval_jit = jax.jit(eval_fn)
 
   def run_eval(state, step_number):
@@ -98,7 +103,7 @@ def train(config, workdir: str) -> dict[str, float]:
       return {}
     it = loop.batches(config, data, data.eval, "sft", seed=0, shuffle=False, num_epochs=1)
     first = [loop.drop_ids(b) for _, b in zip(range(config.train.eval_batches), it)]
-    with runtime.mesh, nn.logical_axis_rules(runtime.rules):
+    with sharding.active(runtime.mesh, runtime.rules):
       return evaluate(state.params, first, eval_jit, runtime.mesh)
 
   accuracy_before = exact_match(state.params, model_config, data.eval, data.tokenizer) if (

@@ -290,6 +290,16 @@ def _strip_prefix(names: dict[str, Path], cfg: ModelConfig) -> dict[str, tuple[s
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
+def hf_model_config(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None,
+                    **config_overrides) -> ModelConfig:
+  """The ModelConfig of a Hugging Face directory or hub id, from its config.json alone (no tensors read)."""
+  config_file = _resolve(path_or_hub_id) / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
+  config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+  return config.replace(param_dtype=param_dtype or "float32", **config_overrides)
+
+
 def from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None, **config_overrides):
   """(ModelConfig, params) from a Hugging Face directory or hub id.
 
@@ -299,11 +309,7 @@ def from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None
   from safetensors import safe_open
 
   directory = _resolve(path_or_hub_id)
-  config_file = directory / "config.json"
-  if not config_file.exists():
-    raise CheckpointError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
-  config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-  config = config.replace(param_dtype=param_dtype or "float32", **config_overrides)
+  config = hf_model_config(directory, param_dtype=param_dtype, **config_overrides)
   located = _strip_prefix(_safetensor_files(directory), config)
   table = _table(config)
   wanted = {e.hf for e in table}

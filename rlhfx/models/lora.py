@@ -57,6 +57,21 @@ def init(params, *, patterns: Sequence[str], rank: int, rng: jax.Array) -> dict[
   return adapters
 
 
+def shardings(adapters: dict, params) -> dict:
+  """Each adapter's sharding from its kernel's (`params` leaves carry `.sharding`): A [in, r] split like the
+  kernel's first input axis, B [r, out] like its first output axis, the rank replicated."""
+  leaves = {param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  out = {}
+  for path, ab in adapters.items():
+    kernel = leaves[path]
+    lead = 1 if path.startswith("layers/") else 0
+    spec = tuple(kernel.sharding.spec) + (None,) * (kernel.ndim - len(kernel.sharding.spec))
+    n_in = _input_axes(path)
+    named = lambda *axes: jax.sharding.NamedSharding(kernel.sharding.mesh, jax.sharding.PartitionSpec(*axes))  # noqa: E731
+    out[path] = {"a": named(*spec[:lead], spec[lead], None), "b": named(*spec[:lead], None, spec[lead + n_in])}
+  return out
+
+
 def merge(params, adapters: dict, *, scale: float):
   """Base params with W + scale * A @ B on every adapted kernel (differentiable in the adapters)."""
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhfx.models.config import ModelConfig
+from rlhfx.sharding import constrain
 
 Array = jax.Array
 
@@ -222,7 +223,7 @@ class Attention(nn.Module):
       inv_freq = rope_frequencies(cfg)
       q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxQ, inv_freq)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
-    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
+    q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
                                                        "activation_head_dim"))
     if layer_cache is not None:
       k_BxKxSxH, v_BxKxSxH, new_cache = write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
@@ -248,7 +249,7 @@ class Mlp(nn.Module):
       h_BxTxF = nn.silu(gate) * up
     else:
       h_BxTxF = nn.gelu(up, approximate=True)
-    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
+    h_BxTxF = constrain(h_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
     return _dense(cfg, cfg.d_model, -1, ("mlp", "embed"), ("embed",), cfg.mlp_bias, "down_proj")(h_BxTxF)
 
 
@@ -270,7 +271,7 @@ class Block(nn.Module):
       x_BxTxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
     x_BxTxD = x_BxTxD + attn_out
     x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    x_BxTxD = constrain(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BxTxD, new_cache
 
 
@@ -350,7 +351,7 @@ class Transformer(nn.Module):
     x_BxTxD = self.embed(tokens_BxT)
     if cfg.positions == "learned":
       x_BxTxD = x_BxTxD + self.pos_embed(positions_BxT)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    x_BxTxD = constrain(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
     kv = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
     if cfg.scan_layers:
@@ -376,7 +377,7 @@ class Transformer(nn.Module):
       logits = self.embed.attend(hidden_BxTxD.reshape(-1, d)).reshape(*hidden_BxTxD.shape[:-1], -1)
     else:
       logits = self.lm_head(hidden_BxTxD)
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
+    return constrain(logits.astype(jnp.float32),
                                       ("activation_batch", "activation_length", "activation_vocab"))
 
 

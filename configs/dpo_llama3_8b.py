@@ -1,0 +1,51 @@
+"""DPO of Llama-3-8B on Anthropic HH pairs, sized for a v5e-16 slice (16 chips x 16 GiB HBM).
+
+  python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16      # will it fit? (any host)
+  python launch/tpu.py --config=configs/dpo_llama3_8b.py --accelerator=v5e-16 --name=dpo8b \\
+      --workdir=/mnt/ckpt/dpo8b --config.model.init_from=/mnt/models/llama3-8b-sft
+
+64 pairs x 1,024 tokens per optimizer step, as 4 accumulated micro-batches of 16 pairs
+(one pair per chip), FSDP over all 16 chips, bfloat16 compute on float32 parameters
+and Adam moments, full rematerialisation of each scanned layer, reference log-probs
+precomputed once (no second 8B tree in HBM), the LM head only over the 512 completion
+positions, 128 at a time. `rlhfx.plan --search` shows the other settings that fit.
+"""
+
+import pathlib
+
+from rlhfx.config import base_config, use_hh_pairs
+
+DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def get_config(arg=None):
+  del arg
+  config = base_config("dpo")
+  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
+  config.model.preset = "llama3-8b"  # shapes; set model.init_from to your SFT checkpoint (same shapes)
+  config.data.tokenizer = "meta-llama/Meta-Llama-3-8B"  # hub id or a local copy of its tokenizer files
+  config.model.dtype = "bfloat16"  # compute dtype
+  config.model.param_dtype = "float32"  # parameters and Adam moments
+  config.model.remat = "full"  # recompute each layer in the backward pass
+  config.model.scan_layers = True  # one scanned layer: compile time independent of depth
+  config.data.max_length = 1024  # prompt + reply tokens
+  config.data.max_prompt_length = 512  # prompt tokens (the most recent turns are kept)
+  config.data.max_completion_length = 512  # reply tokens; the LM head sees only these positions
+  config.data.buckets = (1024,)  # one compiled shape
+  config.dpo.loss = "sigmoid"  # DPO
+  config.dpo.beta = 0.1  # KL strength
+  config.dpo.reference = "precomputed"  # reference log-probs computed once before training
+  config.dpo.chunk_size = 128  # LM-head positions per chunk
+  config.train.global_batch_size = 64  # pairs per optimizer step
+  config.train.grad_accum_steps = 4  # micro-batches of 16 pairs: one per chip
+  config.train.num_steps = 1000  # optimizer steps
+  config.train.log_every = 10  # console and metrics
+  config.train.eval_every = 200  # held-out rewards/accuracies
+  config.train.checkpoint_every = 200  # checkpoints
+  config.optim.learning_rate = 5e-7  # DPO's usual rate
+  config.optim.warmup_steps = 100  # linear warmup
+  config.optim.schedule = "constant"  # after warmup
+  config.mesh.shape.data = 1  # no pure data parallelism:
+  config.mesh.shape.fsdp = -1  # parameters, gradients and Adam moments split over every chip
+  config.mesh.shape.tensor = 1  # no tensor parallelism
+  return config.lock()

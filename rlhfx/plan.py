@@ -1,0 +1,281 @@
+"""Will it fit? Compile a config's programs for a TPU slice on any host and report memory, FLOPs and collectives.
+
+  python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 [--config.a.b=v] [--json]
+  python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 --search
+
+The programs are the ones a run executes (`rlhfx.programs`), built from ShapeDtypeStructs
+on a mesh over the slice's devices (`rlhfx.topology`) and compiled by the TPU compiler
+(libtpu): no parameter is allocated. Per chip, from the compiler: arguments, outputs not
+aliased to a donated argument, temporaries, and their total against the chip's HBM; from
+the trees themselves: how the arguments split into parameters, optimizer state, frozen
+trees and batch (both are printed when they disagree by more than 10%). FLOPs come from
+the model's shape (the compiler's cost analysis counts a loop's body once); collectives
+are counted in the compiled program's text, a loop body once. The step-time figure is a
+roofline lower bound from the chip's published peak FLOP/s and HBM bandwidth: an
+estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhfx import loop, programs, sharding, topology
+from rlhfx.config import ConfigError, validate
+
+GiB = 2**30
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_OP = re.compile(r"=\s*(\(.*?\)|[a-z]+[0-9]*\[[0-9,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs (or arrays) with NamedShardings (the largest shard)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives in a compiled program's text (result bytes; async pairs once)."""
+  out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+  for line in hlo.splitlines():
+    m = _OP.search(line)
+    if not m:
+      continue
+    arrays = _ARRAY.findall(m.group(1))
+    if m.group(3) and len(arrays) > 1:  # async start: (operands..., result) -> the result
+      arrays = arrays[len(arrays) // 2:] if m.group(2) != "all-gather" else arrays[-1:]
+    size = sum(_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+               for dtype, dims in arrays)
+    out[m.group(2)]["count"] += 1
+    out[m.group(2)]["bytes"] += size
+  return {k: v for k, v in out.items() if v["count"]}
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+  name: str
+  fits: bool
+  bytes_per_chip: dict[str, int]  # compiler: arguments, outputs, temporaries, code, total
+  parts_per_chip: dict[str, int]  # our own sums over the argument trees
+  flops: float  # per chip, from the model's shape
+  compiler_flops: float | None  # per chip, the compiler's cost analysis (a loop's body once)
+  collectives: dict[str, dict[str, int]]
+  roofline_s: float | None
+  compile_s: float
+  error: str = ""  # the compiler's reason when it did not compile (out of memory, ...)
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  for line in text.splitlines():
+    if "RESOURCE_EXHAUSTED" in line or "exceeds" in line or "Ran out of memory" in line:
+      return line.strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def plan_program(p: programs.Program, runtime, chip: topology.Chip) -> ProgramPlan:
+  """Compile one program for the slice and read its per-chip memory, FLOPs and collectives."""
+  chips = runtime.mesh.size
+  parts = {k: per_chip_bytes(v) for k, v in p.parts.items() if v is not None}
+  if p.kv_cache is not None:  # rows split over the batch axes
+    parts["KV cache (inside temporaries)"] = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(
+        p.kv_cache)) // sharding.data_parallel_size(runtime.mesh)
+  flops = p.flops / chips
+  t0 = time.perf_counter()
+  try:
+    with sharding.active(runtime.mesh, runtime.rules):
+      compiled = p.fn.lower(*p.args).compile()
+  except Exception as e:  # noqa: BLE001 (the compiler's own message is the report)
+    return ProgramPlan(p.name, False, {}, parts, flops, None, {}, None, time.perf_counter() - t0, _first_line(e))
+  compile_s = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  outputs = m.output_size_in_bytes - m.alias_size_in_bytes
+  total = m.argument_size_in_bytes + outputs + m.temp_size_in_bytes + m.generated_code_size_in_bytes
+  memory = {"arguments": m.argument_size_in_bytes, "outputs": outputs, "temporaries": m.temp_size_in_bytes,
+            "code": m.generated_code_size_in_bytes, "total": total}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  compiler_flops = float(cost.get("flops", 0.0)) if cost else None
+  # a lower bound: the FLOPs at peak, or reading the arguments and writing the outputs once at full bandwidth
+  roofline = max(flops / chip.peak_flops, (m.argument_size_in_bytes + outputs) / chip.hbm_bandwidth)
+  return ProgramPlan(p.name, total <= chip.hbm_bytes, memory, parts, flops, compiler_flops,
+                     collectives(compiled.as_text()), roofline, compile_s)
+
+
+def runtime_for(config, devices) -> loop.Runtime:
+  mesh = sharding.make_mesh(dict(config.mesh.shape), devices)
+  return loop.Runtime(mesh=mesh, rules=sharding.rules_from_config(config.mesh.rules), workdir=None)
+
+
+def plan(config, topology_name: str) -> dict[str, Any]:
+  """The planner's report for one config on one slice (the JSON `--json` prints)."""
+  chip, devices = topology.devices(topology_name)
+  runtime = runtime_for(config, devices)
+  model_config, _ = loop.model_config_from(config, load_params=False)
+  validate(config, model_config, sharding.data_parallel_size(runtime.mesh))
+  plans = [plan_program(p, runtime, chip) for p in programs.build(config, model_config, runtime)]
+  return {
+      "topology": topology_name, "compiler_topology": topology.compiler_name(topology_name)[1],
+      "chips": len(devices), "device_kind": chip.device_kind, "hbm_bytes_per_chip": chip.hbm_bytes,
+      "peak_flops_per_chip": chip.peak_flops, "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
+      "mesh": dict(runtime.mesh.shape), "model": {"params": model_config.num_params(), "dtype": model_config.dtype,
+                                                  "param_dtype": model_config.param_dtype,
+                                                  "remat": model_config.remat, "scan_layers": model_config.scan_layers},
+      "grad_accum_steps": config.train.grad_accum_steps,
+      "programs": [dataclasses.asdict(p) for p in plans],
+      "fits": all(p.fits for p in plans),
+      "roofline_s": sum(p.roofline_s or 0.0 for p in plans) if all(p.roofline_s for p in plans) else None,
+  }
+
+
+def _gib(n: float) -> str:
+  return f"{n / GiB:8.3f}"
+
+
+def render(report: dict[str, Any]) -> str:
+  """The human-readable tables."""
+  hbm = report["hbm_bytes_per_chip"]
+  mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+  model = report["model"]
+  lines = [f"{report['topology']} ({report['compiler_topology']}): {report['chips']} x {report['device_kind']}, "
+           f"{hbm / GiB:.2f} GiB HBM per chip; mesh {mesh}",
+           f"model: {model['params'] / 1e9:.2f}B parameters ({model['param_dtype']}), compute {model['dtype']}, "
+           f"remat {model['remat']}, scan_layers {model['scan_layers']}; grad_accum_steps "
+           f"{report['grad_accum_steps']}"]
+  for p in report["programs"]:
+    lines += ["", f"program {p['name']}" + (f" (compiled in {p['compile_s']:.1f} s)" if p["bytes_per_chip"] else ""),
+              f"  {'per chip':40s}{'GiB':>8s}"]
+    for name, n in p["parts_per_chip"].items():
+      lines.append(f"  {name:40s}{_gib(n)}")
+    b = p["bytes_per_chip"]
+    if not b:
+      lines.append(f"  does not compile: {p['error']}")
+      continue
+    ours = sum(v for k, v in p["parts_per_chip"].items() if not k.startswith("KV cache"))
+    if ours and abs(ours - b["arguments"]) > 0.1 * b["arguments"]:
+      lines.append(f"  {'arguments, our sum of the trees':40s}{_gib(ours)}   (the compiler's differs by >10%)")
+    lines += [f"  {'arguments (compiler)':40s}{_gib(b['arguments'])}",
+              f"  {'outputs not aliased (compiler)':40s}{_gib(b['outputs'])}",
+              f"  {'temporaries (compiler)':40s}{_gib(b['temporaries'])}",
+              f"  {'program code (compiler)':40s}{_gib(b['code'])}",
+              f"  {'total':40s}{_gib(b['total'])}   of {hbm / GiB:.2f}: "
+              + (f"fits, headroom {1 - b['total'] / hbm:.0%}" if p["fits"] else
+                 f"DOES NOT FIT ({b['total'] / hbm:.0%} of HBM)")]
+    flops = f"  FLOPs per chip per call: {p['flops']:.3e} (model)"
+    if p["compiler_flops"]:
+      flops += f"; compiler's cost analysis {p['compiler_flops']:.3e} (a loop body counted once)"
+    lines.append(flops)
+    coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / GiB:.2f} GiB)" for k, v in p["collectives"].items())
+    lines.append(f"  collectives in the program text (a loop body once): {coll or 'none'}")
+    lines.append(f"  roofline lower bound (estimate): {p['roofline_s'] * 1e3:.1f} ms per call")
+  verdict = "FITS" if report["fits"] else "DOES NOT FIT"
+  lines += ["", f"{verdict} on {report['topology']}"]
+  return "\n".join(lines)
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(config, chips: int, model_config) -> list[dict[str, Any]]:
+  """Overrides the search tries: mesh shapes (data x fsdp x tensor), remat policies, accumulation steps."""
+  tensors = [t for t in (1, 2, 4, 8) if chips % t == 0 and model_config.num_kv_heads % t == 0]
+  meshes = [{"data": d, "fsdp": chips // (d * t), "tensor": t} for t in tensors for d in _divisors(chips // t)
+            if d in (1, 2, 4) or d == chips // t]
+  remats = sorted({model_config.remat, "full", "dots"}, key=("none", "dots_no_batch", "dots", "full").index)
+  out = []
+  for mesh in meshes:
+    for remat in remats:
+      out.append({"mesh": mesh, "remat": remat})
+  return out
+
+
+def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> list[dict[str, Any]]:
+  """Try mesh shapes x remat policies, each with the fewest accumulation steps that fit; fastest roofline first."""
+  chip, devices = topology.devices(topology_name)
+  model_config, _ = loop.model_config_from(config, load_params=False)
+  found = []
+  rows = config.train.global_batch_size
+  for c in candidates(config, len(devices), model_config):
+    dp = c["mesh"]["data"] * c["mesh"]["fsdp"]
+    for accum in [k for k in _divisors(rows) if k <= max_accum and (rows // k) % dp == 0]:
+      trial = copy.deepcopy(config)
+      trial.mesh.shape.data, trial.mesh.shape.fsdp, trial.mesh.shape.tensor = (
+          c["mesh"]["data"], c["mesh"]["fsdp"], c["mesh"]["tensor"])
+      trial.model.remat = c["remat"]
+      trial.train.grad_accum_steps = accum
+      setting = {**c, "grad_accum_steps": accum}
+      try:
+        report = plan(trial, topology_name)
+      except ConfigError as e:
+        log(f"  skip {setting}: {e}")
+        break
+      totals = [p["bytes_per_chip"].get("total", 0) for p in report["programs"]]
+      log(f"  {json.dumps(setting)}: " + ("fits" if report["fits"] else "does not fit")
+          + (f", {max(totals) / GiB:.2f} GiB per chip" if all(totals) else ""))
+      if report["fits"]:
+        found.append({**setting, "roofline_s": report["roofline_s"], "bytes_per_chip": max(totals),
+                      "headroom": 1 - max(totals) / chip.hbm_bytes})
+        break  # more accumulation steps only slow the same work down
+  return sorted(found, key=lambda f: (f["roofline_s"], f["grad_accum_steps"], f["bytes_per_chip"]))
+
+
+def main(argv):
+  from absl import flags
+
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise SystemExit(f"rlhfx-plan: unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  try:
+    if FLAGS.search:
+      found = search(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print)
+      if FLAGS.json:
+        print(json.dumps({"topology": FLAGS.topology, "fitting": found}, indent=2))
+      elif not found:
+        print(f"nothing tried fits on {FLAGS.topology}")
+      else:
+        print(f"\nfitting settings on {FLAGS.topology}, fastest roofline first (an estimate):")
+        for f in found:
+          mesh = " ".join(f"{k}={v}" for k, v in f["mesh"].items())
+          print(f"  mesh {mesh:28s} remat {f['remat']:6s} grad_accum_steps {f['grad_accum_steps']:3d}  "
+                f"{f['bytes_per_chip'] / GiB:6.2f} GiB/chip (headroom {f['headroom']:.0%})  "
+                f"roofline {f['roofline_s'] * 1e3:.0f} ms")
+      return
+    report = plan(config, FLAGS.topology)
+  except (ConfigError, topology.TopologyError) as e:
+    sys.exit(f"rlhfx-plan: {e}")
+  print(json.dumps(report, indent=2) if FLAGS.json else render(report))
+  if not report["fits"]:
+    sys.exit(1)
+
+
+def run():
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:variant])",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5p-128, v6e-64, v4-32 or a compiler name (v5e:4x4)")
+  flags.DEFINE_bool("json", False, "print one JSON object instead of tables")
+  flags.DEFINE_bool("search", False, "try mesh shapes, remat policies and accumulation steps; print those that fit")
+  flags.mark_flags_as_required(["config", "topology"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,233 @@
+"""The jitted programs a run of a config executes, built from ShapeDtypeStructs: nothing is allocated.
+
+  for p in programs.build(config, model_config, runtime):
+    compiled = p.fn.lower(*p.args).compile()     # under sharding.active(runtime.mesh, runtime.rules)
+
+Each algorithm's own `jit_train_step` (or `jit_programs`) makes the function, from the
+same optimizer, state shardings (`train_state.create_state`) and frozen trees as its
+`train()`; only the values are abstract. `parts` groups the arguments the way the
+planner reports them (parameters, optimizer state, frozen trees, batch), and `flops`
+counts the matmul FLOPs of one call from the model's shape (the compiler's cost
+analysis counts a scan's body once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from rlhfx import loop, sharding, train_state
+from rlhfx.config import ConfigError
+from rlhfx.metrics import sequence_train_flops, train_flops_per_token
+from rlhfx.models import ModelConfig, Transformer, lora
+from rlhfx.models.heads import ScoreModel
+from rlhfx.models.transformer import init_cache
+from rlhfx.optim import make_optimizer
+
+
+@dataclasses.dataclass
+class Program:
+  name: str
+  fn: Callable  # a jax.jit-wrapped function
+  args: tuple  # ShapeDtypeStructs with shardings
+  parts: dict[str, Any]  # report category -> tree of ShapeDtypeStructs (a subset of args)
+  flops: float  # matmul FLOPs of one call, all chips together (from the model's shape)
+  kv_cache: Any = None  # ShapeDtypeStructs of the KV cache the program builds inside (sampling), if any
+
+
+def batch_struct(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """{name: (shape, dtype)} -> global ShapeDtypeStructs split over the batch axes, as `sharding.global_batch` does."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def _pair_batch(rows: int, length: int, mesh, precomputed: bool) -> dict:
+  shapes = {f"{side}_{k}": ((rows, length), dtype) for side in ("chosen", "rejected")
+            for k, dtype in (("tokens_BxT", jnp.int32), ("mask_BxT", bool), ("loss_mask_BxT", bool))}
+  if precomputed:
+    shapes.update({"ref_chosen_logps_B": ((rows,), jnp.float32), "ref_rejected_logps_B": ((rows,), jnp.float32)})
+  return batch_struct(shapes, mesh)
+
+
+def _with_dtype(tree, dtype):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if any(getattr(k, "key", None) == "score" for k in path)
+      or not jnp.issubdtype(x.dtype, jnp.floating) else jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
+      tree)
+
+
+def _state(params, optimizer, mesh, init=None):
+  init = init or functools.partial(train_state.init_state, optimizer=optimizer)
+  return train_state.create_state(init, params, optimizer, mesh)
+
+
+def sft(config, model_config: ModelConfig, runtime) -> list[Program]:
+  from rlhfx.algorithms import sft as algorithm
+
+  model = Transformer(model_config)
+  params = loop.abstract_params(model, runtime)
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params)
+  state, shardings = _state(params, optimizer, runtime.mesh)
+  rows, length = config.train.global_batch_size, max(config.data.buckets)
+  batch = batch_struct({k: ((rows, length), dtype) for k, dtype in (
+      ("tokens_BxT", jnp.int32), ("mask_BxT", bool), ("loss_mask_BxT", bool))}, runtime.mesh)
+  fn = algorithm.jit_train_step(config, model, optimizer, shardings)
+  flops = rows * length * train_flops_per_token(model_config, length)
+  return [Program("sft_step", fn, (state, batch), {"parameters": state.params, "optimizer state": state.opt_state,
+                                                   "batch": batch}, flops)]
+
+
+def reward(config, model_config: ModelConfig, runtime) -> list[Program]:
+  from rlhfx.algorithms import reward as algorithm
+
+  model = ScoreModel(model_config)
+  params = loop.abstract_params(model, runtime)
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params)
+  state, shardings = _state(params, optimizer, runtime.mesh)
+  rows, length = config.train.global_batch_size, max(config.data.buckets)
+  batch = _pair_batch(rows, length, runtime.mesh, precomputed=False)
+  fn = algorithm.jit_train_step(config, model, optimizer, shardings)
+  flops = 2 * rows * sequence_train_flops(model_config, length, kept=1, lm_head=False)
+  return [Program("reward_step", fn, (state, batch), {"parameters": state.params,
+                                                      "optimizer state": state.opt_state, "batch": batch}, flops)]
+
+
+def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
+  from rlhfx.algorithms import dpo as algorithm
+
+  model = Transformer(model_config)
+  mode = algorithm.reference_mode(config)
+  base = loop.abstract_params(model, runtime)
+  params = base
+  if config.lora.rank:
+    adapters = jax.eval_shape(lambda b: lora.init(b, patterns=tuple(config.lora.patterns), rank=config.lora.rank,
+                                                  rng=jax.random.key(0)), base)
+    shardings = lora.shardings(adapters, base)
+    adapters = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), adapters, shardings)
+    params = {"base": base, "lora": adapters}
+  reference = _with_dtype(base, model_config.jnp_dtype) if mode == "frozen" else None
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params,
+                             frozen=("^base/",) if config.lora.rank else ())
+  state, shardings = _state(params, optimizer, runtime.mesh)
+  rows, length = config.train.global_batch_size, max(config.data.buckets)
+  batch = _pair_batch(rows, length, runtime.mesh, precomputed=mode == "precomputed")
+  window = config.data.max_completion_length or None
+  per_row = sequence_train_flops(model_config, length, kept=window + 1 if window else None)
+  forwards = 0 if mode in ("precomputed", "none") else 1  # the reference's forward pass: a third of fwd + bwd
+  fn = algorithm.jit_train_step(config, model, optimizer, shardings, reference)
+  parts = {"parameters": state.params, "optimizer state": state.opt_state, "batch": batch}
+  if reference is not None:
+    parts["frozen: reference"] = reference
+  programs = [Program("dpo_step", fn, (state, batch, reference), parts, 2 * rows * per_row * (1 + forwards / 3))]
+  if mode == "precomputed":  # one pass over the data before training, with the initial policy
+    kwargs = algorithm.step_kwargs(config, model)
+    ref_fn = jax.jit(functools.partial(algorithm.reference_logps_step, model=model, chunk_size=kwargs["chunk_size"],
+                                       window=window))
+    ref_batch = _pair_batch(rows, length, runtime.mesh, precomputed=False)
+    programs.append(Program("reference_logps", ref_fn, (base, ref_batch), {"parameters": base, "batch": ref_batch},
+                            2 * rows * per_row / 3))
+  return programs
+
+
+def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
+  """PPO and GRPO: the fused iteration (in-graph scoring), or rollout, scoring and update as three programs
+  (`train.time_phases`, or a host reward function)."""
+  from rlhfx import onpolicy as device
+  from rlhfx import rewards
+  from rlhfx.algorithms import grpo, onpolicy_loop, ppo
+
+  algorithm = {"ppo": ppo, "grpo": grpo}[config.algorithm]
+  model = Transformer(model_config)
+  policy = loop.abstract_params(model, runtime)
+  reference = _with_dtype(policy, model_config.jnp_dtype)
+  sc = config.scoring
+  reward_params = None
+  if sc.model:
+    try:
+      rm_config = rewards.reward_model_config(sc.model)
+    except ConfigError:  # planning before the reward run exists: a reward model of the policy's shape
+      rm_config = model_config
+    scorer = device.Scorer(module=ScoreModel(rm_config), missing_eos_penalty=sc.missing_eos_penalty)
+    reward_params = loop.abstract_params(scorer.module, runtime)
+  elif sc.function.startswith("fraction:"):  # a table lookup per token; the planner needs no tokenizer for it
+    scorer = device.Scorer(fn=lambda p, pm, t, m: m.sum(-1).astype(jnp.float32),
+                           missing_eos_penalty=sc.missing_eos_penalty)
+  elif sc.function:
+    fn = rewards.load_reward_function(sc.function, tokenizer=None)
+    scorer = (device.Scorer(fn=fn, missing_eos_penalty=sc.missing_eos_penalty) if rewards.is_traceable(fn)
+              else device.Scorer(host_fn=fn, missing_eos_penalty=sc.missing_eos_penalty))
+  else:
+    raise ConfigError("set exactly one of config.scoring.model (a reward run) and config.scoring.function")
+  if config.algorithm == "ppo" and config.ppo.value_model == "separate":
+    critic = scorer.module or ScoreModel(model_config)
+    value = loop.abstract_params(critic, runtime)
+    params = {"policy": policy, "value": value}
+  elif config.algorithm == "ppo":
+    critic = None
+    head = jax.ShapeDtypeStruct((model_config.d_model, 1), jnp.float32,
+                                sharding=jax.sharding.NamedSharding(runtime.mesh, jax.sharding.PartitionSpec()))
+    params = {"policy": policy, "value_head": {"kernel": head}}
+  else:
+    critic = None
+    params = {"policy": policy}
+  epochs, minibatches = (config.ppo.epochs, config.ppo.minibatches) if config.algorithm == "ppo" else (
+      config.grpo.epochs, config.grpo.minibatches)
+  kl_coef = config.ppo.kl_coef if config.algorithm == "ppo" else config.grpo.beta
+  optimizer = make_optimizer(config.optim, config.train.num_steps * epochs * minibatches, params,
+                             frozen=tuple(config.optim.freeze))
+  sampling = device.SamplingSettings(
+      model_config=model_config, max_new_tokens=config.rollout.max_new_tokens, group_size=config.rollout.group_size,
+      temperature=config.rollout.temperature, top_k=config.rollout.top_k, top_p=config.rollout.top_p,
+      eos_id=model_config.eos_token_id, pad_id=model_config.pad_token_id or 0)
+  s = algorithm.Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling,
+                                     optimizer=optimizer).check()
+  init = lambda p: device.RLState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),  # noqa: E731
+                                  kl_coef=jnp.float32(kl_coef))
+  state, shardings = _state(params, optimizer, runtime.mesh, init=init)
+  if reward_params is not None:
+    reward_params = _with_dtype(reward_params, scorer.module.config.jnp_dtype)
+  frozen = {"reference": reference, "reward": reward_params}
+  prompts, length = config.train.global_batch_size, max(config.data.buckets)
+  batch = batch_struct({"prompt_BxP": ((prompts, length), jnp.int32), "prompt_mask_BxP": ((prompts, length), bool)},
+                       runtime.mesh)
+  fused, rollout_jit, score_jit, update_jit = onpolicy_loop.jit_programs(s, algorithm.update_step, shardings)
+  rows, completion = prompts * sampling.group_size, sampling.max_new_tokens
+  kv_cache = jax.eval_shape(lambda: init_cache(model_config, rows, length + completion))
+  flops = rows * (length + completion) * onpolicy_loop.iteration_flops(model_config, length, completion, epochs,
+                                                                       critic is not None)
+  parts = {"parameters": state.params, "optimizer state": state.opt_state, "frozen: reference": reference,
+           "batch": batch}
+  if reward_params is not None:
+    parts["frozen: reward model"] = reward_params
+  if scorer.in_graph and not config.train.time_phases:
+    return [Program(f"{config.algorithm}_iteration", fused, (state, batch, frozen), parts, flops, kv_cache)]
+  rollout_abstract = jax.eval_shape(rollout_jit, state, batch)
+  rollout_abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(runtime.mesh, x.ndim)),
+      rollout_abstract)
+  scores = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding.batch_sharding(runtime.mesh, 1))
+  sample_flops = 2 * rows * (length + completion) * train_flops_per_token(model_config, length + completion) / 6
+  programs = [Program("rollout", rollout_jit, (state, batch), {"parameters": state.params, "batch": batch},
+                      sample_flops, kv_cache)]
+  if reward_params is not None:
+    programs.append(Program("scoring", score_jit, (rollout_abstract, reward_params),
+                            {"frozen: reward model": reward_params, "rollout": rollout_abstract},
+                            2 * rows * (length + completion) * train_flops_per_token(rm_config, length) / 6))
+  programs.append(Program("update", update_jit, (state, rollout_abstract, scores, frozen),
+                          {**parts, "rollout": rollout_abstract}, flops - sample_flops))
+  return programs
+
+
+BUILDERS = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": onpolicy, "grpo": onpolicy}
+
+
+def build(config, model_config: ModelConfig, runtime) -> list[Program]:
+  """The programs of `config.algorithm`, traced under the runtime's mesh and rules."""
+  if config.algorithm not in BUILDERS:
+    raise ConfigError(f"config.algorithm={config.algorithm!r}; expected one of {sorted(BUILDERS)}")
+  with sharding.active(runtime.mesh, runtime.rules):
+    return BUILDERS[config.algorithm](config, model_config, runtime)
