@@ -116,6 +116,11 @@ def run_tpu(config: str, runs: list[dict], args, *, dry_run: bool, out=None) -> 
   target = tpu.target_from(args)
   runner = tpu.Runner(dry_run, pathlib.Path(args.log_dir) / f"{target.name}.log", out=out)
   results = []
+  if not args.no_plan:  # every run's shapes, before the VM exists
+    for r in runs:
+      if not tpu.check_plan(config, target.accelerator_type, r["overrides"], runner=runner):
+        runner.note(f"{r['name']} does not fit {target.accelerator_type}: the sweep creates nothing")
+        return [{**x, "status": "failed (does not fit)" if x is r else "not started"} for x in runs]
   for command in tpu.create(target):
     runner(command)
   if target.queued:
@@ -176,6 +181,7 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--reserved", action="store_true")
   g.add_argument("--queued", action="store_true")
   g.add_argument("--bucket", default="")
+  g.add_argument("--no-plan", action="store_true", help="skip the memory plan (rlhfx.plan) of every run")
   g = p.add_argument_group("slurm backend (see launch/slurm.py)")
   g.add_argument("--nodes", type=int, default=1)
   g.add_argument("--gpus-per-node", type=int, default=8)

@@ -7,6 +7,9 @@
   python launch/tpu.py ... --dry-run          # print every command instead of running it
 
 Steps (each a gcloud command, printed with --dry-run):
+  0. plan     `python -m rlhfx.plan` compiles the config's programs for the accelerator on this
+              host (libtpu: pip install -e '.[tpu]') and refuses a config that does not fit
+              in the chips' HBM, before any VM exists (--no-plan skips it);
   1. create   `tpu-vm create`, or with --queued a queued resource (waits until ACTIVE);
               --spot or --reserved pick the capacity;
   2. copy     the project's tracked and untracked-but-not-ignored files as one tarball,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import shlex
 import subprocess
@@ -170,10 +174,43 @@ def wait_active(t: Target, runner: Runner, poll_s: float = 30.0, timeout_s: floa
   raise TimeoutError(f"queued resource {t.name} not ACTIVE after {timeout_s} s")
 
 
+def plan_command(config: str, accelerator_type: str, overrides: list[str]) -> list[str]:
+  return ["python", "-m", "rlhfx.plan", f"--config={config}", f"--topology={accelerator_type}", *overrides,
+          "--json"]
+
+
+def check_plan(config: str, accelerator_type: str, overrides: list[str], *, runner: Runner) -> bool:
+  """Whether the planner says the config's programs fit the accelerator (printed, not run, with --dry-run)."""
+  command = plan_command(config, accelerator_type, overrides)
+  if runner.dry_run:
+    runner(command)
+    return True
+  runner.note(f"plan: {shlex.join(command[1:-1])}")
+  proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
+  try:
+    report = json.loads(proc.stdout)
+  except json.JSONDecodeError:
+    runner.note(f"the planner failed (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [''])[-1]}; "
+                "--no-plan launches without it")
+    return False
+  gib = report["hbm_bytes_per_chip"] / 2**30
+  for p in report["programs"]:
+    total = p["bytes_per_chip"].get("total")
+    runner.note(f"  {p['name']}: " + (f"{total / 2**30:.2f} of {gib:.2f} GiB per chip" if total else p["error"])
+                + ("" if p["fits"] else " -- DOES NOT FIT"))
+  if not report["fits"]:
+    runner.note(f"{config} does not fit {accelerator_type}: not creating anything (python -m rlhfx.plan "
+                f"--config={config} --topology={accelerator_type} --search lists settings that fit; "
+                "--no-plan launches anyway)")
+  return bool(report["fits"])
+
+
 def launch(t: Target, config: str, workdir: str, overrides: list[str], *, runner: Runner, keep: bool = False,
-           create_vm: bool = True) -> int:
-  """Create, copy, install, run, delete; returns the run's exit status."""
+           create_vm: bool = True, plan: bool = True) -> int:
+  """Plan, create, copy, install, run, delete; returns the run's exit status (3: the plan says it does not fit)."""
   tarball = f"/tmp/{t.name}.tar.gz"
+  if plan and not check_plan(config, t.accelerator_type, overrides, runner=runner):
+    return 3
   if create_vm:
     for command in create(t):
       runner(command)
@@ -214,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--keep", action="store_true", help="do not delete the VM at the end")
   p.add_argument("--log-dir", default=str(ROOT / "logs"))
   p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+  p.add_argument("--no-plan", action="store_true", help="skip the memory plan (rlhfx.plan) before creating the VM")
   p.add_argument("overrides", nargs="*", help="after --: --config.a.b=value overrides")
   return p
 
@@ -227,7 +265,8 @@ def target_from(args) -> Target:
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   runner = Runner(args.dry_run, pathlib.Path(args.log_dir) / f"{args.name}.log")
-  return launch(target_from(args), args.config, args.workdir, args.overrides, runner=runner, keep=args.keep)
+  return launch(target_from(args), args.config, args.workdir, args.overrides, runner=runner, keep=args.keep,
+                plan=not args.no_plan)
 
 
 if __name__ == "__main__":

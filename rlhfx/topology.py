@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 GiB = 2**30
@@ -80,6 +81,8 @@ def compiler_name(name: str) -> tuple[Chip, str]:
 
 def devices(name: str) -> tuple[Chip, list]:
   """(chip, the slice's devices, one per chip) for the TPU compiler; needs libtpu."""
+  # compiling only: several planners (or a planner beside a test session) may load libtpu at once
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
   except ImportError as e:  # pragma: no cover

@@ -147,3 +147,35 @@ def test_local_sweep_reports_failures_and_resumes_after_a_kill(tmp_path):
   assert steps[-1] == 150 and steps.count(10) == 1  # continued, not restarted from step 0
   summary = json.loads((root / "sweep.json").read_text())
   assert [r["status"].split(" ")[0] for r in summary] == ["skipped", "failed", "finished"]
+
+
+# 2.1B embedding and LM-head parameters, replicated (data parallelism only): ~25 GiB of state per v5e chip
+TOO_BIG = ["--", "--config.model.d_model=16384", "--config.model.vocab_size=65536", "--config.mesh.shape.data=-1"]
+
+
+def test_tpu_launch_refuses_a_config_that_does_not_fit(tmp_path):
+  """The planner compiles the run's programs for the accelerator here; a config that does not fit stops before
+  any gcloud command (no VM is paid for to learn it)."""
+  pytest.importorskip("libtpu", reason="the plan needs libtpu: pip install -e '.[test,tpu]'")
+  import contextlib
+
+  argv = ["--name", "too-big", "--zone", "z", "--project", "p", "--accelerator-type", "v5litepod-4",
+          "--config", "configs/dpo_hh.py:tiny", "--workdir", str(tmp_path / "run"), "--log-dir", str(tmp_path),
+          *TOO_BIG]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rc = tpu.main(argv)
+  text = out.getvalue()
+  assert rc == 3, text
+  assert "DOES NOT FIT" in text and "does not fit v5litepod-4: not creating anything" in text
+  assert "gcloud" not in text
+
+
+def test_tpu_sweep_refuses_before_creating_the_vm(tmp_path):
+  pytest.importorskip("libtpu", reason="the plan needs libtpu: pip install -e '.[test,tpu]'")
+  argv = ["--config", "configs/quickstart.py", "--root", str(tmp_path / "sweep"), "--backend", "tpu",
+          "--zone", "z", "--project", "p", "--accelerator-type", "v5litepod-4", "--log-dir", str(tmp_path), *TOO_BIG]
+  out = io.StringIO()
+  assert sweep.main(argv, out=out) == 1
+  text = out.getvalue()
+  assert "does not fit v5litepod-4: the sweep creates nothing" in text and "gcloud" not in text

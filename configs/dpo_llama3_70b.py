@@ -1,0 +1,50 @@
+"""DPO of Llama-3-70B on Anthropic HH pairs, sized for a v5p-128 slice (64 chips x 95 GiB HBM).
+
+  python -m rlhfx.plan --config=configs/dpo_llama3_70b.py --topology=v5p-128     # will it fit? (any host)
+  python launch/tpu.py --config=configs/dpo_llama3_70b.py --accelerator=v5p-128 --name=dpo70b \\
+      --workdir=/mnt/ckpt/dpo70b --config.model.init_from=/mnt/models/llama3-70b-sft
+
+128 pairs x 2,048 tokens per optimizer step (2 accumulated micro-batches of 64 pairs,
+one per chip), FSDP over all 64 chips, bfloat16 compute on float32 parameters and Adam
+moments, full rematerialisation of each scanned layer, a frozen bfloat16 reference
+tree, the LM head only over the 1,024 completion positions, 256 at a time.
+"""
+
+import pathlib
+
+from rlhfx.config import base_config, use_hh_pairs
+
+DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def get_config(arg=None):
+  del arg
+  config = base_config("dpo")
+  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
+  config.model.preset = "llama3-70b"  # shapes; set model.init_from to your SFT checkpoint (same shapes)
+  config.data.tokenizer = "meta-llama/Meta-Llama-3-70B"  # hub id or a local copy of its tokenizer files
+  config.model.dtype = "bfloat16"  # compute dtype
+  config.model.param_dtype = "float32"  # parameters and Adam moments
+  config.model.remat = "full"  # recompute each layer in the backward pass
+  config.model.scan_layers = True  # one scanned layer: compile time independent of depth
+  config.data.max_length = 2048  # prompt + reply tokens
+  config.data.max_prompt_length = 1024  # prompt tokens (the most recent turns are kept)
+  config.data.max_completion_length = 1024  # reply tokens; the LM head sees only these positions
+  config.data.buckets = (2048,)  # one compiled shape
+  config.dpo.loss = "sigmoid"  # DPO
+  config.dpo.beta = 0.1  # KL strength
+  config.dpo.reference = "frozen"  # a frozen copy of the initial policy, stored in bfloat16
+  config.dpo.chunk_size = 256  # LM-head positions per chunk
+  config.train.global_batch_size = 128  # pairs per optimizer step
+  config.train.grad_accum_steps = 2  # micro-batches of 64 pairs: one per chip
+  config.train.num_steps = 1000  # optimizer steps
+  config.train.log_every = 10  # console and metrics
+  config.train.eval_every = 200  # held-out rewards/accuracies
+  config.train.checkpoint_every = 100  # checkpoints
+  config.optim.learning_rate = 5e-7  # DPO's usual rate
+  config.optim.warmup_steps = 100  # linear warmup
+  config.optim.schedule = "constant"  # after warmup
+  config.mesh.shape.data = 1  # no pure data parallelism:
+  config.mesh.shape.fsdp = -1  # parameters, gradients and Adam moments split over every chip
+  config.mesh.shape.tensor = 1  # no tensor parallelism
+  return config.lock()

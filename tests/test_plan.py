@@ -1,0 +1,136 @@
+"""The planner: real TPU compiles (libtpu) of a config's programs on this CPU, per-chip memory and FLOPs.
+
+Values on CPU prove numerics; only the TPU compiler proves placement and memory at scale. These
+compile the tiny DPO config for v5e slices (a few seconds each) and check what FSDP must do: the
+state per chip shrinks with the chip count, the FLOPs too, and a model too large for a slice is
+reported as not fitting with the compiler's figures, not as a traceback.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rlhfx import plan, topology
+
+pytest.importorskip("libtpu", reason="the planner needs libtpu: pip install -e '.[test,tpu]'")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+
+def _config(path="configs/dpo_hh.py:tiny", **overrides):
+  import importlib.util
+
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("experiment", ROOT / file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+FSDP = {"mesh.shape.data": 1, "mesh.shape.fsdp": -1, "mesh.shape.tensor": 1}
+
+
+def test_topology_names_as_users_write_them():
+  assert topology.compiler_name("v5e-64")[1] == "v5e:8x8"
+  assert topology.compiler_name("v5e-16")[1] == "v5e:4x4"
+  assert topology.compiler_name("v5p-128")[1] == "v5p:4x4x4"  # v5p counts TensorCores: 64 chips
+  assert topology.compiler_name("v6e-256")[1] == "v6e:16x16"
+  assert topology.compiler_name("v4-32")[1] == "v4:2x2x4"
+  assert topology.compiler_name("v5e:2x4")[1] == "v5e:2x4"
+  chip, devices = topology.devices("v5p-64")
+  assert len(devices) == 32 and devices[0].device_kind == chip.device_kind == "TPU v5"
+  for bad in ("v5e", "v7-8", "v5p-3", "v5e-12"):
+    with pytest.raises(topology.TopologyError, match="topology"):
+      topology.compiler_name(bad)
+
+
+def test_collectives_are_read_from_the_program_text():
+  hlo = "\n".join([
+      "  %all-gather-start.1 = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) all-gather-start(bf16[16,64]{1,0} %p), dims={0}",
+      "  %all-gather-done.1 = bf16[64,64]{1,0} all-gather-done((bf16[16,64]{1,0}, bf16[64,64]{1,0}) %ag)",
+      "  %all-reduce.2 = f32[128]{0} all-reduce(f32[128]{0} %x), to_apply=%add",
+      "  %cp = s32[4]{0} collective-permute(s32[4]{0} %y), source_target_pairs={{0,1}}"])
+  assert plan.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 64 * 64 * 2},
+                                   "all-reduce": {"count": 1, "bytes": 128 * 4},
+                                   "collective-permute": {"count": 1, "bytes": 16}}
+
+
+@pytest.fixture(scope="module")
+def v5e_4():
+  return plan.plan(_config(**FSDP), "v5e-4")
+
+
+def test_cli_json_report(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "rlhfx.plan", "--config=configs/dpo_hh.py:tiny", "--topology=v5e-4",
+                         "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=-1", "--json"],
+                        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout)
+  assert report["topology"] == "v5e-4" and report["chips"] == 4 and report["fits"] is True
+  assert report["hbm_bytes_per_chip"] == topology.CHIPS["v5e"].hbm_bytes
+  (step,) = report["programs"]
+  assert step["name"] == "dpo_step" and step["fits"] is True
+  b = step["bytes_per_chip"]
+  assert b["total"] == b["arguments"] + b["outputs"] + b["temporaries"] + b["code"] > 0
+  assert step["collectives"]["all-gather"]["count"] > 0, "FSDP gathers weights"
+
+
+def test_fsdp_state_per_chip_shrinks_4x_from_4_to_16_chips(v5e_4):
+  v5e_16 = plan.plan(_config(**FSDP), "v5e-16")
+  (small,), (large,) = v5e_4["programs"], v5e_16["programs"]
+  for part in ("parameters", "optimizer state", "frozen: reference"):
+    ratio = small["parts_per_chip"][part] / large["parts_per_chip"][part]
+    assert 3.5 < ratio <= 4.0, (part, ratio)  # 4x where every dimension divides (the 50257 rows replicate)
+  # the compiler's own argument bytes shrink the same way, and it agrees with the trees within 10%
+  assert 3.5 < small["bytes_per_chip"]["arguments"] / large["bytes_per_chip"]["arguments"] <= 4.0
+  ours = sum(small["parts_per_chip"].values())
+  assert abs(ours - small["bytes_per_chip"]["arguments"]) < 0.1 * small["bytes_per_chip"]["arguments"]
+  assert small["flops"] == pytest.approx(4 * large["flops"])
+  assert large["compiler_flops"] < small["compiler_flops"], "the compiler sees each chip do less work"
+  assert large["fits"] and small["fits"]
+
+
+def test_flops_follow_the_model_not_the_loop_body(v5e_4):
+  """The compiler counts a scan's body once: with 4 accumulated micro-batches it reports about a quarter of the
+  work; the planner's FLOPs stay those of the whole batch, 6 N per token plus attention (N: the matmul params)."""
+  accumulated = plan.plan(_config(**FSDP, **{"train.grad_accum_steps": 4}), "v5e-4")
+  (one,), (four,) = v5e_4["programs"], accumulated["programs"]
+  assert four["flops"] == one["flops"]
+  assert four["compiler_flops"] < 0.5 * one["compiler_flops"]
+  config = _config()
+  model = topology_free_model(config)
+  rows, length = 2 * config.train.global_batch_size, max(config.data.buckets)
+  n_matmul = model.num_params() - model.vocab_size * model.d_model  # the embedding is a lookup, no matmul
+  six_n = 6 * n_matmul * rows * length * (1 + 1 / 3)  # policy forward + backward, the reference's forward
+  assert one["flops"] * 4 == pytest.approx(six_n, rel=0.1)
+
+
+def topology_free_model(config):
+  from rlhfx import loop
+
+  return loop.model_config_from(config, load_params=False)[0]
+
+
+def test_a_model_too_large_is_reported_as_not_fitting():
+  """A 16k-wide model, replicated (data parallelism only) over 4 v5e chips: its parameters and Adam moments
+  alone are about 20 GiB per chip."""
+  report = plan.plan(_config(**{"mesh.shape.data": -1, "model.d_model": 16384}), "v5e-4")
+  (step,) = report["programs"]
+  assert report["fits"] is False and step["fits"] is False
+  if step["bytes_per_chip"]:  # compiled: its own figures exceed HBM
+    assert step["bytes_per_chip"]["total"] > report["hbm_bytes_per_chip"]
+  else:  # the compiler refused: its reason is kept
+    assert "RESOURCE_EXHAUSTED" in step["error"] or "memory" in step["error"].lower()
+  assert "DOES NOT FIT" in plan.render(report)
