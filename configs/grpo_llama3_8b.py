@@ -47,6 +47,6 @@ def get_config(arg=None):
   config.grpo.epochs = 1  # one pass over each rollout
   config.grpo.minibatches = 2  # two updates per iteration (64 rows each)
   config.mesh.shape.data = 1  # no pure data parallelism
-  config.mesh.shape.fsdp = -1  # parameters and Adam moments split over every chip
-  config.mesh.shape.tensor = 1  # no tensor parallelism
+  config.mesh.shape.fsdp = 16  # parameters and Adam moments split 16 ways (the 16 prompts: one per shard)
+  config.mesh.shape.tensor = -1  # the remaining 2 chips: tensor parallelism
   return config.lock()
