@@ -1,6 +1,8 @@
 """The planner's rows for BENCHMARKS.md: each big config on its slice, before and after the state-sharding fixes.
 
   python benchmarks/plan_rows.py [--rows dpo_llama3_8b,ppo_llama3_8b,...] [--before]  > plan_rows.jsonl
+  python benchmarks/plan_rows.py --rows dpo_llama3_8b --topology v5p-128 --set mesh.shape.fsdp=-1 \
+      --set mesh.shape.tensor=1 --set train.grad_accum_steps=1 --set dpo.reference=frozen --before
 
 "after" is `rlhfx.plan` as it is. "--before" also plans each row with the two defects the
 planner found put back, to show what they cost: "before", the optimizer state created without
@@ -72,9 +74,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--rows", default=",".join(ROWS))
   parser.add_argument("--before", action="store_true", help="also plan with the defects put back")
+  parser.add_argument("--topology", default="", help="instead of each row's own slice")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field (e.g. mesh.shape.fsdp=-1); repeatable")
   args = parser.parse_args()
   for name in args.rows.split(","):
-    config, topology = load(name), ROWS[name]
+    config, topology = load(name), args.topology or ROWS[name]
+    for item in args.set:
+      field, _, value = item.partition("=")
+      *parents, leaf = field.split(".")
+      node = config
+      for key in parents:
+        node = node[key]
+      node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
     variants = [("after", contextlib.nullcontext())]
     if args.before:
       variants += [("before", defects_put_back()), ("legacy mesh only", defects_put_back(replicated_moments=False))]
@@ -82,7 +94,7 @@ def main():
       t0 = time.perf_counter()
       with context:
         report = plan.plan(config, topology)
-      print(json.dumps({"config": name, "topology": topology, "code": label, "mesh": report["mesh"],
+      print(json.dumps({"config": name, "topology": topology, "code": label, "set": args.set, "mesh": report["mesh"],
                         "grad_accum_steps": report["grad_accum_steps"], "hbm_gib": report["hbm_bytes_per_chip"] / 2**30,
                         "seconds": round(time.perf_counter() - t0, 1), **summary(report)}), flush=True)
 

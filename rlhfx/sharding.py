@@ -72,7 +72,10 @@ def make_mesh(shape: dict[str, int], devices: Sequence | None = None) -> Mesh:
     raise ConfigError(f"config.mesh.shape={dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
                      f"{len(devices)} are available")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  try:  # laid out along the physical torus where jax knows how
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+  except NotImplementedError:  # a shape jax cannot map onto this torus: devices in their given order
+    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:

@@ -151,3 +151,35 @@ def test_lora_adapters_and_frozen_base_are_sharded(tmp_path):
   assert state["opt_state/inner_states/trainable/inner_state/1/0/mu/lora/layer_0/attn/q_proj/kernel/a"]["spec"] == [
       "fsdp", None]
   assert not any("mu/base/" in k for k in state)
+
+
+def _assert_optimizer_state_like_parameters(state: dict) -> int:
+  """Every optimizer-state leaf whose path ends with a parameter's path has that parameter's shape and spec."""
+  params = {k.removeprefix("params/"): v for k, v in state.items() if k.startswith("params/")}
+  checked = 0
+  for path, leaf in state.items():
+    if not path.startswith("opt_state/") or leaf["shape"] == []:
+      continue
+    owner = max((p for p in params if path.endswith("/" + p)), key=len, default=None)
+    assert owner is not None, f"{path}: an optimizer-state leaf that mirrors no parameter"
+    assert leaf["shape"] == params[owner]["shape"] and leaf["spec"] == params[owner]["spec"], path
+    checked += 1
+  return checked
+
+
+def test_ppo_policy_critic_and_reference_are_sharded(tmp_path):
+  """PPO on the letters task: the policy and its critic (a copy of the policy's backbone with a value head) are
+  trained, the reference is frozen; on fsdp=8 every tree is split like the policy."""
+  placement = _run(tmp_path, "configs/ppo_letters.py:tiny", "--config.mesh.num_cpu_devices=8",
+                   "--config.train.num_steps=1", "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
+                   "--config.mesh.shape.tensor=1", "--config.train.log_samples_every=0")
+  state, mesh = placement["state"], placement["mesh"]
+  names = _logical_names(get_preset("tiny", vocab_size=259))
+  for path, axes in names.items():
+    policy = state[f"params/policy/{path}"]
+    assert policy["spec"] == _expected_spec(axes, policy["shape"], mesh), path
+    assert placement["reference"][path]["spec"] == policy["spec"], path
+    if path != "lm_head/kernel":  # the critic is the backbone without the LM head
+      assert state[f"params/value/backbone/{path}"]["spec"] == policy["spec"], path
+  assert _assert_optimizer_state_like_parameters(state) == 2 * sum(1 for k in state if k.startswith("params/"))
+  assert placement["reference"]["layer_0/mlp/up_proj/kernel"]["spec"] == ["fsdp", "tensor"]
