@@ -12,7 +12,7 @@ tree, the LM head only over the 1,024 completion positions, 256 at a time.
 
 import pathlib
 
-from rlhfx.config import base_config, use_hh_pairs
+from rlhfx.config import base_config, use_hh_pairs, use_llama3_on_tpu
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -21,16 +21,7 @@ def get_config(arg=None):
   del arg
   config = base_config("dpo")
   use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
-  config.model.preset = "llama3-70b"  # shapes; set model.init_from to your SFT checkpoint (same shapes)
-  config.data.tokenizer = "meta-llama/Meta-Llama-3-70B"  # hub id or a local copy of its tokenizer files
-  config.model.dtype = "bfloat16"  # compute dtype
-  config.model.param_dtype = "float32"  # parameters and Adam moments
-  config.model.remat = "full"  # recompute each layer in the backward pass
-  config.model.scan_layers = True  # one scanned layer: compile time independent of depth
-  config.data.max_length = 2048  # prompt + reply tokens
-  config.data.max_prompt_length = 1024  # prompt tokens (the most recent turns are kept)
-  config.data.max_completion_length = 1024  # reply tokens; the LM head sees only these positions
-  config.data.buckets = (2048,)  # one compiled shape
+  use_llama3_on_tpu(config, "70b", prompt_tokens=1024, completion_tokens=1024)  # model.*, data.* lengths
   config.dpo.loss = "sigmoid"  # DPO
   config.dpo.beta = 0.1  # KL strength
   config.dpo.reference = "frozen"  # a frozen copy of the initial policy, stored in bfloat16

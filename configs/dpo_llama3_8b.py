@@ -14,7 +14,7 @@ with 8% headroom; `rlhfx.plan --search` lists every setting that fits.
 
 import pathlib
 
-from rlhfx.config import base_config, use_hh_pairs
+from rlhfx.config import base_config, use_hh_pairs, use_llama3_on_tpu
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -23,16 +23,7 @@ def get_config(arg=None):
   del arg
   config = base_config("dpo")
   use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
-  config.model.preset = "llama3-8b"  # shapes; set model.init_from to your SFT checkpoint (same shapes)
-  config.data.tokenizer = "meta-llama/Meta-Llama-3-8B"  # hub id or a local copy of its tokenizer files
-  config.model.dtype = "bfloat16"  # compute dtype
-  config.model.param_dtype = "float32"  # parameters and Adam moments
-  config.model.remat = "full"  # recompute each layer in the backward pass
-  config.model.scan_layers = True  # one scanned layer: compile time independent of depth
-  config.data.max_length = 1024  # prompt + reply tokens
-  config.data.max_prompt_length = 512  # prompt tokens (the most recent turns are kept)
-  config.data.max_completion_length = 512  # reply tokens; the LM head sees only these positions
-  config.data.buckets = (1024,)  # one compiled shape
+  use_llama3_on_tpu(config, "8b", prompt_tokens=512, completion_tokens=512)  # model.*, data.* lengths
   config.dpo.loss = "sigmoid"  # DPO
   config.dpo.beta = 0.1  # KL strength
   config.dpo.reference = "precomputed"  # reference log-probs computed once before training

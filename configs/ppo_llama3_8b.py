@@ -14,7 +14,7 @@ Until the reward run exists the planner assumes a reward model of the policy's s
 
 import pathlib
 
-from rlhfx.config import base_config, use_hh_pairs
+from rlhfx.config import base_config, use_hh_pairs, use_llama3_on_tpu
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -23,18 +23,9 @@ def get_config(arg=None):
   del arg
   config = base_config("ppo")
   use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"], "hh_prompts")  # data.* fields
-  config.model.preset = "llama3-8b"  # shapes; set model.init_from to your SFT checkpoint (same shapes)
-  config.data.tokenizer = "meta-llama/Meta-Llama-3-8B"  # hub id or a local copy of its tokenizer files
-  config.model.dtype = "bfloat16"  # compute dtype
-  config.model.param_dtype = "float32"  # trained parameters and Adam moments
-  config.model.remat = "full"  # recompute each layer in the backward pass
-  config.model.scan_layers = True  # one scanned layer
-  config.data.max_length = 1024  # prompt tokens kept are bounded by max_prompt_length
-  config.data.max_prompt_length = 512  # prompt tokens (the most recent turns)
-  config.data.buckets = (512,)  # one prompt shape
+  use_llama3_on_tpu(config, "8b", prompt_tokens=512, completion_tokens=512)  # model.*, data.* lengths
   config.scoring.model = "/mnt/ckpt/rm8b"  # an 8B reward run (configs/reward_hh.py with model.preset=llama3-8b)
   config.scoring.missing_eos_penalty = 1.0  # completions cut at max_new_tokens lose 1 (normalised) point
-  config.rollout.max_new_tokens = 512  # sampled tokens per prompt
   config.rollout.temperature = 0.7  # sampling temperature
   config.train.global_batch_size = 64  # prompts per iteration
   config.train.num_steps = 500  # iterations

@@ -177,6 +177,25 @@ def use_tiny_cpu_model(config, tokenizer, *, max_length: int = 256) -> None:
   config.data.buckets = (128, max_length) if max_length > 128 else (max_length,)  # padded lengths
 
 
+def use_llama3_on_tpu(config, size: str, *, prompt_tokens: int, completion_tokens: int) -> None:
+  """The Llama-3 configs sized with `rlhfx.plan`: bf16 compute on float32 parameters and Adam moments, full
+  rematerialisation of one scanned layer, one compiled shape."""
+  config.model.preset = f"llama3-{size}"  # shapes; set model.init_from to your SFT checkpoint (same shapes)
+  config.data.tokenizer = f"meta-llama/Meta-Llama-3-{size.upper()}"  # hub id or a local copy of its tokenizer
+  config.model.dtype = "bfloat16"  # compute dtype
+  config.model.param_dtype = "float32"  # trained parameters and Adam moments
+  config.model.remat = "full"  # recompute each layer in the backward pass
+  config.model.scan_layers = True  # one scanned layer: compile time independent of depth
+  config.data.max_length = prompt_tokens + completion_tokens  # prompt + reply tokens
+  config.data.max_prompt_length = prompt_tokens  # prompt tokens (the most recent turns are kept)
+  if config.algorithm in ("ppo", "grpo"):
+    config.data.buckets = (prompt_tokens,)  # one prompt shape
+    config.rollout.max_new_tokens = completion_tokens  # sampled tokens per prompt
+  else:
+    config.data.max_completion_length = completion_tokens  # reply tokens; the LM head sees only these
+    config.data.buckets = (prompt_tokens + completion_tokens,)  # one compiled shape
+
+
 def use_letters_task(config) -> None:
   """The programmatic-reward toy of configs/{ppo,grpo}_letters.py: a random byte-level tiny policy, the built-in
   reverse task's prompts, score = share of completion bytes in a-z (computed inside the compiled iteration)."""
