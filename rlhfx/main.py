@@ -25,15 +25,9 @@ def main(argv):
 
 
 def run():
-  try:
-    app.run(main)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the locked config lacks
-    key = str(e).strip("\"'")
-    culprits = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-    if not culprits:
-      raise
-    field = culprits[0].split("=")[0].removeprefix("--")
-    sys.exit(f"rlhfx: unknown config field {field} (no {key!r} there); see the config file for the fields")
+  from rlhfx.errors import run_cli
+
+  run_cli(main, "rlhfx")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,8 @@ def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> lis
 def main(argv):
   from absl import flags
 
+  from rlhfx.errors import USER_ERRORS
+
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise SystemExit(f"rlhfx-plan: unexpected arguments: {argv[1:]}")
@@ -257,7 +259,7 @@ def main(argv):
                 f"roofline {f['roofline_s'] * 1e3:.0f} ms")
       return
     report = plan(config, FLAGS.topology)
-  except (ConfigError, topology.TopologyError) as e:
+  except (*USER_ERRORS, topology.TopologyError) as e:  # bad config, topology or model files: one line
     sys.exit(f"rlhfx-plan: {e}")
   print(json.dumps(report, indent=2) if FLAGS.json else render(report))
   if not report["fits"]:
@@ -265,8 +267,10 @@ def main(argv):
 
 
 def run():
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+
+  from rlhfx.errors import run_cli
 
   config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:variant])",
                                   lock_config=True)
@@ -274,7 +278,7 @@ def run():
   flags.DEFINE_bool("json", False, "print one JSON object instead of tables")
   flags.DEFINE_bool("search", False, "try mesh shapes, remat policies and accumulation steps; print those that fit")
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  run_cli(main, "rlhfx-plan")
 
 
 if __name__ == "__main__":

@@ -65,35 +65,33 @@ def _state(params, optimizer, mesh, init=None):
   return train_state.create_state(init, params, optimizer, mesh)
 
 
-def sft(config, model_config: ModelConfig, runtime) -> list[Program]:
-  from rlhfx.algorithms import sft as algorithm
-
-  model = Transformer(model_config)
+def _one_trained_tree(name: str, algorithm, model, config, runtime, batch, flops: float) -> list[Program]:
+  """The step of an algorithm that trains one tree with nothing frozen beside it (SFT, reward model)."""
   params = loop.abstract_params(model, runtime)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params)
   state, shardings = _state(params, optimizer, runtime.mesh)
+  fn = algorithm.jit_train_step(config, model, optimizer, shardings)
+  parts = {"parameters": state.params, "optimizer state": state.opt_state, "batch": batch}
+  return [Program(name, fn, (state, batch), parts, flops)]
+
+
+def sft(config, model_config: ModelConfig, runtime) -> list[Program]:
+  from rlhfx.algorithms import sft as algorithm
+
   rows, length = config.train.global_batch_size, max(config.data.buckets)
   batch = batch_struct({k: ((rows, length), dtype) for k, dtype in (
       ("tokens_BxT", jnp.int32), ("mask_BxT", bool), ("loss_mask_BxT", bool))}, runtime.mesh)
-  fn = algorithm.jit_train_step(config, model, optimizer, shardings)
   flops = rows * length * train_flops_per_token(model_config, length)
-  return [Program("sft_step", fn, (state, batch), {"parameters": state.params, "optimizer state": state.opt_state,
-                                                   "batch": batch}, flops)]
+  return _one_trained_tree("sft_step", algorithm, Transformer(model_config), config, runtime, batch, flops)
 
 
 def reward(config, model_config: ModelConfig, runtime) -> list[Program]:
   from rlhfx.algorithms import reward as algorithm
 
-  model = ScoreModel(model_config)
-  params = loop.abstract_params(model, runtime)
-  optimizer = make_optimizer(config.optim, config.train.num_steps, params)
-  state, shardings = _state(params, optimizer, runtime.mesh)
   rows, length = config.train.global_batch_size, max(config.data.buckets)
   batch = _pair_batch(rows, length, runtime.mesh, precomputed=False)
-  fn = algorithm.jit_train_step(config, model, optimizer, shardings)
   flops = 2 * rows * sequence_train_flops(model_config, length, kept=1, lm_head=False)
-  return [Program("reward_step", fn, (state, batch), {"parameters": state.params,
-                                                      "optimizer state": state.opt_state, "batch": batch}, flops)]
+  return _one_trained_tree("reward_step", algorithm, ScoreModel(model_config), config, runtime, batch, flops)
 
 
 def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
