@@ -11,8 +11,8 @@ the trees themselves: how the arguments split into parameters, optimizer state, 
 trees and batch (both are printed when they disagree by more than 10%). FLOPs come from
 the model's shape (the compiler's cost analysis counts a loop's body once); collectives
 are counted in the compiled program's text, a loop body once. The step-time figure is a
-roofline lower bound from the chip's published peak FLOP/s and HBM bandwidth: an
-estimate, not a measurement.
+roofline lower bound from the chip's published peak FLOP/s (counting the forward that full
+rematerialisation runs again) and HBM bandwidth: an estimate, not a measurement.
 """
 
 from __future__ import annotations
@@ -87,7 +87,12 @@ def _first_line(e: Exception) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def plan_program(p: programs.Program, runtime, chip: topology.Chip) -> ProgramPlan:
+# FLOPs the chip runs per model FLOP: full rematerialisation runs each layer's forward again in the backward
+# pass (2 of the 6 N per token); "dots" saves the matmul outputs and recomputes only elementwise work
+RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}
+
+
+def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str = "none") -> ProgramPlan:
   """Compile one program for the slice and read its per-chip memory, FLOPs and collectives."""
   chips = runtime.mesh.size
   parts = {k: per_chip_bytes(v) for k, v in p.parts.items() if v is not None}
@@ -110,8 +115,10 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip) -> ProgramPl
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   compiler_flops = float(cost.get("flops", 0.0)) if cost else None
-  # a lower bound: the FLOPs at peak, or reading the arguments and writing the outputs once at full bandwidth
-  roofline = max(flops / chip.peak_flops, (m.argument_size_in_bytes + outputs) / chip.hbm_bandwidth)
+  # a lower bound: the FLOPs the chip runs (model FLOPs, and a training program's recomputation of its
+  # rematerialised forward) at peak, or the arguments read and the outputs written once
+  roofline = max(flops * (RECOMPUTE.get(remat, 1.0) if p.trains else 1.0) / chip.peak_flops,
+                 (m.argument_size_in_bytes + outputs) / chip.hbm_bandwidth)
   return ProgramPlan(p.name, total <= chip.hbm_bytes, memory, parts, flops, compiler_flops,
                      collectives(compiled.as_text()), roofline, compile_s)
 
@@ -127,7 +134,7 @@ def plan(config, topology_name: str) -> dict[str, Any]:
   runtime = runtime_for(config, devices)
   model_config, _ = loop.model_config_from(config, load_params=False)
   validate(config, model_config, sharding.data_parallel_size(runtime.mesh))
-  plans = [plan_program(p, runtime, chip) for p in programs.build(config, model_config, runtime)]
+  plans = [plan_program(p, runtime, chip, model_config.remat) for p in programs.build(config, model_config, runtime)]
   return {
       "topology": topology_name, "compiler_topology": topology.compiler_name(topology_name)[1],
       "chips": len(devices), "device_kind": chip.device_kind, "hbm_bytes_per_chip": chip.hbm_bytes,

@@ -37,6 +37,7 @@ class Program:
   parts: dict[str, Any]  # report category -> tree of ShapeDtypeStructs (a subset of args)
   flops: float  # matmul FLOPs of one call, all chips together (from the model's shape)
   kv_cache: Any = None  # ShapeDtypeStructs of the KV cache the program builds inside (sampling), if any
+  trains: bool = True  # has a backward pass (which recomputes a rematerialised forward)
 
 
 def batch_struct(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -127,7 +128,7 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
                                        window=window))
     ref_batch = _pair_batch(rows, length, runtime.mesh, precomputed=False)
     programs.append(Program("reference_logps", ref_fn, (base, ref_batch), {"parameters": base, "batch": ref_batch},
-                            2 * rows * per_row / 3))
+                            2 * rows * per_row / 3, trains=False))
   return programs
 
 
@@ -210,11 +211,12 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   scores = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding.batch_sharding(runtime.mesh, 1))
   sample_flops = 2 * rows * (length + completion) * train_flops_per_token(model_config, length + completion) / 6
   programs = [Program("rollout", rollout_jit, (state, batch), {"parameters": state.params, "batch": batch},
-                      sample_flops, kv_cache)]
+                      sample_flops, kv_cache, trains=False)]
   if reward_params is not None:
     programs.append(Program("scoring", score_jit, (rollout_abstract, reward_params),
                             {"frozen: reward model": reward_params, "rollout": rollout_abstract},
-                            2 * rows * (length + completion) * train_flops_per_token(rm_config, length) / 6))
+                            2 * rows * (length + completion) * train_flops_per_token(rm_config, length) / 6,
+                            trains=False))
   programs.append(Program("update", update_jit, (state, rollout_abstract, scores, frozen),
                           {**parts, "rollout": rollout_abstract}, flops - sample_flops))
   return programs
