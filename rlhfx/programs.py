@@ -198,8 +198,9 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   kv_cache = jax.eval_shape(lambda: init_cache(model_config, rows, length + completion))
   flops = rows * (length + completion) * onpolicy_loop.iteration_flops(model_config, length, completion, epochs,
                                                                        critic is not None)
-  parts = {"parameters": state.params, "optimizer state": state.opt_state, "frozen: reference": reference,
-           "batch": batch}
+  critic_params = {k: v for k, v in state.params.items() if k != "policy"}
+  parts = {"parameters: policy": state.params["policy"], "parameters: critic": critic_params or None,
+           "optimizer state": state.opt_state, "frozen: reference": reference, "batch": batch}
   if reward_params is not None:
     parts["frozen: reward model"] = reward_params
   if scorer.in_graph and not config.train.time_phases:
@@ -210,7 +211,8 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
       rollout_abstract)
   scores = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding.batch_sharding(runtime.mesh, 1))
   sample_flops = 2 * rows * (length + completion) * train_flops_per_token(model_config, length + completion) / 6
-  programs = [Program("rollout", rollout_jit, (state, batch), {"parameters": state.params, "batch": batch},
+  programs = [Program("rollout", rollout_jit, (state, batch), {"parameters: policy": state.params["policy"],
+                                                               "batch": batch},
                       sample_flops, kv_cache, trains=False)]
   if reward_params is not None:
     programs.append(Program("scoring", score_jit, (rollout_abstract, reward_params),
