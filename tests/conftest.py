@@ -8,9 +8,14 @@ import pathlib
 import shutil
 import tempfile
 
-import jax
-import numpy as np
-import pytest
+# The suite runs on the CPU. With libtpu installed (the `tpu` extra, for the planner's TPU compiles) JAX would
+# otherwise probe for a TPU in this process and in every run it starts; the planner's topology devices need
+# no TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from rlhfx.models import Transformer
 
