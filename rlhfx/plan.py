@@ -101,11 +101,15 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
         p.kv_cache)) // sharding.data_parallel_size(runtime.mesh)
   flops = p.flops / chips
   t0 = time.perf_counter()
-  try:
+  cache = jax.config.jax_enable_compilation_cache
+  try:  # a persistent compilation cache holds executables to load on a client; these have none to load on
+    jax.config.update("jax_enable_compilation_cache", False)
     with sharding.active(runtime.mesh, runtime.rules):
       compiled = p.fn.lower(*p.args).compile()
   except Exception as e:  # noqa: BLE001 (the compiler's own message is the report)
     return ProgramPlan(p.name, False, {}, parts, flops, None, {}, None, time.perf_counter() - t0, _first_line(e))
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
   compile_s = time.perf_counter() - t0
   m = compiled.memory_analysis()
   outputs = m.output_size_in_bytes - m.alias_size_in_bytes
