@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable
 
 import jax
@@ -149,6 +150,8 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
     try:
       rm_config = rewards.reward_model_config(sc.model)
     except ConfigError:  # planning before the reward run exists: a reward model of the policy's shape
+      logging.warning("config.scoring.model=%r holds no reward model yet: planned with one of the policy's shape",
+                      sc.model)
       rm_config = model_config
     scorer = device.Scorer(module=ScoreModel(rm_config), missing_eos_penalty=sc.missing_eos_penalty)
     reward_params = loop.abstract_params(scorer.module, runtime)
