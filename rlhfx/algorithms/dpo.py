@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -15,7 +15,6 @@ import json
 import logging
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

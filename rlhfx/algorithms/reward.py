@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
