@@ -43,8 +43,8 @@ def defects_put_back(replicated_moments: bool = True):
   """The code before the fix: replicated optimizer state (unless not `replicated_moments`), `with mesh:` tracing."""
   state_shardings, active = train_state.state_shardings, sharding.active
 
-  def replicated_opt_state(abstract_state, param_shardings, optimizer, mesh):
-    out = state_shardings(abstract_state, param_shardings, optimizer, mesh)
+  def replicated_opt_state(abstract_state, param_shardings, mesh):
+    out = state_shardings(abstract_state, param_shardings, mesh)
     return out.replace(opt_state=jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state.opt_state))
 
   @contextlib.contextmanager
@@ -54,12 +54,10 @@ def defects_put_back(replicated_moments: bool = True):
 
   train_state.state_shardings = replicated_opt_state if replicated_moments else state_shardings
   sharding.active = legacy
-  plan.sharding.active = legacy
   try:
     yield
   finally:
     train_state.state_shardings, sharding.active = state_shardings, active
-    plan.sharding.active = active
 
 
 def summary(report: dict) -> dict:

@@ -210,19 +210,22 @@ def init_params(model_config: ModelConfig, runtime: Runtime, rng, params=None, m
     return jax.jit(lambda k: sharding.unbox(_init_fn(module)(k)), out_shardings=shardings)(rng)
 
 
-def frozen_copy(tree, dtype):
-  """A copy of a frozen tree (reference, reward model) with floating leaves stored in the compute `dtype`.
+def frozen_dtype(path, dtype, compute_dtype):
+  """The dtype a frozen tree (reference, reward model) stores a leaf in: floating leaves in the compute dtype.
 
   Every use casts weights to the compute dtype first (Dense, Embed, Norm), so the model computes the
   same numbers from it in half the memory under bfloat16; a reward model's score head ("score", float32
-  by design) keeps its dtype.
+  by design) and integer leaves keep their dtype.
   """
+  if any(getattr(k, "key", None) == "score" for k in path) or not jnp.issubdtype(dtype, jnp.floating):
+    return dtype
+  return compute_dtype
 
-  def one(path, x):
-    keep = any(getattr(k, "key", None) == "score" for k in path) or not jnp.issubdtype(x.dtype, jnp.floating)
-    return jnp.array(x, copy=True) if keep else x.astype(dtype) if x.dtype != dtype else jnp.array(x, copy=True)
 
-  return jax.tree_util.tree_map_with_path(one, tree)
+def frozen_copy(tree, compute_dtype):
+  """A copy of a frozen tree, each leaf in its `frozen_dtype`, on the same shardings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.array(x, dtype=frozen_dtype(path, x.dtype, compute_dtype), copy=True), tree)
 
 
 def state_shardings(state):
@@ -257,7 +260,7 @@ def create_state(params, optimizer, runtime: Runtime, init=None):
 
   init = init or functools.partial(train_state.init_state, optimizer=optimizer)
   with sharding.active(runtime.mesh, runtime.rules):
-    return train_state.create_state(init, params, optimizer, runtime.mesh)
+    return train_state.create_state(init, params, runtime.mesh)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -39,6 +39,11 @@ class RLState:
   kl_coef: Array  # the current KL coefficient (adaptive when a target is set)
 
 
+def init_state(params, *, optimizer: optax.GradientTransformation, kl_coef: float) -> RLState:
+  return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                 kl_coef=jnp.float32(kl_coef))
+
+
 @flax.struct.dataclass
 class Rollout:
   prompt_BxP: Array

@@ -202,7 +202,7 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(config, chips: int, model_config) -> list[dict[str, Any]]:
+def candidates(chips: int, model_config) -> list[dict[str, Any]]:
   """Overrides the search tries: mesh shapes (data x fsdp x tensor), remat policies, accumulation steps."""
   tensors = [t for t in (1, 2, 4, 8) if chips % t == 0 and model_config.num_kv_heads % t == 0]
   meshes = [{"data": d, "fsdp": chips // (d * t), "tensor": t} for t in tensors for d in _divisors(chips // t)
@@ -221,7 +221,7 @@ def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> lis
   model_config, _ = loop.model_config_from(config, load_params=False)
   found = []
   rows = config.train.global_batch_size
-  for c in candidates(config, len(devices), model_config):
+  for c in candidates(len(devices), model_config):
     dp = c["mesh"]["data"] * c["mesh"]["fsdp"]
     for accum in [k for k in _divisors(rows) if k <= max_accum and (rows // k) % dp == 0]:
       trial = copy.deepcopy(config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import types
 from typing import Any, Callable
 
 import jax
@@ -55,16 +56,15 @@ def _pair_batch(rows: int, length: int, mesh, precomputed: bool) -> dict:
   return batch_struct(shapes, mesh)
 
 
-def _with_dtype(tree, dtype):
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x if any(getattr(k, "key", None) == "score" for k in path)
-      or not jnp.issubdtype(x.dtype, jnp.floating) else jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding),
-      tree)
+def _frozen(tree, compute_dtype):
+  """The ShapeDtypeStructs of `loop.frozen_copy(tree, compute_dtype)`."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: jax.ShapeDtypeStruct(
+      x.shape, loop.frozen_dtype(path, x.dtype, compute_dtype), sharding=x.sharding), tree)
 
 
 def _state(params, optimizer, mesh, init=None):
   init = init or functools.partial(train_state.init_state, optimizer=optimizer)
-  return train_state.create_state(init, params, optimizer, mesh)
+  return train_state.create_state(init, params, mesh)
 
 
 def _one_trained_tree(name: str, algorithm, model, config, runtime, batch, flops: float) -> list[Program]:
@@ -100,7 +100,8 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
   from rlhfx.algorithms import dpo as algorithm
 
   model = Transformer(model_config)
-  mode = algorithm.reference_mode(config)
+  kwargs = algorithm.step_kwargs(config, model)
+  mode, window = kwargs["mode"], kwargs["window"]
   base = loop.abstract_params(model, runtime)
   params = base
   if config.lora.rank:
@@ -109,13 +110,12 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
     shardings = lora.shardings(adapters, base)
     adapters = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), adapters, shardings)
     params = {"base": base, "lora": adapters}
-  reference = _with_dtype(base, model_config.jnp_dtype) if mode == "frozen" else None
+  reference = _frozen(base, model_config.jnp_dtype) if mode == "frozen" else None
   optimizer = make_optimizer(config.optim, config.train.num_steps, params,
                              frozen=("^base/",) if config.lora.rank else ())
   state, shardings = _state(params, optimizer, runtime.mesh)
   rows, length = config.train.global_batch_size, max(config.data.buckets)
   batch = _pair_batch(rows, length, runtime.mesh, precomputed=mode == "precomputed")
-  window = config.data.max_completion_length or None
   per_row = sequence_train_flops(model_config, length, kept=window + 1 if window else None)
   forwards = 0 if mode in ("precomputed", "none") else 1  # the reference's forward pass: a third of fwd + bwd
   fn = algorithm.jit_train_step(config, model, optimizer, shardings, reference)
@@ -124,9 +124,7 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
     parts["frozen: reference"] = reference
   programs = [Program("dpo_step", fn, (state, batch, reference), parts, 2 * rows * per_row * (1 + forwards / 3))]
   if mode == "precomputed":  # one pass over the data before training, with the initial policy
-    kwargs = algorithm.step_kwargs(config, model)
-    ref_fn = jax.jit(functools.partial(algorithm.reference_logps_step, model=model, chunk_size=kwargs["chunk_size"],
-                                       window=window))
+    ref_fn = algorithm.jit_reference_logps(model, kwargs["chunk_size"], window)
     ref_batch = _pair_batch(rows, length, runtime.mesh, precomputed=False)
     programs.append(Program("reference_logps", ref_fn, (base, ref_batch), {"parameters": base, "batch": ref_batch},
                             2 * rows * per_row / 3, trains=False))
@@ -143,7 +141,7 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   algorithm = {"ppo": ppo, "grpo": grpo}[config.algorithm]
   model = Transformer(model_config)
   policy = loop.abstract_params(model, runtime)
-  reference = _with_dtype(policy, model_config.jnp_dtype)
+  reference = _frozen(policy, model_config.jnp_dtype)
   sc = config.scoring
   reward_params = None
   if sc.model:
@@ -181,17 +179,15 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   kl_coef = config.ppo.kl_coef if config.algorithm == "ppo" else config.grpo.beta
   optimizer = make_optimizer(config.optim, config.train.num_steps * epochs * minibatches, params,
                              frozen=tuple(config.optim.freeze))
-  sampling = device.SamplingSettings(
-      model_config=model_config, max_new_tokens=config.rollout.max_new_tokens, group_size=config.rollout.group_size,
-      temperature=config.rollout.temperature, top_k=config.rollout.top_k, top_p=config.rollout.top_p,
-      eos_id=model_config.eos_token_id, pad_id=model_config.pad_token_id or 0)
+  # the model's own special tokens stand in for the tokenizer's: the planner loads no tokenizer
+  token_ids = types.SimpleNamespace(eos_token_id=model_config.eos_token_id, pad_token_id=model_config.pad_token_id)
+  sampling = device.SamplingSettings.from_config(config, model_config, token_ids)
   s = algorithm.Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling,
                                      optimizer=optimizer).check()
-  init = lambda p: device.RLState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),  # noqa: E731
-                                  kl_coef=jnp.float32(kl_coef))
+  init = functools.partial(device.init_state, optimizer=optimizer, kl_coef=kl_coef)
   state, shardings = _state(params, optimizer, runtime.mesh, init=init)
   if reward_params is not None:
-    reward_params = _with_dtype(reward_params, scorer.module.config.jnp_dtype)
+    reward_params = _frozen(reward_params, scorer.module.config.jnp_dtype)
   frozen = {"reference": reference, "reward": reward_params}
   prompts, length = config.train.global_batch_size, max(config.data.buckets)
   batch = batch_struct({"prompt_BxP": ((prompts, length), jnp.int32), "prompt_mask_BxP": ((prompts, length), bool)},

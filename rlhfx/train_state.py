@@ -24,8 +24,7 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def state_shardings(abstract_state, param_shardings, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh):
+def state_shardings(abstract_state, param_shardings, mesh: jax.sharding.Mesh):
   """Shardings of a state (`TrainState` or any struct with `params` and `opt_state`) like its parameters'.
 
   Each optimizer-state leaf that mirrors a parameter (Adam's moments, per-parameter masks)
@@ -50,12 +49,12 @@ def state_shardings(abstract_state, param_shardings, optimizer: optax.GradientTr
   return everything.replace(params=param_shardings, opt_state=opt_state)
 
 
-def create_state(init: Callable, params, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+def create_state(init: Callable, params, mesh: jax.sharding.Mesh):
   """(state, its shardings): `init(params)` (e.g. init_state with the optimizer bound) compiled with
   out_shardings from `state_shardings`, the parameters donated. Works on ShapeDtypeStructs too
   (`jax.eval_shape`), which is how the planner builds the state without allocating it."""
   abstract = jax.eval_shape(init, params)
-  shardings = state_shardings(abstract, jax.tree.map(lambda x: x.sharding, params), optimizer, mesh)
+  shardings = state_shardings(abstract, jax.tree.map(lambda x: x.sharding, params), mesh)
   if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                         shardings), shardings

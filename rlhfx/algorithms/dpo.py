@@ -113,6 +113,11 @@ def jit_train_step(config, model: Transformer, optimizer, shardings, reference, 
                  donate_argnums=0)
 
 
+def jit_reference_logps(model: Transformer, chunk_size: int | None, window: int | None):
+  """The jitted pass that precomputes reference log-probs (`rlhfx.plan` compiles this same function)."""
+  return jax.jit(functools.partial(reference_logps_step, model=model, chunk_size=chunk_size, window=window))
+
+
 def loss_from_config(cfg) -> Callable:
   """The configured built-in loss with its hyper-parameters bound (plus the SFT term when weighted)."""
   if cfg.loss not in preference.LOSSES:
@@ -139,7 +144,7 @@ def reference_mode(config) -> str:
 
 def precompute_reference(config, data, source, params, model, runtime, chunk_size, window) -> np.ndarray:
   """[N, 2] reference log-probs (chosen, rejected) of every example of `source`, by example id."""
-  fn = jax.jit(functools.partial(reference_logps_step, model=model, chunk_size=chunk_size, window=window))
+  fn = jit_reference_logps(model, chunk_size, window)
   table = np.full((len(source), 2), np.nan, np.float32)
   for local in loop.full_batches(config, data, source, "preference", keep_ids=True):
     valid, ids = local.pop("valid_B"), local.pop("example_id_B")
@@ -166,12 +171,9 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
   runtime, model_config, data = setup.runtime, setup.model_config, setup.data
   workdir = runtime.workdir
   model = Transformer(model_config)
-  loss = loss or loss_from_config(config.dpo)
-  mode = reference_mode(config)
-  chunk = config.dpo.chunk_size or None
-  window = config.data.max_completion_length or None  # LM head only over the completion positions
+  kwargs = step_kwargs(config, model, loss)  # the loss, reference mode, LoRA scale, LM-head chunk and window
+  mode, chunk, window, lora_scale = kwargs["mode"], kwargs["chunk_size"], kwargs["window"], kwargs["lora_scale"]
   base = loop.init_params(model_config, runtime, jax.random.key(config.seed), setup.loaded_params)
-  lora_scale = config.lora.alpha / config.lora.rank if config.lora.rank else 1.0
   if config.lora.rank:
     adapters = lora.init(base, patterns=tuple(config.lora.patterns), rank=config.lora.rank,
                          rng=jax.random.key(config.seed + 1))
@@ -194,7 +196,6 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
 
   train_iter = iter(loop.batches(config, data, data.train, "preference", seed=config.seed))
   checkpointer, state, start = loop.resume(config, workdir, state, train_iter, frozen={"reference": reference})
-  kwargs = step_kwargs(config, model, loss)
   with sharding.active(runtime.mesh, runtime.rules):
     jitted = jit_train_step(config, model, optimizer, shardings, reference, loss=loss)
     eval_jit = jax.jit(functools.partial(eval_step, **kwargs))

@@ -24,7 +24,6 @@ from rlhfx.config import ConfigError
 from rlhfx.metrics import train_flops_per_token
 from rlhfx.models import Transformer
 from rlhfx.models.heads import ScoreModel, from_lm_params
-from rlhfx.onpolicy import RLState
 from rlhfx.optim import make_optimizer
 
 
@@ -154,8 +153,8 @@ def train(config, workdir: str, *, algorithm: str, init_params, settings, update
     raise ConfigError(f"{rows} rollout rows (global_batch_size x rollout.group_size) do not split into "
                       f"config.{algorithm}.minibatches x config.train.grad_accum_steps micro-batches")
 
-  state, shardings = loop.create_state(params, optimizer, runtime, init=lambda p: RLState(
-      step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p), kl_coef=jnp.float32(kl_coef)))
+  state, shardings = loop.create_state(params, optimizer, runtime, init=functools.partial(
+      onpolicy.init_state, optimizer=optimizer, kl_coef=kl_coef))
   train_iter = iter(loop.batches(config, data, data.train, "prompts", seed=config.seed))
   checkpointer, state, start = loop.resume(config, workdir, state, train_iter, frozen=frozen)
 

@@ -224,7 +224,7 @@ class Attention(nn.Module):
       q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxQ, inv_freq)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
     q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
-                                                       "activation_head_dim"))
+                                      "activation_head_dim"))
     if layer_cache is not None:
       k_BxKxSxH, v_BxKxSxH, new_cache = write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
     else:
@@ -377,8 +377,7 @@ class Transformer(nn.Module):
       logits = self.embed.attend(hidden_BxTxD.reshape(-1, d)).reshape(*hidden_BxTxD.shape[:-1], -1)
     else:
       logits = self.lm_head(hidden_BxTxD)
-    return constrain(logits.astype(jnp.float32),
-                                      ("activation_batch", "activation_length", "activation_vocab"))
+    return constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def init_params(config: ModelConfig, rng: Array):
