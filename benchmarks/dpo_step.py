@@ -36,7 +36,7 @@ def main():
   params = init_params(config, jax.random.key(args.seed))
   reference = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   optimizer = make_optimizer(optim_config(args), args.steps + args.warmup, params)
-  loss = functools.partial(preference.LOSSES[args.loss_type], beta=args.beta)
+  loss = preference.LOSSES[args.loss_type](beta=args.beta)
   step = jax.jit(functools.partial(dpo.train_step, model=Transformer(config), optimizer=optimizer,
                                    schedule=learning_rate_schedule(optim_config(args), 10), loss=loss,
                                    mode="frozen", chunk_size=args.chunk_size or None, window=window or None),

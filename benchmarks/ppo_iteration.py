@@ -50,7 +50,7 @@ def main():
   import jax.numpy as jnp
   import optax
 
-  from rlhfx import onpolicy
+  from rlhfx import rollout as rl
   from rlhfx.algorithms import grpo, ppo
   from rlhfx.models import ModelConfig, Transformer, init_params
   from rlhfx.models.heads import ScoreModel
@@ -62,33 +62,33 @@ def main():
   policy = init_params(config, jax.random.key(0))
   reward = nn.meta.unbox(ScoreModel(config).init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"])
   copy = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))
-  sampling = onpolicy.SamplingSettings(config, max_new_tokens=args.new_tokens, group_size=args.group_size,
-                                       eos_id=None, pad_id=0)
-  scorer = onpolicy.Scorer(module=ScoreModel(config))
+  sampling = rl.SamplingSettings(config, max_new_tokens=args.new_tokens, group_size=args.group_size,
+                                 eos_id=None, pad_id=0)
+  scorer = rl.Scorer(module=ScoreModel(config))
   optimizer = optax.adamw(1e-6)
   if args.algo == "ppo":
     params = {"policy": policy, "value": copy(reward)}
     s = ppo.Settings(model=Transformer(config), critic=ScoreModel(config), scorer=scorer, sampling=sampling,
                      optimizer=optimizer, epochs=args.epochs, minibatches=args.minibatches)
-    update_step, kl_coef = ppo.update_step, 0.05
+    algorithm = ppo
+    new_state = lambda p: ppo.init_state(p, optimizer=optimizer, kl_coef=0.05)  # noqa: E731
   else:
-    params = {"policy": policy}
+    params = policy
     s = grpo.Settings(model=Transformer(config), scorer=scorer, sampling=sampling, optimizer=optimizer,
-                      epochs=args.epochs, minibatches=args.minibatches).check()
-    update_step, kl_coef = grpo.update_step, 0.04
+                      epochs=args.epochs, minibatches=args.minibatches, beta=0.04)
+    algorithm = grpo
+    new_state = lambda p: grpo.init_state(p, optimizer=optimizer)  # noqa: E731
   frozen = {"reference": copy(policy), "reward": reward}
   prompt = jax.random.randint(jax.random.key(2), (args.batch, args.prompt_len), 3, args.vocab)
   batch = {"prompt_BxP": prompt, "prompt_mask_BxP": jnp.ones_like(prompt, bool)}
 
   def fresh_state():
-    p = copy(params)
-    return onpolicy.RLState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                            kl_coef=jnp.float32(kl_coef))
+    return new_state(copy(params))
 
-  fused = jax.jit(functools.partial(onpolicy.iteration, s=s, update_step=update_step), donate_argnums=0)
-  rollout = jax.jit(functools.partial(onpolicy.rollout_step, s=s))
-  score = jax.jit(functools.partial(onpolicy.scores, scorer=scorer))
-  update = jax.jit(functools.partial(update_step, s=s), donate_argnums=0)
+  fused = jax.jit(functools.partial(algorithm.iteration, s=s), donate_argnums=0)
+  rollout = jax.jit(functools.partial(algorithm.rollout_step, s=s))
+  score = jax.jit(functools.partial(rl.scores, scorer=scorer))
+  update = jax.jit(functools.partial(algorithm.update_step, s=s), donate_argnums=0)
 
   def timed(fn, *a):
     t0 = time.perf_counter()

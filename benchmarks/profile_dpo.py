@@ -28,7 +28,7 @@ def main():
   import optax
 
   from rlhfx.algorithms import dpo
-  from rlhfx.logprobs import token_logps_and_mean_logits
+  from rlhfx.logprobs import target_logps
   from rlhfx.losses import preference
   from rlhfx.losses.common import concat_pairs
   from rlhfx.models import Transformer, init_params
@@ -54,7 +54,7 @@ def main():
   h = jax.jit(hidden)(params)
   parts = {
       "body_forward": (jax.jit(hidden), (params,)),
-      "lm_head_logsoftmax": (jax.jit(lambda p, h: token_logps_and_mean_logits(model, p, h, tokens, chunk)),
+      "lm_head_logsoftmax": (jax.jit(lambda p, h: target_logps(model, p, h[:, :-1], tokens[:, 1:], chunk_size=chunk)),
                              (params, h)),
       "reference_forward": (jax.jit(lambda r: dpo.pair_logps(model, r, batch, chunk_size=chunk)), (reference,)),
       "policy_forward_backward": (jax.jit(jax.grad(lambda p: objective(p, batch, reference)[0])), (params,)),

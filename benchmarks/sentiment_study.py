@@ -147,10 +147,10 @@ class Evaluator:
     import jax
     import jax.numpy as jnp
 
-    from rlhfx import onpolicy, rewards
+    from rlhfx import rewards, rollout
     from rlhfx.data.tokenize import encode_prompt, load_tokenizer
     from rlhfx.models import Transformer
-    from rlhfx.models.convert import from_llama2c
+    from rlhfx.models.llama2c import from_llama2c
     from rlhfx.models.heads import ScoreModel
     from rlhfx.sampling import pad_prompts
 
@@ -164,7 +164,7 @@ class Evaluator:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     rm = rewards.load_reward_model(rm_dir, target)
     self.reward_params = rm.params
-    self.scorer = onpolicy.Scorer(module=module, mean=rm.mean, std=rm.std)
+    self.scorer = rollout.Scorer(module=module, mean=rm.mean, std=rm.std)
     ids = [encode_prompt(self.tokenizer, p, []) for p in prompts]
     tokens, mask = pad_prompts(ids, pad_id=self.tokenizer.pad_token_id or 0)
     self.batch = {"prompt_BxP": jnp.asarray(tokens), "prompt_mask_BxP": jnp.asarray(mask)}
@@ -172,13 +172,13 @@ class Evaluator:
     model = Transformer(self.model_config)
 
     def sample(policy, n, seed):
-      s = onpolicy.SamplingSettings(self.model_config, max_new_tokens=v.max_new_tokens, group_size=n,
+      s = rollout.SamplingSettings(self.model_config, max_new_tokens=v.max_new_tokens, group_size=n,
                                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
-      r = onpolicy.rollout(policy, self.batch, jax.random.key(seed), s)
-      scores_B = onpolicy.scores(r, self.reward_params, self.scorer)
-      logps = onpolicy.completion_stats(model, policy, r, temperature=1.0)[0]
-      ref = onpolicy.completion_stats(model, self.reference, r, temperature=1.0)[0]
-      return r, scores_B, onpolicy.sequence_kl(logps, ref, r.mask_BxC)
+      r = rollout.rollout(policy, self.batch, jax.random.key(seed), s)
+      scores_B = rollout.scores(r, self.reward_params, self.scorer)
+      logps = rollout.completion_stats(model, policy, r, temperature=1.0)[0]
+      ref = rollout.completion_stats(model, self.reference, r, temperature=1.0)[0]
+      return r, scores_B, rollout.sequence_kl(logps, ref, r.mask_BxC)
 
     self._sample = jax.jit(sample, static_argnums=(1, 2))
     self.v = v

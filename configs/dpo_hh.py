@@ -25,7 +25,7 @@ def get_config(arg=None):
   config.dpo.loss = "sigmoid"  # DPO
   config.dpo.beta = 0.1  # KL strength
   config.dpo.reference = "frozen"  # a frozen copy of the initial policy
-  config.dpo.chunk_size = 128  # LM head over 128 positions at a time
+  config.model.lm_head_chunk = 128  # LM head over 128 positions at a time
   config.train.global_batch_size = 32  # pairs per step
   config.train.num_steps = 1000  # optimizer steps
   config.train.log_every = 20  # console and metrics
@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.optim.schedule = "constant"  # after warmup
   if arg == "tiny":
     use_tiny_cpu_model(config, DATA / "gpt2_tokenizer", max_length=192)  # model.* and data.* for CPU
-    config.dpo.chunk_size = 64  # LM-head chunks
+    config.model.lm_head_chunk = 64  # LM-head chunks
     config.train.global_batch_size = 16  # pairs per step
     config.train.num_steps = 100  # a few CPU minutes
     config.train.log_every = 10  # console and metrics

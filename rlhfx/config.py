@@ -12,6 +12,11 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from rlhfx.losses import preference
+
+
+ALGORITHMS = ("sft", "reward", "dpo", "ppo", "grpo")  # each trained by rlhfx/algorithms/<name>.py
+
 
 class ConfigError(ValueError):
   """A config that cannot work; the message names the field."""
@@ -33,6 +38,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.model.max_seq_len = config_dict.placeholder(int)  # override the context length
   c.model.n_layers = config_dict.placeholder(int)  # override the preset's depth
   c.model.d_model = config_dict.placeholder(int)  # override the preset's width
+  c.model.lm_head_chunk = 0  # positions per LM-head chunk when taking log-probs (0 = all at once)
 
   c.data = ml_collections.ConfigDict()
   c.data.builtin = ""  # a task generated in code instead of files: "reverse" (rlhfx.data.synthetic)
@@ -61,7 +67,6 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # complete checkpoints kept
   c.train.async_checkpoints = True  # write checkpoints in the background
   c.train.export_hf = True  # write the final policy as a Hugging Face directory: <workdir>/hf
-  c.train.sigterm_at_step = 0  # testing preemption: the run sends itself SIGTERM after this step (0 = never)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3  # peak learning rate
@@ -87,24 +92,24 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.distributed.local_device_ids = ()  # devices this process uses (explicit runs; () = all)
   c.distributed.auto = True  # initialise from the environment on Cloud TPU pods and SLURM
 
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # adapter rank (0 = no LoRA: train all parameters); PPO: policy and critic both get adapters
+  c.lora.alpha = 16.0  # scale = alpha / rank
+  c.lora.patterns = ("attn/(q|k|v|o)_proj/kernel",)  # regexes over kernel paths that get adapters
+
+  if algorithm in ("reward", "dpo"):
+    c.data.input_format = "pairs"  # {"prompt", "chosen", "rejected"} records (dpo.loss=kto: unpaired)
   if algorithm == "reward":
     c.reward = ml_collections.ConfigDict()
     c.reward.center_coef = 0.0  # + c * mean((r_w + r_l)^2): keeps rewards centred (Eisenstein et al. 2023)
     c.reward.stats_batches = 16  # batches of train data for the reward mean/std stored for PPO
   if algorithm == "dpo":
     c.dpo = ml_collections.ConfigDict()
-    c.dpo.loss = "sigmoid"  # sigmoid | robust | ipo | hinge | simpo | orpo (rlhfx.losses.preference.LOSSES)
-    c.dpo.beta = 0.1  # KL strength (simpo: reward scale)
-    c.dpo.label_smoothing = 0.0  # sigmoid: cDPO; robust: assumed label-flip rate
-    c.dpo.gamma = 0.5  # simpo: target margin
-    c.dpo.lam = 0.1  # orpo: weight of the odds-ratio term
-    c.dpo.sft_weight = 0.0  # + w * NLL of the chosen completions
+    c.dpo.loss = "sigmoid"  # rlhfx.losses.preference.LOSSES: sigmoid | robust | ipo | hinge | simpo | orpo | kto
+    for name, default in preference.config_fields().items():  # every registered loss's hyper-parameters
+      c.dpo[name] = default  # beta, label_smoothing, gamma, lam, desirable_weight, undesirable_weight
+    c.dpo.sft_weight = 0.0  # + w * NLL of the chosen completions (paired losses)
     c.dpo.reference = "frozen"  # frozen (a second tree) | precomputed (log-probs cached once) | lora_base
-    c.dpo.chunk_size = 0  # positions per LM-head chunk for log-probs (0 = all at once)
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0  # adapter rank (0 = no LoRA: train all parameters)
-    c.lora.alpha = 16.0  # scale = alpha / rank
-    c.lora.patterns = ("attn/(q|k|v|o)_proj/kernel",)  # regexes over kernel paths that get adapters
   if algorithm in ("ppo", "grpo"):
     c.data.input_format = "prompts"  # {"prompt"} or {"messages"} records: the prompts to sample from
     c.train.global_batch_size = 16  # prompts per iteration (rollout rows = this x rollout.group_size)
@@ -221,26 +226,3 @@ def use_letters_task(config) -> None:
   config.optim.learning_rate = 3e-3  # small random model
   config.optim.warmup_steps = 0  # no warmup
   config.optim.schedule = "constant"  # constant rate
-
-
-def validate(config, model_config, data_parallel_size: int = 1) -> None:
-  """Config checks that need no data: raise ConfigError naming the field."""
-  t, d = config.train, config.data
-  if t.global_batch_size % t.grad_accum_steps:
-    raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
-                     f"config.train.grad_accum_steps={t.grad_accum_steps}")
-  micro = t.global_batch_size // t.grad_accum_steps
-  if micro % data_parallel_size:
-    raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} gives micro-batches of {micro} rows, "
-                     f"not divisible by the data-parallel size {data_parallel_size} (mesh data x fsdp)")
-  if d.max_length > model_config.max_seq_len:
-    raise ConfigError(f"config.data.max_length={d.max_length} is longer than the model's context "
-                     f"max_seq_len={model_config.max_seq_len}")
-  if max(d.buckets) > model_config.max_seq_len:
-    raise ConfigError(f"config.data.buckets={tuple(d.buckets)}: {max(d.buckets)} exceeds the model's context "
-                     f"max_seq_len={model_config.max_seq_len}")
-  if not 0 <= d.eval_fraction < 1:
-    raise ConfigError(f"config.data.eval_fraction={d.eval_fraction} must be in [0, 1)")
-  if not 0 <= d.max_completion_length < d.max_length:
-    raise ConfigError(f"config.data.max_completion_length={d.max_completion_length} must be 0 (no limit) or "
-                      f"less than config.data.max_length={d.max_length}")

@@ -30,7 +30,7 @@ def _load():
   """(config, params, tokenizer or None) for the chosen model."""
   if _LLAMA2C.value:
     from rlhfx.data.tokenize import llama2c_tokenizer
-    from rlhfx.models.convert import from_llama2c
+    from rlhfx.models.llama2c import from_llama2c
 
     config, params = from_llama2c(_LLAMA2C.value)
     return config, params, llama2c_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None

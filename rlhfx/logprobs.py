@@ -1,44 +1,51 @@
-"""Completion log-probs under a model, without materialising B x T x V logits when chunked.
+"""Log-probs of tokens under a model: the one function every algorithm uses, chunked so the logits never
+exist whole.
 
+  logps_BxS, mean_logits_BxS, entropy_BxS = target_logps(model, params, hidden_BxSxD, targets_BxS,
+                                                         chunk_size=128, temperature=1.0, entropy=False)
   logps_B, mean_logits_B, tokens_B = completion_logps(model, params, tokens_BxT, mask_BxT, loss_mask_BxT,
                                                       chunk_size=128, window=64)
 
-With `window=W`, only the W positions of each row that predict its completion go
-through the last layer's queries and MLP and through the LM head (a per-row window
-starting where the completion does), which is all the log-probs need when no
-completion is longer than W tokens (`Truncation.max_completion_length`); a row whose
-completion is longer gets NaN, never a partial sum. The final hidden states go
-through the LM head `chunk_size` positions at a time inside a rematerialised
-`lax.scan`: only one chunk's logits live at once, in the forward and in the
-backward pass (the tiled LM head TRL uses, as a scan).
+`target_logps` takes final hidden states and the token each one predicts (SFT: every
+position; DPO/KTO: the completion; PPO/GRPO: the sampled completion under the sampling
+temperature). The hidden states go through the LM head `chunk_size` positions at a time
+inside a rematerialised `lax.scan`: only one chunk's [B, chunk, V] logits live at once, in
+the forward and in the backward pass (the tiled LM head TRL uses, as a scan). The
+arithmetic on the logits is `rlhfx.losses.common.logits_stats`.
+
+With `window=W`, `completion_logps` sends only the W positions of each row that predict
+its completion through the last layer's queries and MLP and through the LM head (a
+per-row window starting where the completion does), which is all the log-probs need when
+no completion is longer than W tokens (`Truncation.max_completion_length`); a row whose
+completion is longer gets NaN, never a partial sum.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from rlhfx.losses.common import target_mask
+from rlhfx.losses.common import logits_stats, target_mask
 from rlhfx.models import Transformer
 
 Array = jax.Array
 
 
-def _chunk_stats(unembed, hidden_BxCxD, targets_BxC):
-  logits_BxCxV = unembed(hidden_BxCxD)
-  logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-  picked_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  return picked_BxC - logz_BxC, logits_BxCxV.mean(-1)
+def _chunk(model: Transformer, params, hidden_BxCxD, targets_BxC, *, temperature: float, entropy: bool):
+  logits_BxCxV = model.apply({"params": params}, hidden_BxCxD, method=Transformer.unembed)
+  logps_BxC, mean_BxC, ent_BxC = logits_stats(logits_BxCxV, targets_BxC, temperature=temperature, entropy=entropy)
+  return logps_BxC, mean_BxC, jnp.zeros_like(logps_BxC) if ent_BxC is None else ent_BxC
 
 
-def token_logps_and_mean_logits(model: Transformer, params, hidden_BxTxD: Array, tokens_BxT: Array,
-                                chunk_size: int | None = None):
-  """(logps_BxT, mean_logits_BxT): log p(tokens[t] | tokens[<t]) (0 at t=0) and the mean logit predicting t."""
-  unembed = lambda h: model.apply({"params": params}, h, method=Transformer.unembed)  # noqa: E731
-  hidden_BxSxD, targets_BxS = hidden_BxTxD[:, :-1], tokens_BxT[:, 1:]
+def target_logps(model: Transformer, params, hidden_BxSxD: Array, targets_BxS: Array, *,
+                 chunk_size: int | None = None, temperature: float = 1.0, entropy: bool = False):
+  """(logps_BxS, mean_logits_BxS, entropy_BxS or None): log p(targets[s] | hidden[s]) under softmax(logits / T)."""
+  stats = functools.partial(_chunk, model, params, temperature=temperature or 1.0, entropy=entropy)
   length = hidden_BxSxD.shape[1]
   if not chunk_size or chunk_size >= length:
-    logps_BxS, mean_BxS = _chunk_stats(unembed, hidden_BxSxD, targets_BxS)
+    logps_BxS, mean_BxS, ent_BxS = stats(hidden_BxSxD, targets_BxS)
   else:
     pad = -length % chunk_size
     n = (length + pad) // chunk_size
@@ -46,11 +53,10 @@ def token_logps_and_mean_logits(model: Transformer, params, hidden_BxTxD: Array,
     t = jnp.pad(targets_BxS, ((0, 0), (0, pad)))
     h_NxBxCxD = h.reshape(h.shape[0], n, chunk_size, h.shape[-1]).swapaxes(0, 1)
     t_NxBxC = t.reshape(t.shape[0], n, chunk_size).swapaxes(0, 1)
-    chunk = jax.checkpoint(lambda hc, tc: _chunk_stats(unembed, hc, tc))
-    _, (logps_NxBxC, mean_NxBxC) = jax.lax.scan(lambda c, x: (c, chunk(*x)), None, (h_NxBxCxD, t_NxBxC))
-    logps_BxS = logps_NxBxC.swapaxes(0, 1).reshape(h.shape[0], -1)[:, :length]
-    mean_BxS = mean_NxBxC.swapaxes(0, 1).reshape(h.shape[0], -1)[:, :length]
-  return jnp.pad(logps_BxS, ((0, 0), (1, 0))), jnp.pad(mean_BxS, ((0, 0), (1, 0)))
+    chunk = jax.checkpoint(stats)
+    _, outs_NxBxC = jax.lax.scan(lambda c, x: (c, chunk(*x)), None, (h_NxBxCxD, t_NxBxC))
+    logps_BxS, mean_BxS, ent_BxS = (x.swapaxes(0, 1).reshape(h.shape[0], -1)[:, :length] for x in outs_NxBxC)
+  return logps_BxS, mean_BxS, ent_BxS if entropy else None
 
 
 def completion_window(loss_mask_BxT: Array, window: int) -> Array:
@@ -80,8 +86,10 @@ def completion_logps(model: Transformer, params, tokens_BxT: Array, mask_BxT: Ar
     # slot 0 is context (a prompt token), never a target
     targets_BxU = target_mask(jnp.take_along_axis(targets_BxT, select_BxU, axis=1))
   hidden_BxUxD = model.apply({"params": params}, tokens_BxT, mask_BxT, return_hidden=True, select_BxQ=select_BxU)
-  logps_BxU, mean_BxU = token_logps_and_mean_logits(model, params, hidden_BxUxD, tokens_BxU, chunk_size)
-  logps_B = jnp.sum(jnp.where(targets_BxU, logps_BxU, 0.0), axis=-1)
-  logps_B = jnp.where(targets_BxU.sum(-1) == count_B, logps_B, jnp.nan)  # NaN: completion longer than the window
-  mean_logits_B = jnp.sum(jnp.where(targets_BxU, mean_BxU, 0.0), axis=-1) / jnp.maximum(count_B, 1)
+  logps_BxS, mean_BxS, _ = target_logps(model, params, hidden_BxUxD[:, :-1], tokens_BxU[:, 1:],
+                                        chunk_size=chunk_size)
+  targets_BxS = targets_BxU[:, 1:]
+  logps_B = jnp.sum(jnp.where(targets_BxS, logps_BxS, 0.0), axis=-1)
+  logps_B = jnp.where(targets_BxS.sum(-1) == count_B, logps_B, jnp.nan)  # NaN: completion longer than the window
+  mean_logits_B = jnp.sum(jnp.where(targets_BxS, mean_BxS, 0.0), axis=-1) / jnp.maximum(count_B, 1)
   return logps_B, jax.lax.stop_gradient(mean_logits_B), count_B

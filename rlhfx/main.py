@@ -1,6 +1,8 @@
-"""rlhfx entry point: python -m rlhfx.main --config=configs/<file>.py[:variant] --workdir=DIR [--config.a.b=v]."""
+"""rlhfx entry point: python -m rlhfx.main --config=configs/<file>.py[:variant] --workdir=DIR [--config.a.b=v].
 
-import sys
+The config is checked field by field first (`rlhfx.validation`); a problem is one line on
+stderr and exit status 2, before any data is built or model loaded.
+"""
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,12 +18,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # Orbax and Grain are chatty at INFO; --verbosity=0 shows it
     logging.set_verbosity(logging.WARNING)
-  from rlhfx import algorithms, errors
+  import importlib
 
+  from rlhfx import errors, validation
+
+  config = _CONFIG.value
   try:
-    algorithms.train(_CONFIG.value, _WORKDIR.value)
+    validation.check(config)  # every field, before anything is built
+    importlib.import_module(f"rlhfx.algorithms.{config.algorithm}").train(config, _WORKDIR.value)
   except errors.USER_ERRORS as e:  # bad config, data or checkpoint: one message, no traceback
-    sys.exit(f"rlhfx: {type(e).__name__}: {e}")
+    errors.report("rlhfx", e)
 
 
 def run():

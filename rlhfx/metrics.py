@@ -3,7 +3,8 @@
 Everything lands in the work directory:
   <workdir>/metrics.jsonl     one JSON object per logged step: {"step": n, "train/loss": ...}
   <workdir>/tensorboard/      event files: tensorboard --logdir <workdir>/tensorboard
-Only process 0 writes.
+Only process 0 writes. A train loop records each step's device metrics with `StepLog.record`,
+which reads them one step late, so the host never waits on the device except to save.
 """
 
 from __future__ import annotations
@@ -134,3 +135,123 @@ class MetricsWriter:
 def to_host(metrics) -> dict[str, float]:
   """Device scalars -> Python floats (the only place the loop waits for the device)."""
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+class TrainingDiverged(RuntimeError):
+  """A metric became NaN or Inf."""
+
+
+class StepLog:
+  """Step metrics of a train loop, read one step late: `record(step n)` dispatches nothing and reads step n-1's
+  metrics (by then computed), checks they are finite, adds perf/* (step time, tokens/s, MFU) and writes them
+  every `log_every` steps and at the last. `flush()` reads the pending step now (before a save or an eval).
+  A NaN/Inf raises TrainingDiverged naming the step and the last checkpoint, which the loop never overwrote."""
+
+  def __init__(self, workdir: Path, train_config, *, flops_per_token: float, checkpointer, start_step: int,
+               loss_key: str = "train/loss"):
+    self.t = train_config
+    self.writer = MetricsWriter(workdir, total_steps=train_config.num_steps, peak_flops=peak_flops_per_device())
+    self.flops_per_token, self.checkpointer, self.start = flops_per_token, checkpointer, start_step
+    self.loss_key = loss_key
+    self.last: dict[str, float] = {}
+    self._pending = None
+    self._t_last = time.perf_counter()
+
+  def record(self, step: int, device_metrics: dict, *, tokens: float) -> None:
+    self.flush()
+    self._pending = (step, device_metrics, tokens * jax.process_count())
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, device_metrics, tokens = self._pending
+    self._pending = None
+    host = to_host(device_metrics)
+    bad = [k for k, v in host.items() if not np.isfinite(v)]
+    if bad:
+      raise TrainingDiverged(f"step {step}: {', '.join(bad)} = {[host[k] for k in bad]}; stopping. The last good "
+                             f"checkpoint is step {self.checkpointer.latest_step()} in {self.checkpointer.directory}")
+    now = time.perf_counter()
+    host["perf/step_s"] = now - self._t_last
+    host["perf/tokens_per_s"] = tokens / host["perf/step_s"]
+    if self.writer.peak_flops:
+      host["perf/mfu"] = host["perf/tokens_per_s"] * self.flops_per_token / (self.writer.peak_flops
+                                                                              * jax.device_count())
+    self._t_last = now
+    self.last = host
+    if step % self.t.log_every == 0 or step == self.t.num_steps:
+      self.writer.write(step, host)
+      self.writer.progress(step, self.start, host, self.loss_key)
+
+  def write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+    """Write other metrics of `step` (evaluation), after the pending step's; returns them."""
+    self.flush()
+    if metrics:
+      self.writer.write(step, metrics)
+      logging.info("step %d: %s", step, metrics)
+    return metrics
+
+  def close(self) -> None:
+    self.flush()
+    self.writer.close()
+
+  def __enter__(self) -> "StepLog":
+    return self
+
+  def __exit__(self, exc_type, *exc) -> None:
+    if exc_type is None:
+      self.close()
+    else:  # a diverged or failed run: what was written stays, the pending step is not read again
+      self.writer.close()
+
+
+def evaluation_due(step: int, train_config) -> bool:
+  """Evaluate after this step: every `eval_every` steps (0: never in between) and after the last."""
+  return bool(train_config.eval_every and step % train_config.eval_every == 0) or step == train_config.num_steps
+
+
+def iteration_flops(model_config, prompt_len: int, completion_len: int, epochs: int, critic: bool) -> float:
+  """Matmul FLOPs per sequence token of one on-policy iteration: sampling, old/ref (+ value) forwards and `epochs`
+  passes of forward + backward (+ the critic's); the LM head runs only at completion positions."""
+  seq_len = prompt_len + completion_len
+  body = train_flops_per_token(model_config, seq_len, lm_head=False)  # forward + backward, per token
+  head = 6 * model_config.vocab_size * model_config.d_model
+  per_sequence = seq_len * body * ((3 + critic) / 3 + epochs * (1 + critic)) + completion_len * head * (1 + epochs)
+  return per_sequence / seq_len
+
+
+class SampleLog:
+  """Sample completions of an on-policy run: every `every` iterations a rollout is kept, and decoded, printed and
+  appended to <workdir>/samples.jsonl at the next `record` (so decoding never waits on the iteration that made
+  it) or at `flush`."""
+
+  def __init__(self, workdir: Path, tokenizer, every: int, n: int = 4):
+    self.path, self.tokenizer, self.every, self.n = Path(workdir) / "samples.jsonl", tokenizer, every, n
+    self._due = None
+
+  def record(self, step: int, rollout, scores_B) -> None:
+    self.flush()
+    if self.every and step % self.every == 0:
+      self._due = (step, rollout, scores_B)
+
+  def flush(self) -> None:
+    if self._due is None:
+      return
+    from rlhfx.evaluation import gather
+
+    step, r, scores_B = self._due
+    self._due = None
+    r, scores_B = gather((r, scores_B))
+    samples = []
+    for i in range(min(self.n, len(scores_B))):
+      prompt = self.tokenizer.decode(r.prompt_BxP[i][r.prompt_mask_BxP[i]], skip_special_tokens=True)
+      completion = self.tokenizer.decode(r.tokens_BxC[i][r.mask_BxC[i]], skip_special_tokens=True)
+      samples.append({"prompt": prompt, "completion": completion, "score": float(scores_B[i])})
+    if jax.process_index() != 0:
+      return
+    with open(self.path, "a") as f:
+      for s in samples:
+        f.write(json.dumps({"step": step, **s}) + "\n")
+    print(f"samples at iteration {step}:", flush=True)
+    for s in samples[:2]:
+      print(f"  [{s['score']:+.3f}] {s['prompt']!r} -> {s['completion']!r}", flush=True)

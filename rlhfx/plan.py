@@ -28,8 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhfx import loop, programs, sharding, topology
-from rlhfx.config import ConfigError, validate
+from rlhfx import programs, sharding, topology, validation
+from rlhfx.config import ConfigError
+from rlhfx.models import load
 
 GiB = 2**30
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
@@ -127,17 +128,18 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
                      collectives(compiled.as_text()), roofline, compile_s)
 
 
-def runtime_for(config, devices) -> loop.Runtime:
+def runtime_for(config, devices) -> sharding.Runtime:
   mesh = sharding.make_mesh(dict(config.mesh.shape), devices)
-  return loop.Runtime(mesh=mesh, rules=sharding.rules_from_config(config.mesh.rules), workdir=None)
+  return sharding.Runtime(mesh=mesh, rules=sharding.rules_from_config(config.mesh.rules), workdir=None)
 
 
 def plan(config, topology_name: str) -> dict[str, Any]:
   """The planner's report for one config on one slice (the JSON `--json` prints)."""
+  validation.check(config)
   chip, devices = topology.devices(topology_name)
   runtime = runtime_for(config, devices)
-  model_config, _ = loop.model_config_from(config, load_params=False)
-  validate(config, model_config, sharding.data_parallel_size(runtime.mesh))
+  model_config, _ = load.model_config(config, load_params=False)
+  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh))
   plans = [plan_program(p, runtime, chip, model_config.remat) for p in programs.build(config, model_config, runtime)]
   return {
       "topology": topology_name, "compiler_topology": topology.compiler_name(topology_name)[1],
@@ -218,7 +220,8 @@ def candidates(chips: int, model_config) -> list[dict[str, Any]]:
 def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> list[dict[str, Any]]:
   """Try mesh shapes x remat policies, each with the fewest accumulation steps that fit; fastest roofline first."""
   chip, devices = topology.devices(topology_name)
-  model_config, _ = loop.model_config_from(config, load_params=False)
+  validation.check(config)
+  model_config, _ = load.model_config(config, load_params=False)
   found = []
   rows = config.train.global_batch_size
   for c in candidates(len(devices), model_config):

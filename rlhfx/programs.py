@@ -22,11 +22,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from rlhfx import loop, sharding, train_state
+from rlhfx import sharding, train_state
 from rlhfx.config import ConfigError
-from rlhfx.metrics import sequence_train_flops, train_flops_per_token
+from rlhfx.metrics import iteration_flops, sequence_train_flops, train_flops_per_token
 from rlhfx.models import ModelConfig, Transformer, lora
 from rlhfx.models.heads import ScoreModel
+from rlhfx.models.load import abstract_params, frozen_structs
 from rlhfx.models.transformer import init_cache
 from rlhfx.optim import make_optimizer
 
@@ -48,18 +49,18 @@ def batch_struct(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict[s
           for k, (shape, dtype) in shapes.items()}
 
 
-def _pair_batch(rows: int, length: int, mesh, precomputed: bool) -> dict:
-  shapes = {f"{side}_{k}": ((rows, length), dtype) for side in ("chosen", "rejected")
+def _pair_batch(rows: int, length: int, mesh, precomputed: bool, unpaired: bool = False) -> dict:
+  """A preference batch (chosen_*/rejected_* rows, or unpaired rows with label_B), with the precomputed
+  reference columns when `precomputed`."""
+  sides = ("",) if unpaired else ("chosen_", "rejected_")
+  shapes = {f"{side}{k}": ((rows, length), dtype) for side in sides
             for k, dtype in (("tokens_BxT", jnp.int32), ("mask_BxT", bool), ("loss_mask_BxT", bool))}
+  if unpaired:
+    shapes["label_B"] = ((rows,), bool)
   if precomputed:
-    shapes.update({"ref_chosen_logps_B": ((rows,), jnp.float32), "ref_rejected_logps_B": ((rows,), jnp.float32)})
+    keys = ("ref_logps_B",) if unpaired else ("ref_chosen_logps_B", "ref_rejected_logps_B")
+    shapes.update({k: ((rows,), jnp.float32) for k in keys})
   return batch_struct(shapes, mesh)
-
-
-def _frozen(tree, compute_dtype):
-  """The ShapeDtypeStructs of `loop.frozen_copy(tree, compute_dtype)`."""
-  return jax.tree_util.tree_map_with_path(lambda path, x: jax.ShapeDtypeStruct(
-      x.shape, loop.frozen_dtype(path, x.dtype, compute_dtype), sharding=x.sharding), tree)
 
 
 def _state(params, optimizer, mesh, init=None):
@@ -67,10 +68,15 @@ def _state(params, optimizer, mesh, init=None):
   return train_state.create_state(init, params, mesh)
 
 
+def _trainable(params, config):
+  """`params`, LoRA-wrapped as the run wraps them when config.lora.rank > 0."""
+  return lora.wrap(params, config.lora, jax.random.key(0)) if config.lora.rank else params
+
+
 def _one_trained_tree(name: str, algorithm, model, config, runtime, batch, flops: float) -> list[Program]:
   """The step of an algorithm that trains one tree with nothing frozen beside it (SFT, reward model)."""
-  params = loop.abstract_params(model, runtime)
-  optimizer = make_optimizer(config.optim, config.train.num_steps, params)
+  params = _trainable(abstract_params(model, runtime), config)
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
   state, shardings = _state(params, optimizer, runtime.mesh)
   fn = algorithm.jit_train_step(config, model, optimizer, shardings)
   parts = {"parameters": state.params, "optimizer state": state.opt_state, "batch": batch}
@@ -102,48 +108,41 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
   model = Transformer(model_config)
   kwargs = algorithm.step_kwargs(config, model)
   mode, window = kwargs["mode"], kwargs["window"]
-  base = loop.abstract_params(model, runtime)
-  params = base
-  if config.lora.rank:
-    adapters = jax.eval_shape(lambda b: lora.init(b, patterns=tuple(config.lora.patterns), rank=config.lora.rank,
-                                                  rng=jax.random.key(0)), base)
-    shardings = lora.shardings(adapters, base)
-    adapters = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), adapters, shardings)
-    params = {"base": base, "lora": adapters}
-  reference = _frozen(base, model_config.jnp_dtype) if mode == "frozen" else None
-  optimizer = make_optimizer(config.optim, config.train.num_steps, params,
-                             frozen=("^base/",) if config.lora.rank else ())
+  base = abstract_params(model, runtime)
+  params = _trainable(base, config)
+  reference = frozen_structs(base, model_config.jnp_dtype) if mode == "frozen" else None
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
   state, shardings = _state(params, optimizer, runtime.mesh)
   rows, length = config.train.global_batch_size, max(config.data.buckets)
-  batch = _pair_batch(rows, length, runtime.mesh, precomputed=mode == "precomputed")
+  unpaired = getattr(kwargs["loss"], "unpaired", False)
+  batch = _pair_batch(rows, length, runtime.mesh, precomputed=mode == "precomputed", unpaired=unpaired)
   per_row = sequence_train_flops(model_config, length, kept=window + 1 if window else None)
+  sequences = rows if unpaired else 2 * rows
   forwards = 0 if mode in ("precomputed", "none") else 1  # the reference's forward pass: a third of fwd + bwd
   fn = algorithm.jit_train_step(config, model, optimizer, shardings, reference)
   parts = {"parameters": state.params, "optimizer state": state.opt_state, "batch": batch}
   if reference is not None:
     parts["frozen: reference"] = reference
-  programs = [Program("dpo_step", fn, (state, batch, reference), parts, 2 * rows * per_row * (1 + forwards / 3))]
+  programs = [Program("dpo_step", fn, (state, batch, reference), parts, sequences * per_row * (1 + forwards / 3))]
   if mode == "precomputed":  # one pass over the data before training, with the initial policy
     ref_fn = algorithm.jit_reference_logps(model, kwargs["chunk_size"], window)
-    ref_batch = _pair_batch(rows, length, runtime.mesh, precomputed=False)
+    ref_batch = _pair_batch(rows, length, runtime.mesh, precomputed=False, unpaired=unpaired)
     programs.append(Program("reference_logps", ref_fn, (base, ref_batch), {"parameters": base, "batch": ref_batch},
-                            2 * rows * per_row / 3, trains=False))
+                            sequences * per_row / 3, trains=False))
   return programs
 
 
 def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   """PPO and GRPO: the fused iteration (in-graph scoring), or rollout, scoring and update as three programs
   (`train.time_phases`, or a host reward function)."""
-  from rlhfx import onpolicy as device
-  from rlhfx import rewards
-  from rlhfx.algorithms import grpo, onpolicy_loop, ppo
+  from rlhfx import rewards, rollout
+  from rlhfx.algorithms import grpo, ppo
 
-  algorithm = {"ppo": ppo, "grpo": grpo}[config.algorithm]
   model = Transformer(model_config)
-  policy = loop.abstract_params(model, runtime)
-  reference = _frozen(policy, model_config.jnp_dtype)
+  policy = abstract_params(model, runtime)
+  reference = frozen_structs(policy, model_config.jnp_dtype)
   sc = config.scoring
-  reward_params = None
+  reward_params = rm_config = None
   if sc.model:
     try:
       rm_config = rewards.reward_model_config(sc.model)
@@ -151,76 +150,79 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
       logging.warning("config.scoring.model=%r holds no reward model yet: planned with one of the policy's shape",
                       sc.model)
       rm_config = model_config
-    scorer = device.Scorer(module=ScoreModel(rm_config), missing_eos_penalty=sc.missing_eos_penalty)
-    reward_params = loop.abstract_params(scorer.module, runtime)
+    scorer = rollout.Scorer(module=ScoreModel(rm_config), missing_eos_penalty=sc.missing_eos_penalty)
+    reward_params = abstract_params(scorer.module, runtime)
   elif sc.function.startswith("fraction:"):  # a table lookup per token; the planner needs no tokenizer for it
-    scorer = device.Scorer(fn=lambda p, pm, t, m: m.sum(-1).astype(jnp.float32),
-                           missing_eos_penalty=sc.missing_eos_penalty)
-  elif sc.function:
+    scorer = rollout.Scorer(fn=lambda p, pm, t, m: m.sum(-1).astype(jnp.float32),
+                            missing_eos_penalty=sc.missing_eos_penalty)
+  else:
     fn = rewards.load_reward_function(sc.function, tokenizer=None)
-    scorer = (device.Scorer(fn=fn, missing_eos_penalty=sc.missing_eos_penalty) if rewards.is_traceable(fn)
-              else device.Scorer(host_fn=fn, missing_eos_penalty=sc.missing_eos_penalty))
-  else:
-    raise ConfigError("set exactly one of config.scoring.model (a reward run) and config.scoring.function")
-  if config.algorithm == "ppo" and config.ppo.value_model == "separate":
-    critic = scorer.module or ScoreModel(model_config)
-    value = loop.abstract_params(critic, runtime)
-    params = {"policy": policy, "value": value}
-  elif config.algorithm == "ppo":
-    critic = None
-    head = jax.ShapeDtypeStruct((model_config.d_model, 1), jnp.float32,
-                                sharding=jax.sharding.NamedSharding(runtime.mesh, jax.sharding.PartitionSpec()))
-    params = {"policy": policy, "value_head": {"kernel": head}}
-  else:
-    critic = None
-    params = {"policy": policy}
-  epochs, minibatches = (config.ppo.epochs, config.ppo.minibatches) if config.algorithm == "ppo" else (
-      config.grpo.epochs, config.grpo.minibatches)
-  kl_coef = config.ppo.kl_coef if config.algorithm == "ppo" else config.grpo.beta
-  optimizer = make_optimizer(config.optim, config.train.num_steps * epochs * minibatches, params,
-                             frozen=tuple(config.optim.freeze))
+    scorer = (rollout.Scorer(fn=fn, missing_eos_penalty=sc.missing_eos_penalty) if rewards.is_traceable(fn)
+              else rollout.Scorer(host_fn=fn, missing_eos_penalty=sc.missing_eos_penalty))
   # the model's own special tokens stand in for the tokenizer's: the planner loads no tokenizer
   token_ids = types.SimpleNamespace(eos_token_id=model_config.eos_token_id, pad_token_id=model_config.pad_token_id)
-  sampling = device.SamplingSettings.from_config(config, model_config, token_ids)
-  s = algorithm.Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling,
-                                     optimizer=optimizer).check()
-  init = functools.partial(device.init_state, optimizer=optimizer, kl_coef=kl_coef)
+  sampling = rollout.SamplingSettings.from_config(config, model_config, token_ids)
+  critic = None
+  if config.algorithm == "ppo":
+    if config.ppo.value_model == "separate":
+      critic = scorer.module or ScoreModel(model_config)
+      params = {"policy": policy, "value": abstract_params(critic, runtime)}
+    else:
+      head = jax.ShapeDtypeStruct((model_config.d_model, 1), jnp.float32,
+                                  sharding=jax.sharding.NamedSharding(runtime.mesh, jax.sharding.PartitionSpec()))
+      params = {"policy": policy, "value_head": {"kernel": head}}
+    if config.lora.rank:
+      params = {k: v if k == "value_head" else _trainable(v, config) for k, v in params.items()}
+    epochs, algorithm = config.ppo.epochs * config.ppo.minibatches, ppo
+    optimizer = make_optimizer(config.optim, config.train.num_steps * epochs, params, frozen=lora.frozen(config.lora))
+    s = ppo.Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling,
+                                 optimizer=optimizer)
+    init = functools.partial(ppo.init_state, optimizer=optimizer, kl_coef=config.ppo.kl_coef)
+    epochs = config.ppo.epochs
+  else:
+    params = _trainable(policy, config)
+    algorithm = grpo
+    optimizer = make_optimizer(config.optim, config.train.num_steps * config.grpo.epochs * config.grpo.minibatches,
+                               params, frozen=lora.frozen(config.lora))
+    s = grpo.Settings.from_config(config, model=model, scorer=scorer, sampling=sampling, optimizer=optimizer)
+    init = functools.partial(grpo.init_state, optimizer=optimizer)
+    epochs = config.grpo.epochs
   state, shardings = _state(params, optimizer, runtime.mesh, init=init)
   if reward_params is not None:
-    reward_params = _frozen(reward_params, scorer.module.config.jnp_dtype)
+    reward_params = frozen_structs(reward_params, scorer.module.config.jnp_dtype)
   frozen = {"reference": reference, "reward": reward_params}
   prompts, length = config.train.global_batch_size, max(config.data.buckets)
   batch = batch_struct({"prompt_BxP": ((prompts, length), jnp.int32), "prompt_mask_BxP": ((prompts, length), bool)},
                        runtime.mesh)
-  fused, rollout_jit, score_jit, update_jit = onpolicy_loop.jit_programs(s, algorithm.update_step, shardings)
+  programs = algorithm.jit_programs(s, shardings)
   rows, completion = prompts * sampling.group_size, sampling.max_new_tokens
   kv_cache = jax.eval_shape(lambda: init_cache(model_config, rows, length + completion))
-  flops = rows * (length + completion) * onpolicy_loop.iteration_flops(model_config, length, completion, epochs,
-                                                                       critic is not None)
-  critic_params = {k: v for k, v in state.params.items() if k != "policy"}
-  parts = {"parameters: policy": state.params["policy"], "parameters: critic": critic_params or None,
+  flops = rows * (length + completion) * iteration_flops(model_config, length, completion, epochs, critic is not None)
+  trained = state.params if config.algorithm == "grpo" else state.params["policy"]
+  critic_params = {k: v for k, v in state.params.items() if k != "policy"} if config.algorithm == "ppo" else None
+  parts = {"parameters: policy": trained, "parameters: critic": critic_params or None,
            "optimizer state": state.opt_state, "frozen: reference": reference, "batch": batch}
   if reward_params is not None:
     parts["frozen: reward model"] = reward_params
   if scorer.in_graph and not config.train.time_phases:
-    return [Program(f"{config.algorithm}_iteration", fused, (state, batch, frozen), parts, flops, kv_cache)]
-  rollout_abstract = jax.eval_shape(rollout_jit, state, batch)
+    return [Program(f"{config.algorithm}_iteration", programs.fused, (state, batch, frozen), parts, flops, kv_cache)]
+  rollout_abstract = jax.eval_shape(programs.rollout, state, batch)
   rollout_abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(runtime.mesh, x.ndim)),
       rollout_abstract)
   scores = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding.batch_sharding(runtime.mesh, 1))
   sample_flops = 2 * rows * (length + completion) * train_flops_per_token(model_config, length + completion) / 6
-  programs = [Program("rollout", rollout_jit, (state, batch), {"parameters: policy": state.params["policy"],
-                                                               "batch": batch},
-                      sample_flops, kv_cache, trains=False)]
+  programs_out = [Program("rollout", programs.rollout, (state, batch), {"parameters: policy": trained,
+                                                                        "batch": batch},
+                          sample_flops, kv_cache, trains=False)]
   if reward_params is not None:
-    programs.append(Program("scoring", score_jit, (rollout_abstract, reward_params),
-                            {"frozen: reward model": reward_params, "rollout": rollout_abstract},
-                            2 * rows * (length + completion) * train_flops_per_token(rm_config, length) / 6,
-                            trains=False))
-  programs.append(Program("update", update_jit, (state, rollout_abstract, scores, frozen),
-                          {**parts, "rollout": rollout_abstract}, flops - sample_flops))
-  return programs
+    programs_out.append(Program("scoring", programs.score, (rollout_abstract, reward_params),
+                                {"frozen: reward model": reward_params, "rollout": rollout_abstract},
+                                2 * rows * (length + completion) * train_flops_per_token(rm_config, length) / 6,
+                                trains=False))
+  programs_out.append(Program("update", programs.update, (state, rollout_abstract, scores, frozen),
+                              {**parts, "rollout": rollout_abstract}, flops - sample_flops))
+  return programs_out
 
 
 BUILDERS = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": onpolicy, "grpo": onpolicy}

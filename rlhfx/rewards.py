@@ -77,7 +77,7 @@ def reward_model_config(path: str | Path) -> ModelConfig:
 
 
 def load_reward_model(path: str | Path, target) -> RewardModel:
-  """Restore an exported reward model onto `target` (ShapeDtypeStructs with shardings: loop.abstract_params)."""
+  """Restore an exported reward model onto `target` (ShapeDtypeStructs with shardings: load.abstract_params)."""
   import orbax.checkpoint as ocp
 
   directory = _export_dir(path)
@@ -140,3 +140,34 @@ def host_scores(fn: Callable, tokenizer, prompt_BxP, prompt_mask_BxP, tokens_BxC
     raise ValueError(f"reward function {getattr(fn, '__name__', fn)} returned shape {scores.shape}; expected "
                      f"one float per completion ({len(completions)},)")
   return scores
+
+
+def make_scorer(config, tokenizer, runtime):
+  """(rollout.Scorer, the reward model's params or None) from config.scoring."""
+  from rlhfx.models.heads import ScoreModel
+  from rlhfx.models.load import abstract_params
+  from rlhfx.rollout import Scorer
+
+  sc = config.scoring
+  common = dict(missing_eos_penalty=sc.missing_eos_penalty)
+  if sc.function:
+    fn = load_reward_function(sc.function, tokenizer)
+    return (Scorer(fn=fn, **common) if is_traceable(fn) else Scorer(host_fn=fn, **common)), None
+  rm_config = reward_model_config(sc.model)
+  if rm_config.vocab_size < len(tokenizer):
+    raise ConfigError(f"config.scoring.model: the reward model's vocab_size {rm_config.vocab_size} is smaller than "
+                      f"the policy tokenizer ({len(tokenizer)} tokens); both must share a tokenizer")
+  module = ScoreModel(rm_config)
+  rm = load_reward_model(sc.model, abstract_params(module, runtime))
+  mean, std = (rm.mean, rm.std) if sc.normalize else (0.0, 1.0)
+  return Scorer(module=module, mean=mean, std=max(std, 1e-6), **common), rm.params
+
+
+def score_on_host(scorer, tokenizer, r, mesh) -> jax.Array:
+  """scores_B of a rollout from a host (text) reward function, as a global array split like the batch."""
+  from rlhfx import sharding
+  from rlhfx.evaluation import gather
+
+  r = gather(r)
+  scores_B = host_scores(scorer.host_fn, tokenizer, r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC)
+  return jax.make_array_from_callback(scores_B.shape, sharding.batch_sharding(mesh, 1), lambda idx: scores_B[idx])

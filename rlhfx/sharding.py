@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules, shardings of parameter trees, global batches, multi-process set-up.
+"""Device mesh, logical-axis rules, shardings of parameter trees, global batches, a run's runtime set-up.
 
 Model code names logical axes (`nn.with_logical_partitioning`); `config.mesh.rules`
 maps them onto the mesh axes `data`, `fsdp` and `tensor`. A mesh axis that does not
@@ -9,7 +9,9 @@ it), so odd vocabularies and head counts still run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -41,6 +43,35 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
 )
+
+
+@dataclasses.dataclass
+class Runtime:
+  mesh: Mesh
+  rules: tuple
+  workdir: Path
+
+
+def setup(config, workdir: str | os.PathLike) -> Runtime:
+  """Fake CPU devices and multi-process set-up (before any JAX computation), the mesh and the work directory."""
+  if config.mesh.num_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", config.mesh.num_cpu_devices)
+  if config.distributed.coordinator_address and config.distributed.num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  init_distributed(config.distributed)
+  mesh = make_mesh(dict(config.mesh.shape))
+  log_mesh(mesh)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  return Runtime(mesh=mesh, rules=rules_from_config(config.mesh.rules), workdir=workdir)
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (a no-op in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def init_distributed(cfg) -> None:

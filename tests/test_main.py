@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from rlhfx.algorithms import sft
 from rlhfx.checkpoint import Checkpointer, abstract
 from rlhfx.config import base_config
 from rlhfx.models import get_preset, init_params
 from rlhfx.models.convert import from_hf
 from rlhfx.optim import make_optimizer
+from rlhfx.train_state import init_state
 
 from conftest import forward
 
@@ -30,9 +30,10 @@ QUICK = ["--config=configs/quickstart.py", "--config.train.num_steps=20", "--con
 TIMEOUT = 300
 
 
-def _run(workdir, *overrides, check=True, extra_env=None, timeout=TIMEOUT):
+def _run(workdir, *overrides, check=True, extra_env=None, timeout=TIMEOUT, sigterm_at=None):
   env = {**os.environ, **(extra_env or {})}
-  proc = subprocess.run([sys.executable, "-m", "rlhfx.main", *QUICK, f"--workdir={workdir}", *overrides],
+  program = ["-m", "rlhfx.main"] if sigterm_at is None else [str(ROOT / "tests" / "preempted_run.py"), str(sigterm_at)]
+  proc = subprocess.run([sys.executable, *program, *QUICK, f"--workdir={workdir}", *overrides],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -103,10 +104,10 @@ def test_two_processes_on_loopback_give_the_same_losses(baseline, tmp_path):
 
 
 def test_sigterm_then_restart_equals_the_uninterrupted_run(baseline, tmp_path):
-  first = _run(tmp_path, "--config.train.sigterm_at_step=10", "--config.train.export_hf=True")
+  first = _run(tmp_path, "--config.train.export_hf=True", sigterm_at=10)
   assert "SIGTERM" in first.stderr + first.stdout or (tmp_path / "checkpoints" / "10").exists()
   assert max(_losses(tmp_path)) == 10 and not (tmp_path / "hf").exists()
-  second = _run(tmp_path, "--config.train.sigterm_at_step=10", "--config.train.export_hf=True")
+  second = _run(tmp_path, "--config.train.export_hf=True", sigterm_at=10)
   assert "resumed from step 10" in second.stdout
   _assert_same_losses(_losses(tmp_path), _losses(baseline), rtol=1e-6)
   _, resumed = from_hf(tmp_path / "hf")
@@ -116,8 +117,8 @@ def test_sigterm_then_restart_equals_the_uninterrupted_run(baseline, tmp_path):
 
 
 def test_checkpoint_from_one_mesh_restores_on_another(baseline, tmp_path):
-  _run(tmp_path, "--config.train.sigterm_at_step=10", "--config.mesh.num_cpu_devices=8",
-       "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2", "--config.mesh.shape.tensor=2")
+  _run(tmp_path, "--config.mesh.num_cpu_devices=8", "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2",
+       "--config.mesh.shape.tensor=2", sigterm_at=10)
   second = _run(tmp_path, "--config.mesh.num_cpu_devices=4", "--config.mesh.shape.data=1",
                 "--config.mesh.shape.fsdp=1", "--config.mesh.shape.tensor=4")
   assert "resumed from step 10" in second.stdout
@@ -129,7 +130,7 @@ def _restore_state(workdir, step=20):
   model_config = get_preset("tiny", vocab_size=259)
   params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
   optimizer = make_optimizer(base_config("sft").optim, 20, params)
-  target = jax.eval_shape(lambda p: sft.init_state(p, optimizer), params)
+  target = jax.eval_shape(lambda p: init_state(p, optimizer), params)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints")
   restored, meta = ckpt.restore(step, {"state": abstract(target, jax.tree.map(lambda _: device, target))})
@@ -171,3 +172,22 @@ def test_quickstart_learns_the_task(tmp_path):
   before, after = summary.split("exact-match accuracy on held-out prompts ")[1].split("\n")[0].split(" -> ")
   assert int(after.rstrip("%")) >= 80 > int(before.rstrip("%"))
   assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_lora_sft_exports_adapters_and_the_merged_model(tmp_path):
+  """--config.lora.rank for SFT: the base stays the seed's initialisation, and the exported Hugging Face model
+  is exactly base + scale * A @ B of the saved adapters."""
+  from rlhfx.models import lora
+
+  proc = _run(tmp_path, "--config.lora.rank=4", "--config.train.export_hf=True", "--config.optim.learning_rate=1e-2")
+  assert "LoRA adapters:" in proc.stdout
+  losses = _losses(tmp_path)
+  assert losses[20] < losses[1]
+  adapters, adapter_config = lora.load(tmp_path / "adapters")
+  assert adapter_config["rank"] == 4 and len(adapters) == 4 * get_preset("tiny").n_layers
+  base = init_params(get_preset("tiny", vocab_size=259), jax.random.key(0))
+  want = lora.merge(base, adapters, scale=adapter_config["alpha"] / 4)
+  _, exported = from_hf(tmp_path / "hf")
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(base)))

@@ -118,9 +118,9 @@ def test_flops_follow_the_model_not_the_loop_body(v5e_4):
 
 
 def topology_free_model(config):
-  from rlhfx import loop
+  from rlhfx.models import load
 
-  return loop.model_config_from(config, load_params=False)[0]
+  return load.model_config(config, load_params=False)[0]
 
 
 def test_a_model_too_large_is_reported_as_not_fitting():

@@ -49,3 +49,34 @@ def test_reward_model_reports_heldout_accuracy_and_stats(tmp_path):
   assert low <= after <= high and 250 < pairs < 400
   stats = json.loads((tmp_path / "checkpoints" / "reward_stats.json").read_text())
   assert stats["std"] > 0 and stats["count"] == 2 * 4 * 8
+
+
+def test_kto_trains_on_unpaired_examples(tmp_path, shared_data):
+  """--config.dpo.loss=kto on unpaired records (each HH pair as a desirable and an undesirable example)."""
+  import gzip
+
+  from rlhfx.data.builders import split_hh
+
+  records = []
+  with gzip.open(shared_data("hh_rlhf/harmless-base-test.jsonl.gz"), "rt") as f:
+    for line in list(f)[:400]:
+      pair = json.loads(line)
+      try:
+        prompt, chosen, rejected = split_hh(pair["chosen"], pair["rejected"])
+      except ValueError:
+        continue
+      if chosen.strip() and rejected.strip():
+        records += [{"prompt": prompt, "completion": chosen, "label": True},
+                    {"prompt": prompt, "completion": rejected, "label": False}]
+  path = tmp_path / "unpaired.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  tok512 = shared_data("stories260k/tok512.bin")
+  summary = _run("configs/dpo_hh.py:tiny", tmp_path / "run", "--config.train.num_steps=30", "--config.dpo.loss=kto",
+                 "--config.data.input_format=unpaired", f"--config.data.train_files=('{path}',)",
+                 f"--config.data.tokenizer={tok512}", "--config.model.vocab_size=512", "--config.train.log_every=30")
+  assert "kto preference tuning (frozen reference) for 30 steps" in summary
+  lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  first_eval, last_train = lines[0], [r for r in lines if "train/loss" in r][-1]
+  assert first_eval["step"] == 0 and first_eval["eval/kl"] == 0.0  # the policy starts as the reference
+  assert abs(first_eval["eval/loss"] - 0.5) < 1e-6  # w (1 - sigmoid(0)) with both weights 1
+  assert last_train["train/loss"] < 0.5 and last_train["rewards/chosen"] > last_train["rewards/rejected"]

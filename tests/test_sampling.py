@@ -8,7 +8,8 @@ import pytest
 from conftest import GOLDENS, forward
 from rlhfx import sampling
 from rlhfx.data.tokenize import llama2c_tokenizer
-from rlhfx.models.convert import from_hf, from_llama2c, stack_layers
+from rlhfx.models.convert import from_hf, stack_layers
+from rlhfx.models.llama2c import from_llama2c
 
 PROMPTS = [[5, 17, 3, 9, 44], [60, 1], [7, 7, 12, 90, 33, 4, 8]]
 

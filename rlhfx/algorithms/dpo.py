@@ -1,7 +1,9 @@
-"""DPO and its relatives: the step takes the loss function as an argument.
+"""DPO and its relatives (IPO, hinge, robust, SimPO, ORPO on pairs; KTO on unpaired examples).
 
   python -m rlhfx.main --config=configs/dpo_hh.py:tiny --workdir=/tmp/dpo_hh
 
+The step takes the loss as an argument: a registered one (`config.dpo.loss`,
+rlhfx.losses.preference) or any function PairLogps -> (loss, metrics) passed to `train`.
 Reference log-probs come from one of three places (`config.dpo.reference`):
   frozen       a second parameter tree, passed to the step as a frozen argument;
   precomputed  computed once before training and cached per example on the host, so
@@ -12,7 +14,7 @@ Reference-free losses (SimPO, ORPO) skip the reference entirely.
 Policy log-probs of chosen and rejected come from one forward pass over the
 concatenated 2B rows. The LM head sees only the completion positions when
 `config.data.max_completion_length` bounds them, and runs in chunks
-(`config.dpo.chunk_size`) so the full 2B x T x V logits are never built.
+(`config.model.lm_head_chunk`) so the full 2B x T x V logits are never built.
 """
 
 from __future__ import annotations
@@ -21,21 +23,21 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhfx import loop, sharding
+from rlhfx import checkpoint, evaluation, export, metrics, setup, sharding
+from rlhfx.data import prepare
 from rlhfx.logprobs import completion_logps
 from rlhfx.losses import preference
 from rlhfx.losses.common import concat_pairs
-from rlhfx.metrics import sequence_train_flops
-from rlhfx.models import Transformer, lora
+from rlhfx.models import Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
-from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients
+from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients, create_state, init_state
 
 Array = jax.Array
-REFERENCE_MODES = ("frozen", "precomputed", "lora_base", "none")
+# a precomputed reference column -> the batch key the step reads it from
+REFERENCE_KEYS = {"chosen_B": "ref_chosen_logps_B", "rejected_B": "ref_rejected_logps_B", "logps_B": "ref_logps_B"}
 
 
 def pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_size: int | None = None,
@@ -44,29 +46,40 @@ def pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_siz
   tokens, mask, loss_mask = concat_pairs(batch)
   logps_2B, mean_logits_2B, count_2B = completion_logps(model, params, tokens, mask, loss_mask,
                                                         chunk_size=chunk_size, window=window)
-  (chosen, rejected), (m_c, m_r), (n_c, n_r) = (jnp.split(x, 2) for x in (logps_2B, mean_logits_2B, count_2B))
+  (chosen, rejected), (m_c, m_r), (n_c, n_r) = (jax.numpy.split(x, 2) for x in (logps_2B, mean_logits_2B, count_2B))
   return preference.PairLogps(chosen_B=chosen, rejected_B=rejected, chosen_tokens_B=n_c, rejected_tokens_B=n_r,
                               chosen_mean_logits_B=m_c, rejected_mean_logits_B=m_r)
 
 
-def split_params(params, reference_params, *, mode: str, lora_scale: float = 1.0):
-  """(policy params, reference params or None) for the reference mode."""
-  if mode == "lora_base":
-    base = jax.lax.stop_gradient(params["base"])
-    return lora.merge(base, params["lora"], scale=lora_scale), base
-  return params, reference_params
+def reference_logps_step(params, batch, *, model: Transformer, chunk_size: int | None = None,
+                         window: int | None = None) -> dict[str, Array]:
+  """The reference's summed completion log-probs: {"chosen_B", "rejected_B"} of pairs, {"logps_B"} of unpaired
+  examples (a batch with `label_B`)."""
+  if "label_B" in batch:
+    logps_B = completion_logps(model, params, batch["tokens_BxT"], batch["mask_BxT"], batch["loss_mask_BxT"],
+                               chunk_size=chunk_size, window=window)[0]
+    return {"logps_B": logps_B}
+  x = pair_logps(model, params, batch, chunk_size=chunk_size, window=window)
+  return {"chosen_B": x.chosen_B, "rejected_B": x.rejected_B}
 
 
 def dpo_objective(params, batch, reference_params, *, model: Transformer, loss: Callable, mode: str,
                   lora_scale: float = 1.0, chunk_size: int | None = None, window: int | None = None):
-  """loss(PairLogps) with the reference filled in per `mode`."""
-  policy, reference = split_params(params, reference_params, mode=mode, lora_scale=lora_scale)
-  x = pair_logps(model, policy, batch, chunk_size=chunk_size, window=window)
+  """loss(PairLogps or UnpairedLogps) of the policy (`params`, LoRA-merged) with the reference per `mode`."""
+  policy = lora.effective(params, lora_scale)
+  ref = None
   if mode == "precomputed":
-    x = x.replace(ref_chosen_B=batch["ref_chosen_logps_B"], ref_rejected_B=batch["ref_rejected_logps_B"])
+    ref = {k: batch[key] for k, key in REFERENCE_KEYS.items() if key in batch}
   elif mode != "none":
-    ref = pair_logps(model, jax.lax.stop_gradient(reference), batch, chunk_size=chunk_size, window=window)
-    x = x.replace(ref_chosen_B=ref.chosen_B, ref_rejected_B=ref.rejected_B)
+    reference = params["base"] if mode == "lora_base" else reference_params
+    ref = reference_logps_step(jax.lax.stop_gradient(reference), batch, model=model, chunk_size=chunk_size,
+                               window=window)
+  if "label_B" in batch:
+    logps_B = reference_logps_step(policy, batch, model=model, chunk_size=chunk_size, window=window)["logps_B"]
+    return loss(preference.UnpairedLogps(logps_B=logps_B, ref_logps_B=ref["logps_B"], labels_B=batch["label_B"]))
+  x = pair_logps(model, policy, batch, chunk_size=chunk_size, window=window)
+  if ref is not None:
+    x = x.replace(ref_chosen_B=ref["chosen_B"], ref_rejected_B=ref["rejected_B"])
   return loss(x)
 
 
@@ -78,28 +91,37 @@ def train_step(state: TrainState, batch, reference_params, *, model: Transformer
                                 chunk_size=chunk_size, window=window)
   grads, m = accumulate_gradients(lambda p, b: objective(p, b, reference_params), state.params, batch,
                                   grad_accum_steps, average=True)
-  metrics = {("train/loss" if k == "loss" else k): v for k, v in m.items()}
-  metrics.update({"train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)})
-  return apply_gradients(state, grads, optimizer), metrics
+  step_metrics = {("train/loss" if k == "loss" else k): v for k, v in m.items()}
+  step_metrics.update({"train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)})
+  return apply_gradients(state, grads, optimizer), step_metrics
 
 
-def reference_logps_step(params, batch, *, model: Transformer, chunk_size: int | None = None,
-                         window: int | None = None):
-  x = pair_logps(model, params, batch, chunk_size=chunk_size, window=window)
-  return {"chosen_B": x.chosen_B, "rejected_B": x.rejected_B}
+def eval_step(params, batch, reference_params, **kwargs):
+  loss, step_metrics = dpo_objective(params, batch, reference_params, **kwargs)
+  return {"loss": loss, **step_metrics}
 
 
-def eval_step(params, batch, reference_params, *, model, loss, mode, lora_scale=1.0, chunk_size=None, window=None):
-  _, metrics = dpo_objective(params, batch, reference_params, model=model, loss=loss, mode=mode,
-                             lora_scale=lora_scale, chunk_size=chunk_size, window=window)
-  return metrics
+def loss_from_config(cfg) -> Callable:
+  """The registered loss `config.dpo.loss` with its hyper-parameters (plus the SFT term when weighted)."""
+  loss = preference.from_config(cfg)
+  if cfg.sft_weight:
+    weighted = preference.weighted_sum([(1.0, loss), (cfg.sft_weight, preference.sft_term)])
+    weighted.name, weighted.reference_free, weighted.unpaired = loss.name, loss.reference_free, loss.unpaired
+    return weighted
+  return loss
+
+
+def reference_mode(config, loss: Callable) -> str:
+  """"none" for a reference-free loss, else config.dpo.reference."""
+  return "none" if getattr(loss, "reference_free", False) else config.dpo.reference
 
 
 def step_kwargs(config, model: Transformer, loss: Callable | None = None) -> dict:
-  """The keyword arguments `train_step` and `eval_step` take for `config` (loss: the configured built-in one)."""
-  return dict(model=model, loss=loss or loss_from_config(config.dpo), mode=reference_mode(config),
-              lora_scale=config.lora.alpha / config.lora.rank if config.lora.rank else 1.0,
-              chunk_size=config.dpo.chunk_size or None, window=config.data.max_completion_length or None)
+  """The keyword arguments `train_step` and `eval_step` take for `config` (loss: the configured registered one)."""
+  loss = loss or loss_from_config(config.dpo)
+  return dict(model=model, loss=loss, mode=reference_mode(config, loss),
+              lora_scale=lora.scale(config.lora) if config.lora.rank else 1.0,
+              chunk_size=config.model.lm_head_chunk or None, window=config.data.max_completion_length or None)
 
 
 def jit_train_step(config, model: Transformer, optimizer, shardings, reference, *, loss: Callable | None = None):
@@ -118,132 +140,91 @@ def jit_reference_logps(model: Transformer, chunk_size: int | None, window: int 
   return jax.jit(functools.partial(reference_logps_step, model=model, chunk_size=chunk_size, window=window))
 
 
-def loss_from_config(cfg) -> Callable:
-  """The configured built-in loss with its hyper-parameters bound (plus the SFT term when weighted)."""
-  if cfg.loss not in preference.LOSSES:
-    raise ValueError(f"config.dpo.loss={cfg.loss!r}; expected one of {sorted(preference.LOSSES)}")
-  kwargs = {"sigmoid": dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing),
-            "robust": dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing), "ipo": dict(beta=cfg.beta),
-            "hinge": dict(beta=cfg.beta), "simpo": dict(beta=cfg.beta, gamma=cfg.gamma), "orpo": dict(lam=cfg.lam)}
-  loss = functools.partial(preference.LOSSES[cfg.loss], **kwargs[cfg.loss])
-  if cfg.sft_weight:
-    loss = preference.weighted_sum([(1.0, loss), (cfg.sft_weight, preference.sft_term)])
-  return loss
-
-
-def reference_mode(config) -> str:
-  if config.dpo.loss in preference.REFERENCE_FREE and config.dpo.reference != "lora_base":
-    return "none"
-  mode = config.dpo.reference
-  if mode not in REFERENCE_MODES[:3]:
-    raise ValueError(f"config.dpo.reference={mode!r}; expected one of {REFERENCE_MODES[:3]}")
-  if (mode == "lora_base") != bool(config.lora.rank):
-    raise ValueError("config.dpo.reference='lora_base' needs config.lora.rank > 0, and LoRA needs it")
-  return mode
-
-
-def precompute_reference(config, data, source, params, model, runtime, chunk_size, window) -> np.ndarray:
-  """[N, 2] reference log-probs (chosen, rejected) of every example of `source`, by example id."""
-  fn = jit_reference_logps(model, chunk_size, window)
-  table = np.full((len(source), 2), np.nan, np.float32)
-  for local in loop.full_batches(config, data, source, "preference", keep_ids=True):
-    valid, ids = local.pop("valid_B"), local.pop("example_id_B")
-    with sharding.active(runtime.mesh, runtime.rules):
-      out = jax.device_get(fn(params, sharding.global_batch(local, runtime.mesh)))
-    table[ids[valid], 0], table[ids[valid], 1] = out["chosen_B"][valid], out["rejected_B"][valid]
+def precompute_reference(config, data, source, params, fn, mesh) -> dict[str, np.ndarray]:
+  """{column: [N] reference log-probs} of every example of `source`, indexed by example id."""
+  table: dict[str, np.ndarray] = {}
+  batches = prepare.full_batches(config, data, source, keep_ids=True)
+  for out, valid_B, local in evaluation.outputs(lambda b: fn(params, prepare.drop_ids(b)), batches, mesh):
+    ids = evaluation.gather(local["example_id_B"])[valid_B]
+    for k, v in out.items():
+      table.setdefault(k, np.full(len(source), np.nan, np.float32))[ids] = v[valid_B]
   return table
 
 
-def add_reference(table: np.ndarray):
-  """A `prepare` hook: the cached reference log-probs of each row, looked up by example id."""
-
-  def prepare(batch):
-    ids = batch["example_id_B"]
-    out = {k: v for k, v in batch.items() if k != "example_id_B"}
-    return {**out, "ref_chosen_logps_B": table[ids, 0], "ref_rejected_logps_B": table[ids, 1]}
-
-  return prepare
+def with_reference(batch: dict, table: dict[str, np.ndarray] | None) -> dict:
+  """A host batch ready for the step: the cached reference log-probs of its rows added (precomputed mode)."""
+  out = prepare.drop_ids(batch)
+  for k, column in (table or {}).items():
+    out[REFERENCE_KEYS[k]] = column[batch["example_id_B"]]
+  return out
 
 
 def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, float]:
-  """Train per `config`; `loss` (PairLogps -> (loss, metrics)) replaces the configured built-in one."""
-  setup = loop.setup(config, workdir, kind="preference")
-  runtime, model_config, data = setup.runtime, setup.model_config, setup.data
-  workdir = runtime.workdir
+  """Train per `config`; `loss` (PairLogps -> (loss, metrics)) replaces the configured registered one."""
+  runtime, model_config, data = setup.run(config, workdir)
+  loss = loss or loss_from_config(config.dpo)
+  unpaired = data.kind == "unpaired"
+  mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
   model = Transformer(model_config)
   kwargs = step_kwargs(config, model, loss)  # the loss, reference mode, LoRA scale, LM-head chunk and window
-  mode, chunk, window, lora_scale = kwargs["mode"], kwargs["chunk_size"], kwargs["window"], kwargs["lora_scale"]
-  base = loop.init_params(model_config, runtime, jax.random.key(config.seed), setup.loaded_params)
-  if config.lora.rank:
-    adapters = lora.init(base, patterns=tuple(config.lora.patterns), rank=config.lora.rank,
-                         rng=jax.random.key(config.seed + 1))
-    adapters = jax.device_put(adapters, lora.shardings(adapters, base))
-    params = {"base": base, "lora": adapters}
-  else:
-    params = base
-  reference = None
-  if mode == "frozen":  # a copy of the initial policy, stored in the compute dtype
-    reference = loop.frozen_copy(base, model_config.jnp_dtype)
-  table = eval_table = None
-  if mode == "precomputed":  # before the state takes (donates) the parameters
-    table = precompute_reference(config, data, data.train, base, model, runtime, chunk, window)
-    if data.eval is not None:
-      eval_table = precompute_reference(config, data, data.eval, base, model, runtime, chunk, window)
-  # with LoRA the base is frozen through optax (no update, no optimizer state)
-  optimizer = make_optimizer(config.optim, config.train.num_steps, params,
-                             frozen=("^base/",) if config.lora.rank else ())
-  state, shardings = loop.create_state(params, optimizer, runtime)
+  mode = kwargs["mode"]
+  with sharding.active(mesh, runtime.rules):
+    base = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
+    params = lora.wrap(base, config.lora, jax.random.key(config.seed + 1)) if config.lora.rank else base
+    reference = load.frozen_copy(base, model_config.jnp_dtype) if mode == "frozen" else None
+    tables = {}
+    if mode == "precomputed":  # before the state takes (donates) the parameters
+      fn = jit_reference_logps(model, kwargs["chunk_size"], kwargs["window"])
+      tables = {split: precompute_reference(config, data, source, base, fn, mesh)
+                for split, source in (("train", data.train), ("eval", data.eval)) if source is not None}
+    optimizer = make_optimizer(config.optim, t.num_steps, params, frozen=lora.frozen(config.lora))
+    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
+    train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
+    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter,
+                                                   frozen={"reference": reference})
+    train_step_fn = jit_train_step(config, model, optimizer, shardings, reference, loss=loss)
+    eval_fn = jax.jit(functools.partial(eval_step, **kwargs))
 
-  train_iter = iter(loop.batches(config, data, data.train, "preference", seed=config.seed))
-  checkpointer, state, start = loop.resume(config, workdir, state, train_iter, frozen={"reference": reference})
-  with sharding.active(runtime.mesh, runtime.rules):
-    jitted = jit_train_step(config, model, optimizer, shardings, reference, loss=loss)
-    eval_jit = jax.jit(functools.partial(eval_step, **kwargs))
-  step_fn = lambda state, batch: jitted(state, batch, reference)  # noqa: E731
+    def evaluate(state) -> dict[str, float]:
+      """Held-out metrics: means over the full eval batches (metrics are batch means; the padded tail is skipped)."""
+      if data.eval is None:
+        return {}
+      batches = (with_reference(b, tables.get("eval"))
+                 for b in prepare.full_batches(config, data, data.eval, keep_ids=True))
+      outs = [out for out, valid_B, _ in evaluation.outputs(lambda b: eval_fn(state.params, b, reference), batches,
+                                                             mesh) if valid_B.all()]
+      return {f"eval/{k}": float(np.mean([o[k] for o in outs])) for k in (outs[0] if outs else {})}
 
-  def run_eval(state, step_number):
-    if data.eval is None:
-      return {}
-    sums, n = {}, 0
-    for local in loop.full_batches(config, data, data.eval, "preference", keep_ids=True):
-      valid = local.pop("valid_B")
-      local = add_reference(eval_table)(local) if eval_table is not None else loop.drop_ids(local)
-      if not valid.all():  # metrics are batch means: weight only full batches exactly, skip the padded tail
-        continue
-      with sharding.active(runtime.mesh, runtime.rules):
-        m = jax.device_get(eval_jit(state.params, sharding.global_batch(local, runtime.mesh), reference))
-      sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
-      n += 1
-    return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
-
-  longest = max(config.data.buckets)
-  outcome = loop.train_and_evaluate(
-      config=config, runtime=runtime, state=state, start=start, step_fn=step_fn, train_iter=train_iter,
-      checkpointer=checkpointer, tokens_per_step=lambda b: 2 * b["chosen_tokens_BxT"].size,
-      flops_per_token=sequence_train_flops(model_config, longest, kept=window + 1 if window else None) / longest,
-      evaluate=run_eval,
-      prepare=add_reference(table) if table is not None else None)
-  result, before, after, final = outcome.result, outcome.before, outcome.after, outcome.final
-  if result.stopped_early:
-    return final
-  params = result.state.params
-  if jax.process_index() == 0:
-    policy = jax.device_get(params)
-    if config.lora.rank:
-      lora.save(policy["lora"], workdir / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
-                patterns=tuple(config.lora.patterns))
-      policy = lora.merge(policy["base"], policy["lora"], scale=lora_scale)
-    if config.train.export_hf:
-      from rlhfx.models.convert import to_hf
-
-      data.tokenizer.save_pretrained(to_hf(model_config, jax.device_get(policy), workdir / "hf"))
-    lines = ["", "== summary ==", f"{config.dpo.loss} preference tuning ({mode} reference"
-             f"{', LoRA rank %d' % config.lora.rank if config.lora.rank else ''}) for {config.train.num_steps} steps"]
-    if before and after:
-      lines.append(f"held-out rewards/accuracies {before['eval/rewards/accuracies']:.1%} -> "
-                   f"{after['eval/rewards/accuracies']:.1%}; rewards/margins {before['eval/rewards/margins']:.3f} -> "
-                   f"{after['eval/rewards/margins']:.3f}")
-    lines.append(f"metrics: {workdir / 'metrics.jsonl'}; checkpoints: {workdir / 'checkpoints'}")
-    print("\n".join(lines), flush=True)
-  return final
-
+    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start,
+                          flops_per_token=metrics.sequence_train_flops(
+                              model_config, max(config.data.buckets),
+                              kept=kwargs["window"] + 1 if kwargs["window"] else None) / max(config.data.buckets))
+    before = log.write(start, evaluate(state) if start == 0 else {})
+    after, step = {}, start
+    with checkpoint.Preemption() as preemption, checkpointer, log:
+      for step in range(start + 1, t.num_steps + 1):
+        batch = next(train_iter)
+        state, step_metrics = train_step_fn(state, sharding.global_batch(with_reference(batch, tables.get("train")),
+                                                                         mesh), reference)
+        log.record(step, step_metrics, tokens=batch["tokens_BxT" if unpaired else "chosen_tokens_BxT"].size
+                   * (1 if unpaired else 2))
+        stop = preemption.reached(step)
+        if checkpoint.due(step, t, stop):
+          log.flush()  # only a state whose metrics are finite is saved
+          checkpointer.save(step, {"state": state}, metadata={"step": step}, data_iterator=train_iter)
+        if stop:
+          break
+        if metrics.evaluation_due(step, t):
+          after = log.write(step, evaluate(state))
+  if preemption.requested:
+    export.print_stopped(step)
+    return log.last
+  lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
+  if "eval/rewards/accuracies" in before and "eval/rewards/accuracies" in after:
+    lines.insert(0, f"held-out rewards/accuracies {before['eval/rewards/accuracies']:.1%} -> "
+                    f"{after['eval/rewards/accuracies']:.1%}; rewards/margins {before['eval/rewards/margins']:.3f} -> "
+                    f"{after['eval/rewards/margins']:.3f}")
+  lora_note = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
+  export.print_summary(f"{getattr(loss, 'name', 'custom')} preference tuning ({mode} reference{lora_note}) for "
+                       f"{t.num_steps} steps", lines, workdir)
+  return {**log.last, **after}

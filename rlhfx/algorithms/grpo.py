@@ -2,13 +2,14 @@
 
   python -m rlhfx.main --config=configs/grpo_letters.py:tiny --workdir=/tmp/grpo_letters
 
-One iteration: sample `rollout.group_size` completions per prompt; score them (reward
-model, in-graph reward function, or a Python text function on the host — verifiable
-rewards); advantages from each prompt's group (`grpo.advantage`: grpo = (r - mean) / std,
-dr_grpo = r - mean, rloo = leave-one-out baseline), the same for every token of a
-completion; `grpo.epochs` x `grpo.minibatches` updates of the clipped surrogate plus
-beta x k3 KL(policy || reference) per token, reduced per `grpo.aggregation`. With one
-update per rollout the ratio is 1 and the loss is the plain policy gradient.
+One iteration: sample `rollout.group_size` completions per prompt (rlhfx.rollout); score
+them (reward model, in-graph reward function, or a Python text function on the host —
+verifiable rewards); advantages from each prompt's group (`grpo.advantage`: grpo =
+(r - mean) / std, dr_grpo = r - mean, rloo = leave-one-out baseline), the same for every
+token of a completion; `grpo.epochs` x `grpo.minibatches` updates of the clipped
+surrogate plus beta x k3 KL(policy || reference) per token, reduced per
+`grpo.aggregation`. With one update per rollout the ratio is 1 and the loss is the plain
+policy gradient. With beta = 0 the reference is neither kept nor run.
 """
 
 from __future__ import annotations
@@ -16,58 +17,74 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
-from rlhfx import onpolicy
-from rlhfx.algorithms import onpolicy_loop
+from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, setup, sharding
+from rlhfx.data import prepare
 from rlhfx.losses import policy as L
 from rlhfx.losses.common import masked_mean
-from rlhfx.onpolicy import Rollout, RLState
+from rlhfx.models import Transformer, load, lora
+from rlhfx.optim import make_optimizer
+from rlhfx.rollout import Rollout
+from rlhfx.train_state import create_state
 
 Array = jax.Array
 
 
+@flax.struct.dataclass
+class GRPOState:
+  step: Array  # iterations done
+  params: object  # the policy (LoRA: {"base", "lora"})
+  opt_state: object
+
+
+def init_state(params, *, optimizer: optax.GradientTransformation) -> GRPOState:
+  return GRPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  model: object
-  scorer: onpolicy.Scorer
-  sampling: onpolicy.SamplingSettings
+  """Everything static about an iteration: modules, sampling and the grpo.* hyper-parameters."""
+
+  model: Transformer
+  scorer: rollout.Scorer
+  sampling: rollout.SamplingSettings
   optimizer: object
-  critic: None = None
   seed: int = 0
   advantage: str = "grpo"
+  beta: float = 0.04  # weight of the k3 KL term; 0: no reference forward pass
   epochs: int = 1
   minibatches: int = 1
   grad_accum_steps: int = 1
   clip_eps: float = 0.2
   clip_eps_high: float | None = None
   aggregation: str = "sequence_mean"
-  use_reference: bool = True  # False (beta = 0): no reference forward pass, no KL term
+  lora_scale: float = 1.0
+  chunk_size: int | None = None  # LM-head positions per chunk
 
   @classmethod
   def from_config(cls, config, **modules) -> "Settings":
     g = config.grpo
-    return cls(seed=config.seed, advantage=g.advantage, epochs=g.epochs, minibatches=g.minibatches,
+    return cls(seed=config.seed, advantage=g.advantage, beta=g.beta, epochs=g.epochs, minibatches=g.minibatches,
                grad_accum_steps=config.train.grad_accum_steps, clip_eps=g.clip_eps,
-               clip_eps_high=g.clip_eps_high or None, aggregation=g.aggregation, use_reference=g.beta > 0,
-               **modules)
-
-  def check(self):
-    if self.advantage not in L.ADVANTAGES:
-      raise ValueError(f"config.grpo.advantage={self.advantage!r}; expected one of {L.ADVANTAGES}")
-    if self.aggregation not in L.AGGREGATIONS:
-      raise ValueError(f"config.grpo.aggregation={self.aggregation!r}; expected one of {L.AGGREGATIONS}")
-    if self.sampling.group_size < 2:
-      raise ValueError(f"config.rollout.group_size={self.sampling.group_size}: group advantages need >= 2 samples")
-    return self
+               clip_eps_high=g.clip_eps_high or None, aggregation=g.aggregation,
+               lora_scale=lora.scale(config.lora) if config.lora.rank else 1.0,
+               chunk_size=config.model.lm_head_chunk or None, **modules)
 
 
-def minibatch_loss(params, mb: dict, *, s: Settings, beta: Array):
+def policy_logps(params, r: Rollout, s: Settings, *, entropy: bool = False):
+  """(logps_BxC, entropy_BxC or None) of the completion tokens under the policy `params`."""
+  return rollout.completion_stats(s.model, lora.effective(params, s.lora_scale), r,
+                                  temperature=s.sampling.temperature, chunk_size=s.chunk_size, entropy=entropy)[:2]
+
+
+def minibatch_loss(params, mb: dict, *, s: Settings):
   """Clipped surrogate with per-row advantages + beta x k3 KL to the reference, aggregated per settings."""
   r = mb["rollout"]
-  logps_BxC, ent_BxC, _ = onpolicy.completion_stats(s.model, params["policy"], r, temperature=s.sampling.temperature,
-                                                    entropy=True)
+  logps_BxC, ent_BxC = policy_logps(params, r, s, entropy=True)
   mask_BxC = r.mask_BxC
   advantages_BxC = jnp.broadcast_to(mb["advantages_B"][:, None], mask_BxC.shape)
   pg, pg_m = L.ppo_policy_loss(logps_BxC, mb["old_logps_BxC"], advantages_BxC, mask_BxC, clip_eps=s.clip_eps,
@@ -75,30 +92,33 @@ def minibatch_loss(params, mb: dict, *, s: Settings, beta: Array):
                                normaliser=s.sampling.max_new_tokens)
   kl = L.aggregate(L.kl_estimate(logps_BxC, mb["ref_logps_BxC"], "k3"), mask_BxC, s.aggregation,
                    normaliser=s.sampling.max_new_tokens)
-  loss = pg + beta * kl
-  return loss, {"policy_loss": pg, "kl": kl, "entropy": masked_mean(ent_BxC, mask_BxC),
-                "approxkl": pg_m["approxkl"], "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"]}
+  return pg + s.beta * kl, {"policy_loss": pg, "kl": kl, "entropy": masked_mean(ent_BxC, mask_BxC),
+                            "approxkl": pg_m["approxkl"], "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"]}
 
 
-def update_step(state: RLState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
+def rollout_step(state: GRPOState, batch: dict[str, Array], s: Settings) -> Rollout:
+  """The rollout of iteration `state.step` (its sampling key derives from the seed and the step)."""
+  return rollout.rollout(lora.effective(state.params, s.lora_scale), batch, rollout.key(s.seed, state.step, 0),
+                         s.sampling)
+
+
+def update_step(state: GRPOState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
   mask_BxC = r.mask_BxC
-  scores_B, has_eos_B = onpolicy.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
+  scores_B, has_eos_B = rollout.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
   advantages_B = L.group_advantages(scores_B, s.sampling.group_size, kind=s.advantage)
-  old_logps_BxC = jax.lax.stop_gradient(onpolicy.completion_stats(s.model, state.params["policy"], r,
-                                                                  temperature=s.sampling.temperature)[0])
-  if s.use_reference:
-    ref_logps_BxC = onpolicy.completion_stats(s.model, frozen["reference"], r,
-                                              temperature=s.sampling.temperature)[0]
+  old_logps_BxC = jax.lax.stop_gradient(policy_logps(state.params, r, s)[0])
+  if s.beta:
+    ref_logps_BxC = rollout.completion_stats(s.model, frozen["reference"], r, temperature=s.sampling.temperature,
+                                             chunk_size=s.chunk_size)[0]
   else:  # the KL term is 0 and the reference is not run
     ref_logps_BxC = old_logps_BxC
   data = {"rollout": r, "old_logps_BxC": old_logps_BxC, "ref_logps_BxC": ref_logps_BxC, "advantages_B": advantages_B}
-  loss = functools.partial(minibatch_loss, s=s, beta=state.kl_coef)
-  params, opt_state, m = onpolicy.minibatch_epochs(state.params, state.opt_state, s.optimizer, data, loss,
-                                                   onpolicy.update_key(state, s),
-                                                   epochs=s.epochs, minibatches=s.minibatches,
-                                                   grad_accum_steps=s.grad_accum_steps)
+  params, opt_state, m = rollout.minibatch_epochs(state.params, state.opt_state, s.optimizer, data,
+                                                  functools.partial(minibatch_loss, s=s),
+                                                  rollout.key(s.seed, state.step, 1), epochs=s.epochs,
+                                                  minibatches=s.minibatches, grad_accum_steps=s.grad_accum_steps)
   scores_NxG = scores_B.reshape(-1, s.sampling.group_size)
-  metrics = {
+  step_metrics = {
       "train/loss": m["loss"], "objective/scores": scores_B.mean(),
       "objective/entropy": jnp.sum(jnp.where(mask_BxC, -old_logps_BxC, 0.0), axis=-1).mean(),
       "objective/scores_std_in_group": scores_NxG.std(-1).mean(),
@@ -106,18 +126,86 @@ def update_step(state: RLState, r: Rollout, scores_B: Array, frozen: dict, s: Se
       "loss/kl_avg": m["kl"], "policy/approxkl_avg": m["approxkl"], "policy/clipfrac_avg": m["clipfrac"],
       "policy/entropy_avg": m["entropy"], "val/ratio": m["ratio"], "val/num_eos_tokens": has_eos_B.sum(),
       "val/completion_length": mask_BxC.sum(-1).mean(), "train/grad_norm": m["grad_norm"]}
-  if s.use_reference:
-    metrics["objective/kl"] = onpolicy.sequence_kl(old_logps_BxC, ref_logps_BxC, mask_BxC).mean()
-  return RLState(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=state.kl_coef), metrics
+  if s.beta:
+    step_metrics["objective/kl"] = rollout.sequence_kl(old_logps_BxC, ref_logps_BxC, mask_BxC).mean()
+  return GRPOState(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
 
 
-def init_params(policy, runtime, setup, scorer, reward_params, config):
-  del runtime, setup, scorer, reward_params, config
-  return {"policy": policy}, None
+def iteration(state: GRPOState, batch: dict[str, Array], frozen: dict, s: Settings):
+  """Rollout, in-graph scoring and update: (new state, metrics, the rollout, its scores_B)."""
+  r = rollout_step(state, batch, s)
+  scores_B = rollout.scores(r, frozen["reward"], s.scorer)
+  return (*update_step(state, r, scores_B, frozen, s), r, scores_B)
+
+
+def jit_programs(s: Settings, shardings) -> rollout.Programs:
+  """The jitted programs a run executes (`rlhfx.plan` compiles these same functions)."""
+  return rollout.Programs.jit(iteration=functools.partial(iteration, s=s),
+                              rollout_step=functools.partial(rollout_step, s=s),
+                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings)
 
 
 def train(config, workdir: str) -> dict[str, float]:
   """Train per `config` (see the module docstring); returns the final metrics."""
-  return onpolicy_loop.train(config, workdir, algorithm="grpo", init_params=init_params,
-                             settings=Settings.from_config, update_step=update_step, epochs=config.grpo.epochs,
-                             minibatches=config.grpo.minibatches, kl_coef=config.grpo.beta)
+  runtime, model_config, data = setup.run(config, workdir)
+  mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
+  model = Transformer(model_config)
+  with sharding.active(mesh, runtime.rules):
+    params = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
+    # the held-out KL is measured against the initial policy even when beta = 0
+    reference = load.frozen_copy(params, model_config.jnp_dtype)
+    params = lora.wrap(params, config.lora, jax.random.key(config.seed + 1)) if config.lora.rank else params
+    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime)
+    if reward_params is not None:  # the frozen scorer is kept in its compute dtype
+      reward_params = load.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
+    optimizer = make_optimizer(config.optim, t.num_steps * config.grpo.epochs * config.grpo.minibatches, params,
+                               frozen=lora.frozen(config.lora))
+    sampling = rollout.SamplingSettings.from_config(config, model_config, data.tokenizer)
+    s = Settings.from_config(config, model=model, scorer=scorer, sampling=sampling, optimizer=optimizer)
+    frozen = {"reference": reference, "reward": reward_params}
+    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
+    train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
+    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter, frozen=frozen)
+    programs = jit_programs(s, shardings)
+    score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh)
+    eval_fn = jax.jit(functools.partial(rollout.eval_rollout, model=model, chunk_size=s.chunk_size,
+                                        s=dataclasses.replace(sampling, group_size=1), lora_scale=s.lora_scale))
+
+    def evaluate(state) -> dict[str, float]:
+      if data.eval is None:
+        return {}
+      return evaluation.heldout_rollouts(
+          lambda b, rng: eval_fn(state.params, b, reference, rng), score,
+          prepare.full_batches(config, data, data.eval, limit=t.eval_batches), mesh, seed=config.seed,
+          eos_id=sampling.eos_id, missing_eos_penalty=scorer.missing_eos_penalty)
+
+    samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
+    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start,
+                          flops_per_token=metrics.iteration_flops(model_config, max(config.data.buckets),
+                                                                  sampling.max_new_tokens, config.grpo.epochs, False))
+    before = log.write(start, evaluate(state) if start == 0 else {})
+    after, step = {}, start
+    with checkpoint.Preemption() as preemption, checkpointer, log:
+      for step in range(start + 1, t.num_steps + 1):
+        batch = next(train_iter)
+        state, step_metrics, r, scores_B = rollout.run_iteration(
+            programs, state, sharding.global_batch(prepare.drop_ids(batch), mesh), frozen, score,
+            phased=t.time_phases or not scorer.in_graph)
+        log.record(step, step_metrics, tokens=rollout.tokens(batch, sampling))
+        samples.record(step, r, scores_B)
+        stop = preemption.reached(step)
+        if checkpoint.due(step, t, stop):
+          log.flush()  # only a state whose metrics are finite is saved
+          checkpointer.save(step, {"state": state}, metadata={"step": step}, data_iterator=train_iter)
+        if stop:
+          break
+        if metrics.evaluation_due(step, t):
+          after = log.write(step, evaluate(state))
+      samples.flush()
+  if preemption.requested:
+    export.print_stopped(step)
+    return log.last
+  lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
+  export.print_summary(f"GRPO ({config.grpo.advantage} advantages) for {t.num_steps} iterations",
+                       rollout.summary(before, after, workdir) + lines, workdir)
+  return {**log.last, **after}

@@ -3,7 +3,7 @@
   python -m rlhfx.main --config=configs/ppo_hh.py:tiny --workdir=/tmp/ppo_hh
 
 One iteration, one compiled program (`iteration`):
-  rollout   sample completions of the prompt batch with the current policy (rlhfx.sampling);
+  rollout   sample completions of the prompt batch with the current policy (rlhfx.rollout);
   scoring   the reward model's score at the last token, normalised with the reward run's
             mean/std, minus `missing_eos_penalty` for completions cut before EOS
             (or a reward function: rlhfx.rewards);
@@ -22,18 +22,35 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
-from rlhfx import onpolicy
-from rlhfx.algorithms import onpolicy_loop
+from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, setup, sharding
+from rlhfx.data import prepare
 from rlhfx.losses import policy as L
 from rlhfx.losses.common import masked_mean
-from rlhfx.models import Transformer
-from rlhfx.models.heads import ScoreModel
-from rlhfx.onpolicy import Rollout, RLState
+from rlhfx.models import Transformer, load, lora
+from rlhfx.models.heads import ScoreModel, from_lm_params
+from rlhfx.optim import make_optimizer
+from rlhfx.rollout import Rollout
+from rlhfx.train_state import create_state
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class PPOState:
+  step: Array  # iterations done
+  params: dict  # {"policy": LM params, "value": ScoreModel params | "value_head": {"kernel"}}
+  opt_state: object
+  kl_coef: Array  # the current KL coefficient (adaptive when a target is set)
+
+
+def init_state(params, *, optimizer: optax.GradientTransformation, kl_coef: float) -> PPOState:
+  return PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                  kl_coef=jnp.float32(kl_coef))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +59,8 @@ class Settings:
 
   model: Transformer
   critic: ScoreModel | None  # None: value head on the policy
-  scorer: onpolicy.Scorer
-  sampling: onpolicy.SamplingSettings
+  scorer: rollout.Scorer
+  sampling: rollout.SamplingSettings
   optimizer: object
   seed: int = 0
   epochs: int = 4
@@ -63,6 +80,8 @@ class Settings:
   whiten_advantages: bool = True
   whiten_rewards: bool = False
   aggregation: str = "token_mean"
+  lora_scale: float = 1.0  # alpha / rank when the policy and critic carry LoRA adapters
+  chunk_size: int | None = None  # LM-head positions per chunk
 
   @classmethod
   def from_config(cls, config, **modules) -> "Settings":
@@ -72,16 +91,8 @@ class Settings:
                value_clip=p.value_clip or None, vf_coef=p.vf_coef, entropy_coef=p.entropy_coef, gamma=p.gamma,
                lam=p.lam, kl_estimator=p.kl_estimator, kl_in=p.kl_in, kl_target=p.kl_target,
                kl_horizon=p.kl_horizon, whiten_advantages=p.whiten_advantages, whiten_rewards=p.whiten_rewards,
-               aggregation=p.aggregation, **modules)
-
-  def check(self):
-    if self.kl_estimator not in L.KL_ESTIMATORS:
-      raise ValueError(f"config.ppo.kl_estimator={self.kl_estimator!r}; expected one of {L.KL_ESTIMATORS}")
-    if self.kl_in not in ("reward", "loss"):
-      raise ValueError(f"config.ppo.kl_in={self.kl_in!r}; expected 'reward' or 'loss'")
-    if self.aggregation not in L.AGGREGATIONS:
-      raise ValueError(f"config.ppo.aggregation={self.aggregation!r}; expected one of {L.AGGREGATIONS}")
-    return self
+               aggregation=p.aggregation, lora_scale=lora.scale(config.lora) if config.lora.rank else 1.0,
+               chunk_size=config.model.lm_head_chunk or None, **modules)
 
 
 def init_value_head(d_model: int) -> dict:
@@ -90,12 +101,13 @@ def init_value_head(d_model: int) -> dict:
 
 def policy_and_values(params, r: Rollout, s: Settings, *, entropy: bool = False):
   """(logps_BxC, entropy_BxC, values_BxC) of the completion tokens under `params`."""
-  logps_BxC, ent_BxC, hidden_BxCxD = onpolicy.completion_stats(s.model, params["policy"], r,
-                                                               temperature=s.sampling.temperature, entropy=entropy)
+  logps_BxC, ent_BxC, hidden_BxCxD = rollout.completion_stats(
+      s.model, lora.effective(params["policy"], s.lora_scale), r, temperature=s.sampling.temperature,
+      chunk_size=s.chunk_size, entropy=entropy)
   if s.critic is None:
     values_BxC = (hidden_BxCxD.astype(jnp.float32) @ params["value_head"]["kernel"])[..., 0]
   else:
-    values_BxC = onpolicy.completion_values(s.critic, params["value"], r)
+    values_BxC = rollout.completion_values(s.critic, lora.effective(params["value"], s.lora_scale), r)
   return logps_BxC, ent_BxC, values_BxC
 
 
@@ -119,12 +131,19 @@ def minibatch_loss(params, mb: dict, *, s: Settings, kl_coef: Array):
                 "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"], "vf_clipfrac": vf_m["clipfrac"]}
 
 
-def update_step(state: RLState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
+def rollout_step(state: PPOState, batch: dict[str, Array], s: Settings) -> Rollout:
+  """The rollout of iteration `state.step` (its sampling key derives from the seed and the step)."""
+  policy = lora.effective(state.params["policy"], s.lora_scale)
+  return rollout.rollout(policy, batch, rollout.key(s.seed, state.step, 0), s.sampling)
+
+
+def update_step(state: PPOState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
   """Statistics under the rollout's policy, rewards, GAE and the epochs x minibatches updates."""
   mask_BxC = r.mask_BxC
-  scores_B, has_eos_B = onpolicy.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
+  scores_B, has_eos_B = rollout.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
   old_logps_BxC, _, old_values_BxC = jax.lax.stop_gradient(policy_and_values(state.params, r, s))
-  ref_logps_BxC = onpolicy.completion_stats(s.model, frozen["reference"], r, temperature=s.sampling.temperature)[0]
+  ref_logps_BxC = rollout.completion_stats(s.model, frozen["reference"], r, temperature=s.sampling.temperature,
+                                           chunk_size=s.chunk_size)[0]
   kl_BxC = L.kl_estimate(old_logps_BxC, ref_logps_BxC, s.kl_estimator)
   reward_kl_coef = state.kl_coef if s.kl_in == "reward" else 0.0
   rewards_BxC, non_score_BxC = L.kl_penalized_rewards(scores_B, kl_BxC, mask_BxC, kl_coef=reward_kl_coef)
@@ -137,18 +156,17 @@ def update_step(state: RLState, r: Rollout, scores_B: Array, frozen: dict, s: Se
   data = {"rollout": r, "old_logps_BxC": old_logps_BxC, "ref_logps_BxC": ref_logps_BxC,
           "old_values_BxC": old_values_BxC, "advantages_BxC": advantages_BxC, "returns_BxC": returns_BxC}
   loss = functools.partial(minibatch_loss, s=s, kl_coef=state.kl_coef)
-  params, opt_state, m = onpolicy.minibatch_epochs(state.params, state.opt_state, s.optimizer, data, loss,
-                                                   onpolicy.update_key(state, s),
-                                                   epochs=s.epochs, minibatches=s.minibatches,
-                                                   grad_accum_steps=s.grad_accum_steps)
+  params, opt_state, m = rollout.minibatch_epochs(state.params, state.opt_state, s.optimizer, data, loss,
+                                                  rollout.key(s.seed, state.step, 1), epochs=s.epochs,
+                                                  minibatches=s.minibatches, grad_accum_steps=s.grad_accum_steps)
 
   # the sequence-level KL (k1, summed over tokens) the reward saw, and the controller's response to it
-  kl_B = onpolicy.sequence_kl(old_logps_BxC, ref_logps_BxC, mask_BxC)
+  kl_B = rollout.sequence_kl(old_logps_BxC, ref_logps_BxC, mask_BxC)
   kl_coef = state.kl_coef
   if s.kl_target:
     kl_coef = L.AdaptiveKL(s.kl_target, s.kl_horizon).update(kl_coef, kl_B.mean(), scores_B.shape[0])
   non_score_B = non_score_BxC.sum(-1)
-  metrics = {
+  step_metrics = {
       "train/loss": m["loss"], "objective/kl": kl_B.mean(), "objective/kl_coef": state.kl_coef,
       "objective/entropy": jnp.sum(jnp.where(mask_BxC, -old_logps_BxC, 0.0), axis=-1).mean(),
       "objective/non_score_reward": non_score_B.mean(), "objective/rlhf_reward": (scores_B + non_score_B).mean(),
@@ -156,24 +174,102 @@ def update_step(state: RLState, r: Rollout, scores_B: Array, frozen: dict, s: Se
       "policy/entropy_avg": m["entropy"], "loss/policy_avg": m["policy_loss"], "loss/value_avg": m["value_loss"],
       "val/clipfrac_avg": m["vf_clipfrac"], "val/ratio": m["ratio"], "val/num_eos_tokens": has_eos_B.sum(),
       "val/completion_length": mask_BxC.sum(-1).mean(), "train/grad_norm": m["grad_norm"]}
-  return RLState(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=kl_coef), metrics
+  return PPOState(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=kl_coef), step_metrics
 
 
-def init_params(policy, runtime, setup, scorer, reward_params, config) -> tuple[dict, ScoreModel | None]:
-  """{"policy", "value" | "value_head"}: the critic per config.ppo.value_model."""
-  kind = config.ppo.value_model
-  if kind == "policy_head":
-    head = jax.device_put(init_value_head(setup.model_config.d_model), jax.sharding.NamedSharding(
-        runtime.mesh, jax.sharding.PartitionSpec()))
-    return {"policy": policy, "value_head": head}, None
-  if kind != "separate":
-    raise ValueError(f"config.ppo.value_model={kind!r}; expected 'separate' or 'policy_head'")
-  value, critic = onpolicy_loop.init_critic(policy, runtime, setup, scorer, reward_params)
-  return {"policy": policy, "value": value}, critic
+def iteration(state: PPOState, batch: dict[str, Array], frozen: dict, s: Settings):
+  """Rollout, in-graph scoring and update: (new state, metrics, the rollout, its scores_B)."""
+  r = rollout_step(state, batch, s)
+  scores_B = rollout.scores(r, frozen["reward"], s.scorer)
+  return (*update_step(state, r, scores_B, frozen, s), r, scores_B)
+
+
+def jit_programs(s: Settings, shardings) -> rollout.Programs:
+  """The jitted programs a run executes (`rlhfx.plan` compiles these same functions)."""
+  return rollout.Programs.jit(iteration=functools.partial(iteration, s=s),
+                              rollout_step=functools.partial(rollout_step, s=s),
+                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings)
+
+
+def init_params(config, policy, scorer: rollout.Scorer, reward_params, model_config, mesh):
+  """({"policy", "value" | "value_head"}, the critic module or None) per config.ppo.value_model: a separate critic
+  starts as a copy of the reward model, or else of the policy's backbone with a zero head."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if config.ppo.value_model == "policy_head":
+    return {"policy": policy, "value_head": jax.device_put(init_value_head(model_config.d_model), replicated)}, None
+  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
+  if scorer.module is not None:
+    return {"policy": policy, "value": copy(reward_params)}, scorer.module
+  head = {"kernel": jax.device_put(jnp.zeros((model_config.d_model, 1), model_config.jnp_param_dtype), replicated)}
+  return {"policy": policy, "value": from_lm_params(copy(policy), head)}, ScoreModel(model_config)
 
 
 def train(config, workdir: str) -> dict[str, float]:
   """Train per `config` (see the module docstring); returns the final metrics."""
-  return onpolicy_loop.train(config, workdir, algorithm="ppo", init_params=init_params,
-                             settings=Settings.from_config, update_step=update_step, epochs=config.ppo.epochs,
-                             minibatches=config.ppo.minibatches, kl_coef=config.ppo.kl_coef)
+  runtime, model_config, data = setup.run(config, workdir)
+  mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
+  model = Transformer(model_config)
+  with sharding.active(mesh, runtime.rules):
+    policy = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
+    reference = load.frozen_copy(policy, model_config.jnp_dtype)
+    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime)
+    params, critic = init_params(config, policy, scorer, reward_params, model_config, mesh)
+    if config.lora.rank:  # adapters on the policy and on a separate critic; a value head trains whole
+      params = {k: v if k == "value_head" else lora.wrap(v, config.lora, jax.random.key(config.seed + 1 + i))
+                for i, (k, v) in enumerate(params.items())}
+    optimizer = make_optimizer(config.optim, t.num_steps * config.ppo.epochs * config.ppo.minibatches, params,
+                               frozen=lora.frozen(config.lora))
+    sampling = rollout.SamplingSettings.from_config(config, model_config, data.tokenizer)
+    s = Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling,
+                             optimizer=optimizer)
+    if reward_params is not None:  # the critic took its own copy; the frozen scorer is kept in its compute dtype
+      reward_params = load.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
+    frozen = {"reference": reference, "reward": reward_params}
+    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer, kl_coef=config.ppo.kl_coef),
+                                    params, mesh)
+    train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
+    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter, frozen=frozen)
+    programs = jit_programs(s, shardings)
+    score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh)
+    eval_fn = jax.jit(functools.partial(rollout.eval_rollout, model=model, chunk_size=s.chunk_size,
+                                        s=dataclasses.replace(sampling, group_size=1), lora_scale=s.lora_scale))
+
+    def evaluate(state) -> dict[str, float]:
+      if data.eval is None:
+        return {}
+      return evaluation.heldout_rollouts(
+          lambda b, rng: eval_fn(state.params["policy"], b, reference, rng), score,
+          prepare.full_batches(config, data, data.eval, limit=t.eval_batches), mesh, seed=config.seed,
+          eos_id=sampling.eos_id, missing_eos_penalty=scorer.missing_eos_penalty)
+
+    samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
+    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start,
+                          flops_per_token=metrics.iteration_flops(model_config, max(config.data.buckets),
+                                                                  sampling.max_new_tokens, config.ppo.epochs,
+                                                                  critic is not None))
+    before = log.write(start, evaluate(state) if start == 0 else {})
+    after, step = {}, start
+    with checkpoint.Preemption() as preemption, checkpointer, log:
+      for step in range(start + 1, t.num_steps + 1):
+        batch = next(train_iter)
+        state, step_metrics, r, scores_B = rollout.run_iteration(
+            programs, state, sharding.global_batch(prepare.drop_ids(batch), mesh), frozen, score,
+            phased=t.time_phases or not scorer.in_graph)
+        log.record(step, step_metrics, tokens=rollout.tokens(batch, sampling))
+        samples.record(step, r, scores_B)
+        stop = preemption.reached(step)
+        if checkpoint.due(step, t, stop):
+          log.flush()  # only a state whose metrics are finite is saved
+          checkpointer.save(step, {"state": state}, metadata={"step": step}, data_iterator=train_iter)
+        if stop:
+          break
+        if metrics.evaluation_due(step, t):
+          after = log.write(step, evaluate(state))
+      samples.flush()
+  if preemption.requested:
+    export.print_stopped(step)
+    return log.last
+  lines = export.export_policy(config, model_config, state.params["policy"], data.tokenizer, workdir)
+  export.print_summary(f"PPO for {t.num_steps} iterations", rollout.summary(before, after, workdir) + lines,
+                       workdir)
+  return {**log.last, **after}

@@ -1,4 +1,4 @@
-"""Shared pieces of every loss: per-token log-probs, masked reductions."""
+"""Shared pieces of every loss: log-probs from logits (the one place they are computed), masked reductions."""
 
 from __future__ import annotations
 
@@ -8,12 +8,26 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def logits_stats(logits_BxSxV: Array, targets_BxS: Array, *, temperature: float = 1.0, entropy: bool = False):
+  """(logps_BxS, mean_logits_BxS, entropy_BxS or None) in float32: log p(targets) under softmax(logits / T),
+  the mean raw logit over the vocabulary (a metric), and the entropy of softmax(logits / T)."""
+  logits_BxSxV = logits_BxSxV.astype(jnp.float32)
+  mean_BxS = logits_BxSxV.mean(-1)
+  if temperature != 1.0:
+    logits_BxSxV = logits_BxSxV / temperature
+  logz_BxS = jax.nn.logsumexp(logits_BxSxV, axis=-1)
+  picked_BxS = jnp.take_along_axis(logits_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+  ent_BxS = None
+  if entropy:
+    p_BxSxV = jnp.exp(logits_BxSxV - logz_BxS[..., None])
+    ent_BxS = logz_BxS - jnp.sum(p_BxSxV * logits_BxSxV, axis=-1)
+  return picked_BxS - logz_BxS, mean_BxS, ent_BxS
+
+
 def token_logps(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
   """logps_BxT[b, t] = log p(tokens[b, t] | tokens[b, :t]); position 0 (nothing to condition on) is 0."""
-  logz_BxT = jax.nn.logsumexp(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-  picked_BxT = jnp.take_along_axis(logits_BxTxV[:, :-1], tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-  logps_BxT = picked_BxT.astype(jnp.float32) - logz_BxT
-  return jnp.pad(logps_BxT, ((0, 0), (1, 0)))
+  logps_BxS = logits_stats(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])[0]
+  return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
 
 
 def target_mask(loss_mask_BxT: Array) -> Array:

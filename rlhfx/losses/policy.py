@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlhfx.losses.common import masked_mean
+from rlhfx.losses.common import logits_stats, masked_mean
 
 Array = jax.Array
 AGGREGATIONS = ("token_mean", "sequence_mean", "fixed")
@@ -177,7 +177,5 @@ def value_loss(values_BxC: Array, old_values_BxC: Array, returns_BxC: Array, mas
 
 def entropy_from_logits(logits_BxCxV: Array) -> Array:
   """Per-token entropy of softmax(logits): logsumexp - sum p * logits."""
-  logits_BxCxV = logits_BxCxV.astype(jnp.float32)
-  logz_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-  p_BxCxV = jnp.exp(logits_BxCxV - logz_BxC[..., None])
-  return logz_BxC - jnp.sum(p_BxCxV * logits_BxCxV, axis=-1)
+  targets_BxC = jnp.zeros(logits_BxCxV.shape[:-1], jnp.int32)
+  return logits_stats(logits_BxCxV, targets_BxC, entropy=True)[2]

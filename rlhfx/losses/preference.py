@@ -10,11 +10,24 @@ loss is any function with the same signature:
     return -jax.nn.log_sigmoid(margin - 0.5).mean(), reward_metrics(x, beta)
 
 Key: B pairs. Losses are means over the batch.
+
+The losses `config.dpo.loss` names are registered once, below, as frozen dataclasses whose
+fields are their hyper-parameters (`config.dpo.<field>`, made from these fields by
+`rlhfx.config`); calling one applies its function. Adding a loss to the CLI is one
+class here (and its test):
+
+  @register("my_loss")
+  @dataclasses.dataclass(frozen=True)
+  class MyLoss(Loss):                 # Loss: reference_free = unpaired = False unless overridden
+    beta: float = 0.1
+    def __call__(self, x):
+      return my_loss(x, beta=self.beta)
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Callable, ClassVar, Sequence
 
 import flax.struct
 import jax
@@ -196,8 +209,115 @@ def weighted_sum(terms: Sequence[tuple[float, Callable]]) -> Callable:
   return loss
 
 
-LOSSES: dict[str, Callable] = {
-    "sigmoid": dpo_loss, "robust": robust_dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "simpo": simpo_loss,
-    "orpo": orpo_loss,
-}
-REFERENCE_FREE = ("simpo", "orpo")
+# ----------------------------------------------------------------------------- the registry (config.dpo.loss)
+
+LOSSES: dict[str, type] = {}
+
+
+def register(name: str):
+  """Class decorator: the loss `config.dpo.loss=name` selects; its dataclass fields become config.dpo fields."""
+
+  def add(cls):
+    cls.name = name
+    LOSSES[name] = cls
+    return cls
+
+  return add
+
+
+def from_config(cfg) -> Callable:
+  """The registered loss `cfg.loss` with its hyper-parameters read from `cfg` (config.dpo)."""
+  cls = LOSSES[cfg.loss]
+  return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
+
+
+def config_fields() -> dict[str, object]:
+  """{field: default} over every registered loss (a field two losses share takes the first one's default)."""
+  out: dict[str, object] = {}
+  for cls in LOSSES.values():
+    for f in dataclasses.fields(cls):
+      out.setdefault(f.name, f.default)
+  return out
+
+
+class Loss:
+  """What every registered loss declares besides its hyper-parameters (override as needed)."""
+
+  name: ClassVar[str] = ""  # set by `register`
+  reference_free: ClassVar[bool] = False  # True: no reference log-probs are computed
+  unpaired: ClassVar[bool] = False  # True: takes UnpairedLogps (data.input_format=unpaired)
+
+
+@register("sigmoid")
+@dataclasses.dataclass(frozen=True)
+class Sigmoid(Loss):
+  beta: float = 0.1  # KL strength
+  label_smoothing: float = 0.0  # cDPO: the assumed share of flipped labels
+
+  def __call__(self, x: PairLogps):
+    return dpo_loss(x, beta=self.beta, label_smoothing=self.label_smoothing)
+
+
+@register("robust")
+@dataclasses.dataclass(frozen=True)
+class Robust(Loss):
+  beta: float = 0.1
+  label_smoothing: float = 0.1  # the assumed label-flip rate (< 0.5)
+
+  def __call__(self, x: PairLogps):
+    return robust_dpo_loss(x, beta=self.beta, label_smoothing=self.label_smoothing)
+
+
+@register("ipo")
+@dataclasses.dataclass(frozen=True)
+class Ipo(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return ipo_loss(x, beta=self.beta)
+
+
+@register("hinge")
+@dataclasses.dataclass(frozen=True)
+class Hinge(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return hinge_loss(x, beta=self.beta)
+
+
+@register("simpo")
+@dataclasses.dataclass(frozen=True)
+class Simpo(Loss):
+  beta: float = 2.0  # reward scale
+  gamma: float = 0.5  # target margin
+  reference_free: ClassVar[bool] = True
+
+  def __call__(self, x: PairLogps):
+    return simpo_loss(x, beta=self.beta, gamma=self.gamma)
+
+
+@register("orpo")
+@dataclasses.dataclass(frozen=True)
+class Orpo(Loss):
+  lam: float = 0.1  # weight of the odds-ratio term
+  reference_free: ClassVar[bool] = True
+
+  def __call__(self, x: PairLogps):
+    return orpo_loss(x, lam=self.lam)
+
+
+@register("kto")
+@dataclasses.dataclass(frozen=True)
+class Kto(Loss):
+  beta: float = 0.1
+  desirable_weight: float = 1.0  # weight of desirable (label true) examples
+  undesirable_weight: float = 1.0  # weight of undesirable examples
+  unpaired: ClassVar[bool] = True
+
+  def __call__(self, x: UnpairedLogps):
+    return kto_loss(x, beta=self.beta, desirable_weight=self.desirable_weight,
+                    undesirable_weight=self.undesirable_weight)
+
+
+REFERENCE_FREE = tuple(name for name, cls in LOSSES.items() if cls.reference_free)

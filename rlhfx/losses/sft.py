@@ -18,8 +18,13 @@ def sft_loss(logits_BxTxV: Array, tokens_BxT: Array, loss_mask_BxT: Array, *,
   accumulation passes the count of the whole global batch so that k micro-batches
   of b equal one batch of k*b exactly.
   """
+  return sft_nll(token_logps(logits_BxTxV, tokens_BxT), loss_mask_BxT, normalizer=normalizer)
+
+
+def sft_nll(logps_BxT: Array, loss_mask_BxT: Array, *, normalizer: Array | float | None = None):
+  """`sft_loss` from token log-probs (logps_BxT[t] = log p(x_t | x_<t), rlhfx.logprobs): (loss, {nll_sum, tokens})."""
   mask_BxT = target_mask(loss_mask_BxT)
-  nll_sum = -masked_sum(token_logps(logits_BxTxV, tokens_BxT), mask_BxT)
+  nll_sum = -masked_sum(logps_BxT, mask_BxT)
   tokens = mask_BxT.sum()
   normalizer = jnp.maximum(tokens, 1) if normalizer is None else normalizer
   return nll_sum / normalizer, {"nll_sum": nll_sum, "tokens": tokens}

@@ -1,8 +1,7 @@
-"""Checkpoint conversion: Hugging Face directories (both ways) and llama2.c files -> rlhfx params.
+"""Checkpoint conversion: Hugging Face directories, both ways (llama2.c files: rlhfx.models.llama2c).
 
   config, params = from_hf("path/or/hub-id")       # config.json + *.safetensors (sharded or not)
   to_hf(config, params, "out_dir")                 # a directory transformers loads
-  config, params = from_llama2c("stories260K.bin") # legacy llama2.c checkpoints
 
 Every tensor goes through one table of `_Entry` rows per family, used in both
 directions, so import and export cannot drift apart. Shapes are checked against
@@ -16,7 +15,6 @@ import json
 import logging
 import math
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,101 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhfx.models.config import ModelConfig
+from rlhfx.models.hf_config import FAMILIES, CheckpointError, config_from_hf, config_to_hf  # noqa: F401
 from rlhfx.models.transformer import init_params
-
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be converted; the message names the file and the tensor."""
-
-
-# ----------------------------------------------------------------------------- config.json <-> ModelConfig
-
-
-def _rope(hf: dict) -> tuple[float, tuple | None]:
-  """(rope_theta, rope_scaling) from a transformers-5 `rope_parameters` or legacy `rope_theta/rope_scaling`."""
-  params = dict(hf.get("rope_parameters") or {})
-  theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-  scaling = {k: v for k, v in params.items() if k != "partial_rotary_factor"} or dict(hf.get("rope_scaling") or {})
-  if "type" in scaling:
-    scaling["rope_type"] = scaling.pop("type")
-  if scaling.get("rope_type", "default") == "default":
-    return float(theta), None
-  return float(theta), tuple(sorted(scaling.items()))
-
-
-def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-  """ModelConfig from a Hugging Face config dict."""
-  family = hf.get("model_type")
-  if family not in FAMILIES:
-    raise CheckpointError(f"{source}: unsupported architecture model_type={family!r}; rlhfx converts {FAMILIES}")
-  common = dict(vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=_first(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"), arch=family)
-  if family == "gpt2":
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise CheckpointError(f"{source}: activation_function={hf['activation_function']!r} is not supported")
-    return ModelConfig(d_model=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner"),
-                       max_seq_len=hf["n_positions"], norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                       mlp="gelu", positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-                       tie_embeddings=hf.get("tie_word_embeddings", True), **common)
-  if hf.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (expected silu)")
-  theta, scaling = _rope(hf)
-  attention_bias = bool(hf.get("attention_bias", False))
-  sliding = hf.get("sliding_window") if (family == "mistral" or hf.get("use_sliding_window")) else None
-  return ModelConfig(
-      d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-      n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
-      max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-      rope_theta=theta, rope_scaling=scaling, qkv_bias=attention_bias or family == "qwen2",
-      out_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=family == "qwen3",
-      sliding_window=sliding, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **common)
-
-
-def _first(token_id):
-  return token_id[0] if isinstance(token_id, list) else token_id
-
-
-def config_to_hf(config: ModelConfig) -> dict:
-  """A config.json dict that `transformers.AutoConfig` reads back as the same model."""
-  cfg = config
-  tokens = dict(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-                vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype=cfg.param_dtype)
-  if cfg.arch == "gpt2":
-    if not (cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.positions == "learned"):
-      raise CheckpointError("ModelConfig.arch='gpt2' needs norm=layernorm, mlp=gelu, positions=learned")
-    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=cfg.d_model, n_layer=cfg.n_layers,
-                n_head=cfg.n_heads, n_inner=cfg.ff_dim, n_positions=cfg.max_seq_len,
-                layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0, **tokens)
-  if cfg.arch not in FAMILIES or cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.positions != "rope":
-    raise CheckpointError(f"ModelConfig.arch={cfg.arch!r}: cannot export this configuration to Hugging Face")
-  arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}[cfg.arch]
-  out = dict(architectures=[arch_class], model_type=cfg.arch, hidden_size=cfg.d_model,
-             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.num_kv_heads,
-             head_dim=cfg.dim_per_head, intermediate_size=cfg.ff_dim, max_position_embeddings=cfg.max_seq_len,
-             rms_norm_eps=cfg.norm_eps, hidden_act="silu", mlp_bias=cfg.mlp_bias,
-             rope_parameters={"rope_type": "default", **cfg.rope_scaling_dict, "rope_theta": cfg.rope_theta},
-             **tokens)
-  if cfg.arch == "qwen2":
-    if cfg.out_bias or not cfg.qkv_bias:
-      raise CheckpointError("ModelConfig.arch='qwen2' needs qkv_bias=True and out_bias=False")
-  elif cfg.qkv_bias != cfg.out_bias:
-    raise CheckpointError(f"ModelConfig.arch={cfg.arch!r} needs qkv_bias == out_bias (HF attention_bias)")
-  else:
-    out["attention_bias"] = cfg.qkv_bias
-  if cfg.qk_norm != (cfg.arch == "qwen3"):
-    raise CheckpointError(f"ModelConfig.qk_norm={cfg.qk_norm} does not match arch={cfg.arch!r}")
-  if cfg.sliding_window is not None:
-    if cfg.arch not in ("mistral", "qwen2"):
-      raise CheckpointError(f"ModelConfig.sliding_window is not supported by arch={cfg.arch!r}")
-    out.update(sliding_window=cfg.sliding_window, use_sliding_window=True, max_window_layers=0)
-  elif cfg.arch == "mistral":
-    out["sliding_window"] = None
-  return out
-
 
 # ----------------------------------------------------------------------------- tensor table
 
@@ -373,69 +278,6 @@ def to_hf(config: ModelConfig, params, out_dir: str | os.PathLike, *, max_shard_
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out
-
-
-# ----------------------------------------------------------------------------- llama2.c
-
-
-def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Interleaved-pair RoPE rows (llama2.c / Meta) -> rotate-half order (as HF's conversion script)."""
-  out_dim, in_dim = w.shape
-  return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
-
-
-def from_llama2c(path: str | os.PathLike, **config_overrides):
-  """(ModelConfig, params) from a llama2.c legacy checkpoint (e.g. stories260K.bin).
-
-  Layout: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
-  a negative vocab_size means an unshared classifier), then float32 arrays.
-  """
-  path = Path(path)
-  data = path.read_bytes()
-  if len(data) < 28:
-    raise CheckpointError(f"{path}: {len(data)} bytes is too short for a llama2.c header (28 bytes)")
-  dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("7i", data[:28])
-  shared = vocab > 0
-  vocab = abs(vocab)
-  if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads:
-    raise CheckpointError(f"{path}: header {(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len)} is not valid")
-  head = dim // n_heads
-  layout = [("tok_embeddings", (vocab, dim)), ("rms_att", (n_layers, dim)),
-            ("wq", (n_layers, n_heads * head, dim)), ("wk", (n_layers, n_kv * head, dim)),
-            ("wv", (n_layers, n_kv * head, dim)), ("wo", (n_layers, dim, n_heads * head)),
-            ("rms_ffn", (n_layers, dim)), ("w1", (n_layers, hidden, dim)), ("w2", (n_layers, dim, hidden)),
-            ("w3", (n_layers, hidden, dim)), ("rms_final", (dim,)),
-            ("freq_cis_real", (seq_len, head // 2)), ("freq_cis_imag", (seq_len, head // 2))]
-  if not shared:
-    layout.append(("classifier", (vocab, dim)))
-  arrays, offset = {}, 28
-  for name, shape in layout:
-    nbytes = 4 * math.prod(shape)
-    if offset + nbytes > len(data):
-      raise CheckpointError(f"{path}: truncated at tensor {name!r} (needs bytes {offset}..{offset + nbytes}, "
-                            f"file has {len(data)})")
-    arrays[name] = np.frombuffer(data, np.float32, math.prod(shape), offset).reshape(shape)
-    offset += nbytes
-  if offset != len(data):
-    raise CheckpointError(f"{path}: {len(data) - offset} unexpected trailing bytes after the last tensor")
-
-  config = ModelConfig(vocab_size=vocab, d_model=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-                       d_ff=hidden, max_seq_len=seq_len, tie_embeddings=shared, bos_token_id=1, eos_token_id=2,
-                       arch="llama")
-  config = config.replace(**config_overrides)
-  hf = {"model.embed_tokens.weight": arrays["tok_embeddings"], "model.norm.weight": arrays["rms_final"]}
-  if not shared:
-    hf["lm_head.weight"] = arrays["classifier"]
-  for i in range(n_layers):
-    h = f"model.layers.{i}."
-    hf.update({h + "input_layernorm.weight": arrays["rms_att"][i],
-               h + "post_attention_layernorm.weight": arrays["rms_ffn"][i],
-               h + "self_attn.q_proj.weight": _permute_rope_rows(arrays["wq"][i], n_heads),
-               h + "self_attn.k_proj.weight": _permute_rope_rows(arrays["wk"][i], n_kv),
-               h + "self_attn.v_proj.weight": arrays["wv"][i], h + "self_attn.o_proj.weight": arrays["wo"][i],
-               h + "mlp.gate_proj.weight": arrays["w1"][i], h + "mlp.down_proj.weight": arrays["w2"][i],
-               h + "mlp.up_proj.weight": arrays["w3"][i]})
-  return config, _params_from_hf_tensors(config, hf)
 
 
 def _params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]):

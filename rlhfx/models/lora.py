@@ -4,6 +4,10 @@
   merged = lora.merge(params, adapters, scale=alpha / rank)      # W + scale * A @ B
   lora.save(adapters, "out/adapters", rank=8, alpha=16)           # its own tree on disk
 
+In training (every algorithm, `config.lora.rank > 0`) the trained tree is
+`wrap(base, config.lora, rng)` = {"base": base, "lora": adapters}; the optimizer freezes
+`FROZEN_BASE` (no update, no optimizer state) and the model sees `effective(params, scale)`.
+
 Adapters are keyed by the kernel's path ("layer_0/attn/q_proj/kernel"). A kernel
 [in..., out...] gets A [in, r] (normal, std 1/r... Kaiming-style) and B [r, out]
 (zeros), flattened over the kernel's input and output axes, so the merged model
@@ -70,6 +74,46 @@ def shardings(adapters: dict, params) -> dict:
     named = lambda *axes: jax.sharding.NamedSharding(kernel.sharding.mesh, jax.sharding.PartitionSpec(*axes))  # noqa: E731
     out[path] = {"a": named(*spec[:lead], spec[lead], None), "b": named(*spec[:lead], None, spec[lead + n_in])}
   return out
+
+
+FROZEN_BASE = r"(^|/)base/(?!score/)"  # optimizer patterns: the base is frozen, a reward model's score head trains
+
+
+def frozen(cfg) -> tuple[str, ...]:
+  """The optimizer's frozen patterns for `config.lora`: the base when adapters are trained."""
+  return (FROZEN_BASE,) if cfg.rank else ()
+
+
+def scale(cfg) -> float:
+  """alpha / rank of `config.lora`."""
+  return cfg.alpha / cfg.rank
+
+
+def wrap(base, cfg, rng: jax.Array) -> dict:
+  """{"base": base, "lora": adapters} with adapters per `config.lora`, each placed like its kernel."""
+  make = lambda b: init(b, patterns=tuple(cfg.patterns), rank=cfg.rank, rng=rng)  # noqa: E731
+  if isinstance(jax.tree.leaves(base)[0], jax.ShapeDtypeStruct):  # the planner: structs, nothing allocated
+    adapters = jax.eval_shape(make, base)
+    return {"base": base, "lora": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                               adapters, shardings(adapters, base))}
+  adapters = make(base)
+  if not all(isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) for x in jax.tree.leaves(base)):
+    return {"base": base, "lora": adapters}  # unplaced parameters (one device, tests): adapters stay as made
+  return {"base": base, "lora": jax.device_put(adapters, shardings(adapters, base))}
+
+
+def is_wrapped(params) -> bool:
+  return isinstance(params, dict) and set(params) == {"base", "lora"}
+
+
+def effective(params, scale: float):
+  """The parameters the model runs with: `params`, or base + adapters when `params` is `wrap`'s tree (the base
+  under stop_gradient, so only the adapters and a score head get gradients)."""
+  if not is_wrapped(params):
+    return params
+  # like FROZEN_BASE: a reward model's or critic's score head under the base still trains
+  base = {k: v if k == "score" else jax.lax.stop_gradient(v) for k, v in params["base"].items()}
+  return merge(base, params["lora"], scale=scale)
 
 
 def merge(params, adapters: dict, *, scale: float):

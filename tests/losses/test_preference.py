@@ -46,7 +46,7 @@ REFERENCES = {
 def test_losses_equal_numpy(name):
   a, x = _inputs()
   kwargs, ref = REFERENCES[name]
-  loss, metrics = P.LOSSES[name](x, **kwargs)
+  loss, metrics = P.LOSSES[name](**kwargs)(x)
   np.testing.assert_allclose(loss, ref(a, **kwargs), rtol=1e-5)
   assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
           "logps/rejected"} <= set(metrics)
@@ -100,7 +100,7 @@ def test_swapping_chosen_and_rejected_negates_the_margins(name):
                         ref_rejected_B=x.ref_chosen_B, chosen_tokens_B=x.rejected_tokens_B,
                         rejected_tokens_B=x.chosen_tokens_B)
   kwargs = REFERENCES[name][0]
-  m1, m2 = P.LOSSES[name](x, **kwargs)[1], P.LOSSES[name](swapped, **kwargs)[1]
+  m1, m2 = P.LOSSES[name](**kwargs)(x)[1], P.LOSSES[name](**kwargs)(swapped)[1]
   np.testing.assert_allclose(m1["rewards/margins"], -m2["rewards/margins"], rtol=1e-5)
 
 
@@ -140,7 +140,7 @@ def test_chosen_preferred_lowers_the_loss():
   better = x.replace(chosen_B=x.chosen_B + 1.0)
   for name in ["sigmoid", "robust", "hinge", "simpo"]:
     kwargs = REFERENCES[name][0]
-    assert P.LOSSES[name](better, **kwargs)[0] < P.LOSSES[name](x, **kwargs)[0]
+    assert P.LOSSES[name](**kwargs)(better)[0] < P.LOSSES[name](**kwargs)(x)[0]
 
 
 def test_weighted_sum_adds_terms():

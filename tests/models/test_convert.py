@@ -11,7 +11,8 @@ import transformers
 
 from conftest import GOLDENS, forward
 from rlhfx.models import get_preset, init_params
-from rlhfx.models.convert import CheckpointError, from_hf, from_llama2c, to_hf
+from rlhfx.models.convert import CheckpointError, from_hf, to_hf
+from rlhfx.models.llama2c import from_llama2c
 
 FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "mistral"]
 

@@ -1,10 +1,12 @@
-"""What PPO and GRPO share: the rollout, completion log-probs, in-graph scoring, the epochs x minibatches scan.
+"""Rollouts: what PPO and GRPO share on the device — sampling, completion log-probs, scoring, the
+epochs x minibatches scan — and the jitted programs an iteration runs as.
 
 One iteration = rollout (sample completions of a batch of prompts with the
 current policy) -> scoring (reward model or reward function) -> statistics under
 the frozen trees (reference log-probs; old log-probs and values) -> advantages ->
 `epochs` passes over the rollout in `minibatches` shuffled minibatches, each one
-optimizer update. With an in-graph score all of it is one jitted function.
+optimizer update. With an in-graph score all of it is one jitted function
+(`Programs.fused`); otherwise rollout, scoring and update run as three, timed.
 
 Sequences are [prompt (left-padded, P) | completion (C)]: positions count real
 tokens, so a row's completion follows its prompt directly. Everything about a
@@ -15,6 +17,7 @@ predict completion tokens (hidden states P-1 .. P+C-2), never on the prompt.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import flax.struct
@@ -23,25 +26,12 @@ import jax.numpy as jnp
 import optax
 
 from rlhfx import sampling
-from rlhfx.losses.policy import entropy_from_logits
-from rlhfx.models import ModelConfig, Transformer
+from rlhfx.logprobs import target_logps
+from rlhfx.models import ModelConfig, Transformer, lora
 from rlhfx.models.heads import ScoreModel
 from rlhfx.train_state import accumulate_gradients
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class RLState:
-  step: Array  # iterations done
-  params: dict  # {"policy": LM params, "value": ScoreModel params | "value_head": {...}} (no value for GRPO)
-  opt_state: object
-  kl_coef: Array  # the current KL coefficient (adaptive when a target is set)
-
-
-def init_state(params, *, optimizer: optax.GradientTransformation, kl_coef: float) -> RLState:
-  return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                 kl_coef=jnp.float32(kl_coef))
 
 
 @flax.struct.dataclass
@@ -96,34 +86,19 @@ def rollout(policy_params, batch: dict[str, Array], rng: Array, s: SamplingSetti
                  mask_BxC=out.mask_BxC, sample_logps_BxC=out.logps_BxC)
 
 
-def rollout_step(state: RLState, batch: dict[str, Array], s) -> Rollout:
-  """The rollout of iteration `state.step` (its sampling key derives from the seed and the step)."""
-  rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step), 0)
-  return rollout(state.params["policy"], batch, rng, s.sampling)
+def key(seed: int, step: Array, phase: int) -> Array:
+  """The key of iteration `step`'s phase (0: sampling, 1: minibatch shuffling), from the seed."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), phase)
 
 
-def update_key(state: RLState, s) -> Array:
-  """The key that shuffles iteration `state.step`'s minibatches."""
-  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step), 1)
-
-
-def iteration(state: RLState, batch: dict[str, Array], frozen: dict, s, *, update_step: Callable):
-  """Rollout, in-graph scoring and `update_step`: (new state, metrics, the rollout, its scores_B)."""
-  r = rollout_step(state, batch, s)
-  scores_B = scores(r, frozen["reward"], s.scorer)
-  state, metrics = update_step(state, r, scores_B, frozen, s)
-  return state, metrics, r, scores_B
-
-
-def completion_stats(model: Transformer, params, r: Rollout, *, temperature: float, entropy: bool = False):
+def completion_stats(model: Transformer, params, r: Rollout, *, temperature: float, chunk_size: int | None = None,
+                     entropy: bool = False):
   """(logps_BxC, entropy_BxC or None, hidden_BxCxD) of the completion tokens under softmax(logits / T)."""
   hidden_BxTxD = model.apply({"params": params}, r.sequence_BxT, r.sequence_mask_BxT, return_hidden=True)
   p, c = r.prompt_len, r.tokens_BxC.shape[1]
   hidden_BxCxD = hidden_BxTxD[:, p - 1:p + c - 1]
-  logits_BxCxV = model.apply({"params": params}, hidden_BxCxD, method=Transformer.unembed)
-  logits_BxCxV = logits_BxCxV / (temperature or 1.0)
-  logps_BxC = jnp.take_along_axis(jax.nn.log_softmax(logits_BxCxV, axis=-1), r.tokens_BxC[..., None], axis=-1)[..., 0]
-  ent_BxC = entropy_from_logits(logits_BxCxV) if entropy else None
+  logps_BxC, _, ent_BxC = target_logps(model, params, hidden_BxCxD, r.tokens_BxC, chunk_size=chunk_size,
+                                       temperature=temperature, entropy=entropy)
   return logps_BxC, ent_BxC, hidden_BxCxD
 
 
@@ -197,3 +172,80 @@ def minibatch_epochs(params, opt_state, optimizer: optax.GradientTransformation,
 
   (params, opt_state), metrics_ExM = jax.lax.scan(epoch, (params, opt_state), jax.random.split(rng, epochs))
   return params, opt_state, jax.tree.map(jnp.mean, metrics_ExM)
+
+
+def eval_rollout(policy_params, batch: dict[str, Array], reference_params, rng: Array, *, model: Transformer,
+                 s: SamplingSettings, chunk_size: int | None = None, lora_scale: float = 1.0):
+  """(rollout, kl_B) of one sample per prompt: the held-out measurement of score and KL(policy || reference)."""
+  policy_params = lora.effective(policy_params, lora_scale)
+  r = rollout(policy_params, batch, rng, s)
+  logps_BxC = completion_stats(model, policy_params, r, temperature=s.temperature, chunk_size=chunk_size)[0]
+  ref_BxC = completion_stats(model, reference_params, r, temperature=s.temperature, chunk_size=chunk_size)[0]
+  return r, sequence_kl(logps_BxC, ref_BxC, r.mask_BxC)
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted programs of an iteration, the state donated (`rlhfx.plan` compiles these same functions)."""
+
+  fused: Callable  # (state, batch, frozen) -> (state, metrics, rollout, scores_B): in-graph scoring
+  rollout: Callable  # (state, batch) -> rollout
+  score: Callable  # (rollout, reward params) -> scores_B
+  update: Callable  # (state, rollout, scores_B, frozen) -> (state, metrics)
+
+  @classmethod
+  def jit(cls, *, iteration: Callable, rollout_step: Callable, update_step: Callable, scorer: Scorer,
+          shardings) -> "Programs":
+    """From an algorithm's pure functions with their settings bound."""
+    return cls(fused=jax.jit(iteration, in_shardings=(shardings, None, None),
+                             out_shardings=(shardings, None, None, None), donate_argnums=0),
+               rollout=jax.jit(rollout_step),
+               score=jax.jit(lambda r, reward_params: scores(r, reward_params, scorer)),
+               update=jax.jit(update_step, in_shardings=(shardings, None, None, None), out_shardings=(shardings, None),
+                              donate_argnums=0))
+
+
+def run_phases(programs: Programs, state, batch: dict[str, Array], frozen: dict, score: Callable):
+  """(state, metrics + time/*_s, rollout, scores_B): rollout, `score(rollout)` (a program or host scoring) and
+  update one after the other, each timed."""
+  t0 = time.perf_counter()
+  r = jax.block_until_ready(programs.rollout(state, batch))
+  t1 = time.perf_counter()
+  scores_B = jax.block_until_ready(score(r))
+  t2 = time.perf_counter()
+  state, metrics = jax.block_until_ready(programs.update(state, r, scores_B, frozen))
+  times = {"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": time.perf_counter() - t2}
+  return state, {**metrics, **times}, r, scores_B
+
+
+def scoring(programs: Programs, scorer: Scorer, reward_params, tokenizer, mesh) -> Callable:
+  """rollout -> scores_B: the scoring program, or a host reward function on the decoded text."""
+  if scorer.in_graph:
+    return lambda r: programs.score(r, reward_params)
+  from rlhfx.rewards import score_on_host
+
+  return lambda r: score_on_host(scorer, tokenizer, r, mesh)
+
+
+def run_iteration(programs: Programs, state, batch: dict[str, Array], frozen: dict, score: Callable, *,
+                  phased: bool):
+  """(state, metrics, rollout, scores_B) of one iteration: the fused program, or the timed phases."""
+  if not phased:
+    return programs.fused(state, batch, frozen)
+  return run_phases(programs, state, batch, frozen, score)
+
+
+def tokens(batch: dict, s: SamplingSettings) -> int:
+  """Tokens of one iteration's sequences on this host: prompts and completions, every sample of a group."""
+  rows, prompt_len = batch["prompt_BxP"].shape
+  return rows * s.group_size * (prompt_len + s.max_new_tokens)
+
+
+def summary(before: dict, after: dict, workdir) -> list[str]:
+  """The held-out score and KL before and after training, and where the samples are."""
+  lines = []
+  if before and after:
+    lines.append(f"held-out mean score {before['eval/scores']:.3f} -> {after['eval/scores']:.3f}; "
+                 f"KL(policy || reference) {before['eval/kl']:.3f} -> {after['eval/kl']:.3f} nats "
+                 f"({after['eval/prompts']} prompts)")
+  return lines + [f"samples: {workdir / 'samples.jsonl'}"]

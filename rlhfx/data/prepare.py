@@ -1,0 +1,85 @@
+"""A run's data: the ArrayRecord dataset built once from the config's files, its splits, the tokenizer, batches.
+
+  data = prepare.prepare(config, workdir, kind="preference")
+  train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
+  for batch in prepare.full_batches(config, data, data.eval): ...   # every example once (evaluation)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhfx import sharding
+from rlhfx.config import ConfigError
+from rlhfx.data import builders, pipeline, synthetic
+from rlhfx.data.tokenize import Truncation, load_tokenizer
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: Any
+  kind: str  # the batch layout (rlhfx.data.pipeline): sft | preference | unpaired | prompts
+  train: Any  # random-access source
+  eval: Any | None
+  counts: dict[str, int]
+  truncation: Truncation
+
+
+def prepare(config, workdir: Path, kind: str) -> Data:
+  """Build the ArrayRecord dataset once (process 0), then open its splits and the tokenizer."""
+  d = config.data
+  data_dir = Path(d.dir) if d.dir else workdir / "data"
+  files = list(d.train_files)
+  if d.builtin:
+    files = [data_dir / "raw" / f"{d.builtin}.jsonl"]
+  if jax.process_index() == 0 and not any(data_dir.glob("*/*/dataset_info.json")):
+    if d.builtin:
+      synthetic.write_task(d.builtin, files[0], seed=config.seed)
+    if not files:
+      raise ConfigError("config.data.train_files is empty (and config.data.builtin is not set)")
+    builders.build(kind, files, data_dir=data_dir, input_format=d.input_format, eval_fraction=d.eval_fraction,
+                   split_seed=config.seed, on_error=d.on_error)
+  sharding.sync("data_built")
+  counts = builders.counts(data_dir)
+  logging.info("data %s: %s", data_dir, counts)
+  tokenizer = load_tokenizer(d.tokenizer or config.model.init_from)
+  truncation = Truncation(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                          max_completion_length=d.max_completion_length or None, prompt_side=d.prompt_side,
+                          on_overlong=d.on_overlong)
+  eval_source = builders.data_source(data_dir, "eval") if counts.get("written/eval") else None
+  return Data(tokenizer, kind, builders.data_source(data_dir, "train"), eval_source, counts, truncation)
+
+
+def batches(config, data: Data, source, *, seed: int, shuffle: bool = True, num_epochs=None,
+            stats: pipeline.Stats | None = None, drop_remainder: bool = True):
+  """This process's share of global batches of `config.train.global_batch_size` rows (a Grain iterator)."""
+  return pipeline.make_dataset(source, data.tokenizer, kind=data.kind, global_batch_size=config.train.global_batch_size,
+                               buckets=tuple(config.data.buckets), truncation=data.truncation, seed=seed,
+                               shuffle=shuffle, num_epochs=num_epochs, stats=stats,
+                               read_threads=config.data.read_threads, drop_remainder=drop_remainder)
+
+
+def full_batches(config, data: Data, source, limit: int | None = None, keep_ids: bool = False):
+  """Every example of `source` once, in order, in full-size batches: a short last batch is padded by
+  repeating its last row, and `valid_B` marks the real rows (so shapes stay divisible over the mesh)."""
+  size = config.train.global_batch_size // jax.process_count()
+  for i, batch in enumerate(batches(config, data, source, seed=0, shuffle=False, num_epochs=1,
+                                    drop_remainder=False)):
+    if limit is not None and i >= limit:
+      return
+    rows = len(next(iter(batch.values())))
+    padded = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()
+              if k != "example_id_B" or keep_ids}
+    padded["valid_B"] = np.arange(size) < rows
+    yield padded
+
+
+def drop_ids(batch: dict) -> dict:
+  """A host batch without the pipeline's `example_id_B` (the step does not take it)."""
+  return {k: v for k, v in batch.items() if k != "example_id_B"}

@@ -1,0 +1,59 @@
+"""Evaluation over a dataset: a jitted function over every batch, its outputs on the host.
+
+  for out, valid_B, batch in evaluation.outputs(lambda b: eval_fn(params, b), batches, mesh):
+    correct += int(((out["chosen_B"] - out["rejected_B"]) > 0)[valid_B].sum())
+
+`batches` are host batches (`rlhfx.data.prepare.full_batches` marks padding rows with
+`valid_B`; batches without it count every row). Outputs are gathered whole on every
+process.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from rlhfx import sharding
+
+
+def gather(tree):
+  """Whole arrays on every host (process_allgather across processes)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def outputs(fn: Callable, batches: Iterable[dict], mesh) -> Iterator[tuple[dict, np.ndarray, dict]]:
+  """(host outputs of fn(global batch), valid_B of the global rows, this host's batch) per batch; `valid_B` is
+  all True when the batch has none. Each call runs under the caller's `sharding.active`."""
+  for local in batches:
+    valid_B = local.pop("valid_B", np.ones(len(next(iter(local.values()))), bool))
+    out = gather(fn(sharding.global_batch(local, mesh)))
+    yield out, gather(valid_B) if jax.process_count() > 1 else valid_B, local
+
+
+def heldout_rollouts(eval_fn: Callable, score: Callable, batches: Iterable[dict], mesh, *, seed: int,
+                     eos_id: int | None, missing_eos_penalty: float) -> dict[str, float]:
+  """Mean score (with its standard error) and KL(policy || reference) of one sample per held-out prompt.
+
+  `eval_fn(global batch, rng) -> (rollout, kl_B)` (rlhfx.rollout.eval_rollout, jitted), `score(rollout) ->
+  scores_B`; batch i samples with a key fixed by the seed and i, so every evaluation of a run sees the same draws.
+  """
+  from rlhfx.rollout import finish_scores
+
+  scores, kls, lengths = [], [], []
+  for i, local in enumerate(batches):
+    valid_B = local.pop("valid_B")
+    r, kl_B = eval_fn(sharding.global_batch(local, mesh), jax.random.fold_in(jax.random.PRNGKey(seed + 1), i))
+    scores_B = finish_scores(score(r), r, eos_id, missing_eos_penalty)[0]
+    host = gather((scores_B, kl_B, r.mask_BxC.sum(-1)))
+    valid_B = gather(valid_B) if jax.process_count() > 1 else valid_B
+    scores.append(host[0][valid_B]), kls.append(host[1][valid_B]), lengths.append(host[2][valid_B])
+  scores, kls = np.concatenate(scores), np.concatenate(kls)
+  return {"eval/scores": float(scores.mean()), "eval/scores_sem": float(scores.std() / max(len(scores), 1) ** .5),
+          "eval/kl": float(kls.mean()), "eval/completion_length": float(np.concatenate(lengths).mean()),
+          "eval/prompts": len(scores)}

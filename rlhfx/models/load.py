@@ -1,0 +1,124 @@
+"""A run's model: its config from `config.model`, parameters placed on the mesh, frozen copies.
+
+  model_config, _ = load.model_config(config, load_params=False)  # a Hugging Face model: config.json only
+  params = load.sharded_params(Transformer(model_config), runtime, key, load.pretrained(config))
+  reference = load.frozen_copy(params, model_config.jnp_dtype)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhfx import sharding
+from rlhfx.config import ConfigError
+from rlhfx.models.config import PRESETS, ModelConfig, get_preset
+
+
+def model_config(config, load_params: bool = True) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, numpy params or None for random init) from config.model; without `load_params` a Hugging
+  Face model's config.json alone is read and the params are None (the planner)."""
+  m = config.model
+  overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
+  shape = {k: m[k] for k in ("vocab_size", "n_layers", "d_model") if m[k] is not None}
+  if m.max_seq_len is not None:
+    overrides["max_seq_len"] = m.max_seq_len
+  params = None
+  if m.init_from:
+    if m.init_from.startswith("llama2c:"):
+      from rlhfx.models.llama2c import from_llama2c
+
+      result, params = from_llama2c(m.init_from.removeprefix("llama2c:"))
+      result = result.replace(**overrides)
+    elif load_params:
+      from rlhfx.models.convert import from_hf
+
+      result, params = from_hf(m.init_from, **overrides)
+    else:
+      from rlhfx.models.convert import hf_model_config
+
+      result = hf_model_config(m.init_from, **overrides)
+    changed = {k: v for k, v in shape.items() if getattr(result, k) != v}
+    if changed:  # a pretrained model's shapes come from its checkpoint
+      k, v = next(iter(changed.items()))
+      raise ConfigError(f"config.model.{k}={v} differs from the pretrained model's {k}={getattr(result, k)} "
+                        f"(config.model.init_from={m.init_from!r}); leave config.model.{k} unset")
+  else:
+    overrides.update(shape)
+    if m.preset not in PRESETS:
+      raise ConfigError(f"config.model.preset={m.preset!r} is not a preset; known presets: {sorted(PRESETS)}")
+    result = get_preset(m.preset, **overrides)
+  return result, params
+
+
+def pretrained(config):
+  """The numpy params of `config.model.init_from`, converted to `model_config(config)`'s dtypes, or None."""
+  return model_config(config)[1] if config.model.init_from else None
+
+
+def check_tokenizer(model_config: ModelConfig, tokenizer) -> None:
+  """The tokenizer must fit the model's vocabulary; a missing pad token becomes EOS."""
+  if len(tokenizer) > model_config.vocab_size:
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                      f"{model_config.vocab_size}; set config.model.vocab_size or config.data.tokenizer")
+  if tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def _init_fn(module: nn.Module):
+  return lambda rng: module.init(rng, jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def param_shardings(module: nn.Module, runtime: sharding.Runtime):
+  """Shardings of a module's parameters from their logical axis names and the config's rules."""
+  boxed = jax.eval_shape(lambda: _init_fn(module)(jax.random.key(0)))  # traced: nothing runs
+  return sharding.tree_shardings(boxed, runtime.mesh, runtime.rules)
+
+
+def abstract_params(module: nn.Module, runtime: sharding.Runtime):
+  """ShapeDtypeStructs of a module's parameters carrying their shardings (restore targets, the planner)."""
+  shapes = sharding.unbox(jax.eval_shape(lambda: _init_fn(module)(jax.random.key(0))))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      param_shardings(module, runtime))
+
+
+def put(params, shardings):
+  """Host (numpy) params -> global arrays with the given shardings (each process builds its shards)."""
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]), params, shardings)
+
+
+def sharded_params(module: nn.Module, runtime: sharding.Runtime, rng, params=None):
+  """Sharded parameters of `module`: random init compiled with out_shardings (never whole on one host), or
+  `params` (numpy) placed onto the same shardings."""
+  shardings = param_shardings(module, runtime)
+  if params is not None:
+    return put(params, shardings)
+  with sharding.active(runtime.mesh, runtime.rules):
+    return jax.jit(lambda k: sharding.unbox(_init_fn(module)(k)), out_shardings=shardings)(rng)
+
+
+def frozen_dtype(path, dtype, compute_dtype):
+  """The dtype a frozen tree (reference, reward model) stores a leaf in: floating leaves in the compute dtype.
+
+  Every use casts weights to the compute dtype first (Dense, Embed, Norm), so the model computes the
+  same numbers from it in half the memory under bfloat16; a reward model's score head ("score", float32
+  by design) and integer leaves keep their dtype.
+  """
+  if any(getattr(k, "key", None) == "score" for k in path) or not jnp.issubdtype(dtype, jnp.floating):
+    return dtype
+  return compute_dtype
+
+
+def frozen_copy(tree, compute_dtype):
+  """A copy of a frozen tree, each leaf in its `frozen_dtype`, on the same shardings."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.array(x, dtype=frozen_dtype(path, x.dtype, compute_dtype), copy=True), tree)
+
+
+def frozen_structs(tree, compute_dtype):
+  """The ShapeDtypeStructs of `frozen_copy(tree, compute_dtype)` (the planner)."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: jax.ShapeDtypeStruct(
+      x.shape, frozen_dtype(path, x.dtype, compute_dtype), sharding=x.sharding), tree)
