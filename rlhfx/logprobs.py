@@ -11,7 +11,7 @@ position; DPO/KTO: the completion; PPO/GRPO: the sampled completion under the sa
 temperature). The hidden states go through the LM head `chunk_size` positions at a time
 inside a rematerialised `lax.scan`: only one chunk's [B, chunk, V] logits live at once, in
 the forward and in the backward pass (the tiled LM head TRL uses, as a scan). The
-arithmetic on the logits is `rlhfx.losses.common.logits_stats`.
+arithmetic on the logits is `logits_stats`, here and for the losses that take full logits.
 
 With `window=W`, `completion_logps` sends only the W positions of each row that predict
 its completion through the last layer's queries and MLP and through the LM head (a
@@ -27,10 +27,30 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rlhfx.losses.common import logits_stats, target_mask
 from rlhfx.models import Transformer
 
 Array = jax.Array
+
+
+def target_mask(loss_mask_BxT: Array) -> Array:
+  """The loss mask without position 0, which no logit predicts."""
+  return jnp.asarray(loss_mask_BxT).at[:, 0].set(False)
+
+
+def logits_stats(logits_BxSxV: Array, targets_BxS: Array, *, temperature: float = 1.0, entropy: bool = False):
+  """(logps_BxS, mean_logits_BxS, entropy_BxS or None) in float32: log p(targets) under softmax(logits / T),
+  the mean raw logit over the vocabulary (a metric), and the entropy of softmax(logits / T)."""
+  logits_BxSxV = logits_BxSxV.astype(jnp.float32)
+  mean_BxS = logits_BxSxV.mean(-1)
+  if temperature != 1.0:
+    logits_BxSxV = logits_BxSxV / temperature
+  logz_BxS = jax.nn.logsumexp(logits_BxSxV, axis=-1)
+  picked_BxS = jnp.take_along_axis(logits_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+  ent_BxS = None
+  if entropy:
+    p_BxSxV = jnp.exp(logits_BxSxV - logz_BxS[..., None])
+    ent_BxS = logz_BxS - jnp.sum(p_BxSxV * logits_BxSxV, axis=-1)
+  return picked_BxS - logz_BxS, mean_BxS, ent_BxS
 
 
 def _chunk(model: Transformer, params, hidden_BxCxD, targets_BxC, *, temperature: float, entropy: bool):

@@ -94,3 +94,11 @@ def accumulate_gradients(loss_fn: Callable, params, batch: dict[str, Array], k: 
   if average:
     grads, metrics = jax.tree.map(lambda x: x / k, (grads, metrics))
   return grads, metrics
+
+
+def update(state: TrainState, loss_fn: Callable, batch: dict[str, Array], optimizer: optax.GradientTransformation,
+           k: int = 1, *, average: bool = False):
+  """One optimizer step of `loss_fn(params, micro_batch) -> (loss, metrics)` over k micro-batches:
+  (the new state, the gradients, the metrics; see `accumulate_gradients` for `average`)."""
+  grads, metrics = accumulate_gradients(loss_fn, state.params, batch, k, average=average)
+  return apply_gradients(state, grads, optimizer), grads, metrics

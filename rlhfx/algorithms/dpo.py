@@ -33,7 +33,7 @@ from rlhfx.losses import preference
 from rlhfx.losses.common import concat_pairs
 from rlhfx.models import Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
-from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients, create_state, init_state
+from rlhfx.train_state import TrainState, create_state, init_state, update
 
 Array = jax.Array
 # a precomputed reference column -> the batch key the step reads it from
@@ -89,11 +89,10 @@ def train_step(state: TrainState, batch, reference_params, *, model: Transformer
   """One optimizer step of `loss` (any function PairLogps -> (loss, metrics))."""
   objective = functools.partial(dpo_objective, model=model, loss=loss, mode=mode, lora_scale=lora_scale,
                                 chunk_size=chunk_size, window=window)
-  grads, m = accumulate_gradients(lambda p, b: objective(p, b, reference_params), state.params, batch,
-                                  grad_accum_steps, average=True)
+  new_state, grads, m = update(state, lambda p, b: objective(p, b, reference_params), batch, optimizer,
+                               grad_accum_steps, average=True)
   step_metrics = {("train/loss" if k == "loss" else k): v for k, v in m.items()}
-  step_metrics.update({"train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)})
-  return apply_gradients(state, grads, optimizer), step_metrics
+  return new_state, {**step_metrics, "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 
 def eval_step(params, batch, reference_params, **kwargs):

@@ -25,7 +25,7 @@ from rlhfx.losses.preference import bradley_terry_loss
 from rlhfx.models import load, lora
 from rlhfx.models.heads import ScoreModel, from_lm_params
 from rlhfx.optim import learning_rate_schedule, make_optimizer
-from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients, create_state, init_state
+from rlhfx.train_state import TrainState, create_state, init_state, update
 
 Array = jax.Array
 
@@ -45,11 +45,10 @@ def loss_fn(params, batch, *, model: ScoreModel, center_coef: float = 0.0, lora_
 def train_step(state: TrainState, batch, *, model: ScoreModel, optimizer, schedule, center_coef: float = 0.0,
                grad_accum_steps: int = 1, lora_scale: float = 1.0):
   loss = functools.partial(loss_fn, model=model, center_coef=center_coef, lora_scale=lora_scale)
-  grads, m = accumulate_gradients(loss, state.params, batch, grad_accum_steps, average=True)
-  step_metrics = {"train/loss": m["loss"], "train/accuracy": m["accuracy"], "train/margin": m["margin"],
-                  "train/rewards_chosen": m["rewards/chosen"], "train/rewards_rejected": m["rewards/rejected"],
-                  "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
-  return apply_gradients(state, grads, optimizer), step_metrics
+  new_state, grads, m = update(state, loss, batch, optimizer, grad_accum_steps, average=True)
+  return new_state, {"train/loss": m["loss"], "train/accuracy": m["accuracy"], "train/margin": m["margin"],
+                     "train/rewards_chosen": m["rewards/chosen"], "train/rewards_rejected": m["rewards/rejected"],
+                     "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 
 def jit_train_step(config, model: ScoreModel, optimizer, shardings):

@@ -20,7 +20,7 @@ from rlhfx.losses.common import target_mask
 from rlhfx.losses.sft import sft_nll
 from rlhfx.models import ModelConfig, Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
-from rlhfx.train_state import TrainState, accumulate_gradients, apply_gradients, create_state, init_state
+from rlhfx.train_state import TrainState, create_state, init_state, update
 
 Array = jax.Array
 
@@ -40,10 +40,9 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer
   """One optimizer step on the completion-token NLL (micro-batches summed exactly)."""
   normalizer = jnp.maximum(target_mask(batch["loss_mask_BxT"]).sum(), 1)
   loss = functools.partial(loss_fn, model=model, normalizer=normalizer, lora_scale=lora_scale, chunk_size=chunk_size)
-  grads, sums = accumulate_gradients(loss, state.params, batch, grad_accum_steps)
-  step_metrics = {"train/loss": sums["loss"], "train/tokens": sums["tokens"],
-                  "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
-  return apply_gradients(state, grads, optimizer), step_metrics
+  new_state, grads, sums = update(state, loss, batch, optimizer, grad_accum_steps)
+  return new_state, {"train/loss": sums["loss"], "train/tokens": sums["tokens"],
+                     "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 
 def jit_train_step(config, model: Transformer, optimizer, shardings):

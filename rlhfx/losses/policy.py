@@ -19,7 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlhfx.losses.common import logits_stats, masked_mean
+from rlhfx.logprobs import logits_stats
+from rlhfx.losses.common import masked_mean
 
 Array = jax.Array
 AGGREGATIONS = ("token_mean", "sequence_mean", "fixed")
