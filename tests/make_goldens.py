@@ -52,9 +52,12 @@ def main():
     directory = OUT / name
     model.save_pretrained(directory)
     (directory / "generation_config.json").unlink(missing_ok=True)  # not read by rlhfx
-    tokens = gen.integers(3, config.vocab_size, size=(2, 12))
+    # long rows (GPT-2: its 64 learned positions; the others 224 of 256), so that rope's slow frequencies turn far
+    # enough for a rope_theta off by one to move logits past round-off, and far past mistral's window of 5
+    length = 64 if name == "gpt2" else 224
+    tokens = gen.integers(3, config.vocab_size, size=(2, length))
     mask = np.ones_like(tokens)
-    mask[1, 9:] = 0  # right padding on the second row
+    mask[1, length * 3 // 4:] = 0  # right padding on the second row
     with torch.no_grad():
       logits = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
     np.savez(directory / "expected.npz", tokens=tokens.astype(np.int32), mask=mask.astype(bool), logits=logits)

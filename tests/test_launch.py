@@ -179,3 +179,26 @@ def test_tpu_sweep_refuses_before_creating_the_vm(tmp_path):
   assert sweep.main(argv, out=out) == 1
   text = out.getvalue()
   assert "does not fit v5litepod-4: the sweep creates nothing" in text and "gcloud" not in text
+
+
+def test_dry_run_commands_carry_the_arguments():
+  """The lines that matter, written here by hand from the arguments (the golden files are snapshots of the
+  code's own output; these are not): the slice created as asked, the run on every worker with the config, the
+  workdir and the overrides, the slice deleted; SLURM's nodes, GPUs, preemption signal and requeue."""
+  lines = _capture(tpu.main, TPU_ARGS).splitlines()
+  assert lines[0] == ("python -m rlhfx.plan --config=configs/dpo_hh.py --topology=v5litepod-16 "
+                      "--config.optim.learning_rate=1e-6 --json")
+  assert ("gcloud compute tpus tpu-vm create rlhfx-dpo --zone=us-west4-a --project=my-project "
+          "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite --spot") in lines
+  run = [line for line in lines if "rlhfx.main" in line]
+  assert run == ["gcloud compute tpus tpu-vm ssh rlhfx-dpo --zone=us-west4-a --project=my-project --worker=all "
+                 "'--command=cd ~/rlhfx && ~/rlhfx-venv/bin/python -m rlhfx.main --config=configs/dpo_hh.py "
+                 "--workdir=/gcs/my-bucket/runs/dpo --config.optim.learning_rate=1e-6'"]
+  assert lines[-1] == "gcloud compute tpus tpu-vm delete rlhfx-dpo --zone=us-west4-a --project=my-project --quiet"
+  script = _capture(slurm.main, SLURM_ARGS).splitlines()
+  for line in ("#SBATCH --job-name=dpo-1b", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+               "#SBATCH --gpus-per-node=8", "#SBATCH --time=12:00:00", "#SBATCH --signal=TERM@120", "#SBATCH --requeue",
+               "#SBATCH --partition=gpu", "cd /home/me/rlhfx",
+               "srun --kill-on-bad-exit=1 python -m rlhfx.main --config=configs/dpo_hh.py --workdir=/shared/runs/dpo "
+               "--config.dpo.beta=0.05", "sbatch logs/dpo-1b.sbatch"):
+    assert line in script, line

@@ -183,3 +183,24 @@ def test_ppo_policy_critic_and_reference_are_sharded(tmp_path):
       assert state[f"params/value/backbone/{path}"]["spec"] == policy["spec"], path
   assert _assert_optimizer_state_like_parameters(state) == 2 * sum(1 for k in state if k.startswith("params/"))
   assert placement["reference"]["layer_0/mlp/up_proj/kernel"]["spec"] == ["fsdp", "tensor"]
+
+
+def test_reward_model_backbone_head_and_adam_moments_are_sharded(tmp_path, shared_data):
+  """The reward model's tree (a backbone without the LM head, and the score head): every backbone leaf has its
+  logical axes' spec on fsdp=8, the head's kernel [d_model, 1] is split over fsdp by its "embed" axis, and Adam's
+  moments follow; per-device bytes are an eighth of the state's."""
+  shared_data("hh_rlhf/harmless-base-test.jsonl.gz")
+  placement = _run(tmp_path, "configs/reward_hh.py:tiny", "--config.mesh.num_cpu_devices=8",
+                   "--config.train.num_steps=1", "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
+                   "--config.mesh.shape.tensor=1", "--config.data.max_length=128", "--config.data.max_prompt_length=96",
+                   "--config.data.buckets=128,", "--config.train.global_batch_size=8", "--config.reward.stats_batches=1")
+  state, mesh = placement["state"], placement["mesh"]
+  names = _logical_names(get_preset("tiny", vocab_size=TINY_GPT2_VOCAB))
+  backbone = {k.removeprefix("params/backbone/"): v for k, v in state.items() if k.startswith("params/backbone/")}
+  assert set(backbone) == set(names) - {"lm_head/kernel"}
+  for path, leaf in backbone.items():
+    assert leaf["spec"] == _expected_spec(names[path], leaf["shape"], mesh), path
+  assert state["params/score/kernel"]["spec"] == ["fsdp", None] and state["params/score/kernel"]["shape"] == [64, 1]
+  assert _assert_optimizer_state_like_parameters(state) == 2 * sum(1 for k in state if k.startswith("params/"))
+  total = sum(leaf["bytes"] for leaf in state.values())
+  assert sum(leaf["device_bytes"] for leaf in state.values()) < 0.13 * total

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,13 +43,20 @@ def test_dpo_raises_heldout_reward_accuracy(tmp_path, shared_data):
 
 def test_reward_model_reports_heldout_accuracy_and_stats(tmp_path):
   summary = _run("configs/reward_hh.py:tiny", tmp_path, "--config.train.num_steps=40",
-                 "--config.reward.stats_batches=4")
+                 "--config.reward.stats_batches=4", "--config.train.log_every=1")
   found = re.search(r"held-out accuracy ([\d.]+)% -> ([\d.]+)% \(95% interval ([\d.]+)%-([\d.]+)%, (\d+) pairs\)",
                     summary)
   _, after, low, high, pairs = map(float, found.groups())
   assert low <= after <= high and 250 < pairs < 400
   stats = json.loads((tmp_path / "checkpoints" / "reward_stats.json").read_text())
   assert stats["std"] > 0 and stats["count"] == 2 * 4 * 8
+  # it learned: the Bradley-Terry loss of the last 10 steps below the first 10's (0.81 -> 0.71 measured; chance is
+  # log 2), and the held-out margin grew from its start
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [r["train/loss"] for r in records if "train/loss" in r]
+  assert len(train) == 40 and np.mean(train[-10:]) < np.mean(train[:10]) - 0.05
+  margins = [r["eval/margin"] for r in records if "eval/margin" in r]
+  assert margins[-1] > margins[0]
 
 
 def test_kto_trains_on_unpaired_examples(tmp_path, shared_data):

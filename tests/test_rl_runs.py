@@ -73,12 +73,14 @@ def ppo_one_device(tmp_path_factory):
 def test_ppo_iteration_on_eight_fake_devices_equals_one(ppo_one_device, tmp_path):
   _run("configs/ppo_letters.py:tiny", tmp_path, *PPO_ONE, "--config.mesh.num_cpu_devices=8",
        "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2", "--config.mesh.shape.tensor=2")
-  _assert_same_iterations(tmp_path, ppo_one_device)
+  # the same arithmetic with sums split over devices and re-added: float32 round-off (5.4e-6 observed)
+  _assert_same_iterations(tmp_path, ppo_one_device, rtol=2e-5)
 
 
 def test_phased_iteration_equals_the_fused_program(ppo_one_device, tmp_path):
   _run("configs/ppo_letters.py:tiny", tmp_path, *PPO_ONE, "--config.train.time_phases=True")
-  _assert_same_iterations(tmp_path, ppo_one_device)
+  # the same functions, compiled as three programs instead of one: bit-identical on one device
+  _assert_same_iterations(tmp_path, ppo_one_device, rtol=0, atol=0)
   record = _train(tmp_path)[2]
   assert all(record[f"time/{phase}_s"] > 0 for phase in ("rollout", "scoring", "update"))
 
@@ -108,8 +110,9 @@ def test_ppo_from_a_trained_reward_model(tmp_path, shared_data):
   out = _run("configs/ppo_hh.py:tiny", tmp_path / "ppo", f"--config.scoring.model={tmp_path / 'rm'}",
              "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.eval_every=0",
              "--config.data.eval_fraction=0", "--config.rollout.max_new_tokens=8",
-             "--config.train.log_samples_every=1")
+             "--config.train.log_samples_every=1", "--config.train.time_phases=True")
   assert "PPO for 2 iterations" in out
   train = _train(tmp_path / "ppo")
   assert train[1]["objective/kl"] == 0.0 and np.isfinite(train[2]["loss/value_avg"])
+  assert all(train[i]["time/scoring_s"] > 0 for i in (1, 2))  # the reward model scored as its own program
   assert stats["std"] > 0 and stats["count"] == 32

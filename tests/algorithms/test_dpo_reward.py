@@ -133,13 +133,24 @@ def _all_same(before, after):
 
 
 def test_dpo_step_moves_every_trainable_parameter_and_no_frozen_one():
+  """Frozen through the optimizer (config.optim.freeze): the embedding and the final norm stay bit-identical,
+  every other parameter moves; the reference, a device argument of the donating jitted step, survives it."""
   params = init_params(CONFIG, jax.random.key(0))
-  reference = jax.tree.map(np.array, params)  # host copy: bit-identical check after the step
-  state, metrics = _dpo_step(params, jax.tree.map(jnp.asarray, reference), mode="frozen",
-                             loss=functools.partial(preference.dpo_loss, beta=0.1))
-  assert _all_changed(params, state.params)
-  np.testing.assert_allclose(metrics["train/loss"], np.log(2), rtol=1e-6)  # policy == reference at step 0
-  assert _all_same(reference, params)
+  host = jax.tree.map(np.array, params)
+  reference = jax.tree.map(jnp.array, params)
+  optimizer = make_optimizer(_optim(), 10, params, frozen=("^embed/", "^final_norm/"))
+  step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(_optim(), 10), loss=preference.Sigmoid(beta=0.1),
+                                   mode="frozen"), donate_argnums=0)
+  state, metrics = step(init_state(params, optimizer), _pairs(), reference)
+  frozen = {k: v for k, v in state.params.items() if k in ("embed", "final_norm")}
+  trained = {k: v for k, v in state.params.items() if k not in ("embed", "final_norm")}
+  assert set(frozen) == {"embed", "final_norm"}
+  assert _all_same({k: host[k] for k in frozen}, frozen)
+  assert _all_changed({k: host[k] for k in trained}, trained)
+  # policy == reference at step 0: h = 0 for every pair, so the loss is exactly log 2 up to float32 round-off
+  np.testing.assert_allclose(metrics["train/loss"], np.log(2), rtol=1e-6)
+  assert not any(x.is_deleted() for x in jax.tree.leaves(reference)) and _all_same(host, reference)
 
 
 def test_lora_step_moves_only_adapters():
@@ -209,7 +220,10 @@ def test_lora_merge_save_load(tmp_path):
                              kernel + 0.5 * (a @ b).reshape(kernel.shape), rtol=1e-6)
   lora.save(adapters, tmp_path, rank=3, alpha=1.5, patterns=("o_proj/kernel",))
   loaded, cfg = lora.load(tmp_path)
-  assert cfg["rank"] == 3 and set(loaded) == set(adapters)
+  assert cfg == {"rank": 3, "alpha": 1.5, "patterns": ["o_proj/kernel"]} and set(loaded) == set(adapters)
+  for path, ab in adapters.items():  # the values round-trip exactly (safetensors stores the float32 bits)
+    for k in ("a", "b"):
+      np.testing.assert_array_equal(loaded[path][k], np.asarray(ab[k]))
   with pytest.raises(ValueError, match="match no kernel"):
     lora.init(base, patterns=("nothing_here",), rank=2, rng=jax.random.key(0))
 
@@ -224,7 +238,10 @@ def test_sequence_reward_is_the_per_token_value_at_the_last_real_token():
   mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3, [0] * 2 + [1] * 5], bool)  # full, right- and left-padded
   params = nn.meta.unbox(model.init(jax.random.key(1), tokens, mask)["params"])
   per_token = model.apply({"params": params}, tokens, mask, per_token=True)
-  want = np.take_along_axis(np.asarray(per_token), np.asarray(last_token_index(mask))[:, None], 1)[:, 0]
+  last = np.array([6, 3, 6])  # by hand: full row, right-padded after 4 tokens, left-padded (ends at the row's end)
+  assert (np.asarray(last_token_index(mask)) == last).all()
+  want = np.asarray(per_token)[np.arange(3), last]
+  # the same head on the same hidden state, computed once for one position and once for all: float32 round-off
   np.testing.assert_allclose(model.apply({"params": params}, tokens, mask), want, rtol=1e-5, atol=1e-6)
 
 

@@ -269,6 +269,22 @@ def test_prompt_and_sft_and_unpaired_batches(tmp_path, gpt2):
   assert batch["label_B"].dtype == bool and batch["label_B"].sum() == 2
   assert batch["tokens_BxT"].shape == batch["loss_mask_BxT"].shape == (4, 16)
 
+  (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"prompt": "Question: what is 2+2?",
+                                                          "completion": f" It is {i}."}) for i in range(4)))
+  builders.build("sft", [tmp_path / "s.jsonl"], data_dir=tmp_path / "s", input_format="sft")
+  batch = next(iter(pipeline.make_dataset(builders.data_source(tmp_path / "s"), gpt2, kind="sft",
+                                          global_batch_size=4, buckets=(16,), truncation=Truncation(16, 12),
+                                          shuffle=False, process_index=0, process_count=1)))
+  assert batch["tokens_BxT"].shape == batch["mask_BxT"].shape == batch["loss_mask_BxT"].shape == (4, 16)
+  completions = set()
+  for row, mask, loss_mask in zip(batch["tokens_BxT"], batch["mask_BxT"], batch["loss_mask_BxT"]):
+    text, completion = gpt2.decode(row[mask]), gpt2.decode(row[loss_mask])
+    assert text.startswith("Question: what is 2+2? It is ") and text.endswith(".<|endoftext|>")
+    assert completion == text.removeprefix("Question: what is 2+2?")  # the loss covers the reply and EOS only
+    assert mask[:mask.sum()].all()  # right padding
+    completions.add(completion)
+  assert completions == {f" It is {i}.<|endoftext|>" for i in range(4)}
+
 
 def test_bad_pipeline_config(tmp_path, gpt2):
   source = _pairs_dataset(tmp_path, n=8)

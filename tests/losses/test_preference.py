@@ -132,7 +132,14 @@ def test_simpo_needs_no_reference():
   free = P.PairLogps(chosen_B=x.chosen_B, rejected_B=x.rejected_B, chosen_tokens_B=x.chosen_tokens_B,
                      rejected_tokens_B=x.rejected_tokens_B)
   loss, metrics = P.simpo_loss(free)
-  assert np.isfinite(loss) and np.isfinite(metrics["rewards/margins"])
+  # the same value as with any reference log-probs (it reads none), and SimPO's formula in NumPy
+  other = x.replace(ref_chosen_B=x.ref_chosen_B + 7.0, ref_rejected_B=x.ref_rejected_B - 3.0)
+  assert float(loss) == float(P.simpo_loss(other)[0]) == float(P.simpo_loss(x)[0])
+  a, _ = _inputs()
+  want = np.mean(-_log_sigmoid(2.0 * a["pc"] / a["lc"] - 2.0 * a["pr"] / a["lr"] - 0.5))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)  # float32 vs float64
+  assert float(metrics["rewards/margins"]) == pytest.approx(np.mean(2.0 * a["pc"] / a["lc"] - 2.0 * a["pr"] / a["lr"]),
+                                                           rel=1e-5)
 
 
 def test_chosen_preferred_lowers_the_loss():
@@ -147,6 +154,9 @@ def test_weighted_sum_adds_terms():
   _, x = _inputs()
   combined = P.weighted_sum([(1.0, lambda v: P.dpo_loss(v, beta=0.1)), (0.5, P.sft_term)])
   loss, metrics = combined(x)
-  want = P.dpo_loss(x, beta=0.1)[0] + 0.5 * P.sft_term(x)[0]
-  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  a, _ = _inputs()
+  dpo = np.mean(-_log_sigmoid(0.1 * _h(a)))
+  nll = -a["pc"].sum() / a["lc"].sum()  # the SFT term: NLL per chosen token, in NumPy
+  np.testing.assert_allclose(loss, dpo + 0.5 * nll, rtol=1e-5)  # float32 vs float64
+  np.testing.assert_allclose(metrics["term1/nll_loss"], nll, rtol=1e-5)
   assert "term1/nll_loss" in metrics and "rewards/margins" in metrics

@@ -25,7 +25,10 @@ def test_logits_match_transformers(family, scan_layers):
   expected = np.load(GOLDENS / family / "expected.npz")
   got = forward(config, params, expected["tokens"], expected["mask"])
   mask = expected["mask"]
-  assert np.abs(got - expected["logits"])[mask].max() <= 1e-4
+  # the same float32 model computed by two frameworks in another order agrees to 1.6e-6 at most (measured over the
+  # five families, 224-token rows); a rope_theta off by one moves logits 2.8e-6 (mistral) to 2.3e-4 (qwen3), a
+  # doubled norm eps 2.4e-4 or more: 2.5e-6 lets round-off through and neither mistake
+  assert np.abs(got - expected["logits"])[mask].max() <= 2.5e-6
 
 
 def test_golden_configs_exercise_each_feature():
