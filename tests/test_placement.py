@@ -193,7 +193,8 @@ def test_reward_model_backbone_head_and_adam_moments_are_sharded(tmp_path, share
   placement = _run(tmp_path, "configs/reward_hh.py:tiny", "--config.mesh.num_cpu_devices=8",
                    "--config.train.num_steps=1", "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8",
                    "--config.mesh.shape.tensor=1", "--config.data.max_length=128", "--config.data.max_prompt_length=96",
-                   "--config.data.buckets=128,", "--config.train.global_batch_size=8", "--config.reward.stats_batches=1")
+                   "--config.data.buckets=128,", "--config.train.global_batch_size=8",
+                   "--config.reward.stats_batches=1")
   state, mesh = placement["state"], placement["mesh"]
   names = _logical_names(get_preset("tiny", vocab_size=TINY_GPT2_VOCAB))
   backbone = {k.removeprefix("params/backbone/"): v for k, v in state.items() if k.startswith("params/backbone/")}
