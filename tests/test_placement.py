@@ -205,3 +205,31 @@ def test_reward_model_backbone_head_and_adam_moments_are_sharded(tmp_path, share
   assert _assert_optimizer_state_like_parameters(state) == 2 * sum(1 for k in state if k.startswith("params/"))
   total = sum(leaf["bytes"] for leaf in state.values())
   assert sum(leaf["device_bytes"] for leaf in state.values()) < 0.13 * total
+
+
+@pytest.mark.slow  # about a minute: a reward run, then PPO scoring with its export, both on 8 fake devices
+def test_ppo_frozen_reward_model_and_its_critic_copy_are_sharded(tmp_path, shared_data):
+  """PPO scored by a trained reward model on a 2x2x2 mesh: the frozen reward tree and the critic (a copy of it)
+  have every leaf's spec from its logical axes, Adam follows the critic, and each holds 1/shards of its bytes."""
+  shared_data("hh_rlhf/harmless-base-test.jsonl.gz")
+  small = ["--config.mesh.num_cpu_devices=8", "--config.data.max_length=128", "--config.data.max_prompt_length=96",
+           "--config.data.buckets=128,", "--config.train.global_batch_size=8", "--config.train.num_steps=1"]
+  _run(tmp_path / "rm", "configs/reward_hh.py:tiny", *small, "--config.reward.stats_batches=1",
+       "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8", "--config.mesh.shape.tensor=1")
+  placement = _run(tmp_path / "ppo", "configs/ppo_hh.py:tiny", *small, f"--config.scoring.model={tmp_path / 'rm'}",
+                   "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2", "--config.mesh.shape.tensor=2",
+                   "--config.rollout.max_new_tokens=8", "--config.train.log_samples_every=0")
+  mesh, state, reward = placement["mesh"], placement["state"], placement["reward"]
+  names = _logical_names(get_preset("tiny", vocab_size=TINY_GPT2_VOCAB))
+  for path, axes in names.items():
+    if path == "lm_head/kernel":  # a score model has no LM head
+      continue
+    want = _expected_spec(axes, reward[f"backbone/{path}"]["shape"], mesh)
+    assert reward[f"backbone/{path}"]["spec"] == want, path
+    assert state[f"params/value/backbone/{path}"]["spec"] == want, path
+  assert reward["score/kernel"]["spec"] == state["params/value/score/kernel"]["spec"] == ["fsdp", None]
+  assert _assert_optimizer_state_like_parameters(state) == 2 * sum(1 for k in state if k.startswith("params/"))
+  for tree in (reward, {k: v for k, v in state.items() if k.startswith("params/value/")}):
+    per_device = sum(leaf["device_bytes"] for leaf in tree.values())
+    expected = sum(leaf["bytes"] / _shards(leaf["spec"] or [], mesh) for leaf in tree.values())
+    assert abs(per_device - expected) <= 0.1 * expected, (per_device, expected)
