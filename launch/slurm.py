@@ -8,8 +8,8 @@ One task per node sees all of its GPUs; `jax.distributed.initialize()` reads SLU
 variables (coordinator = the first node, process id = SLURM_PROCID), so the same
 `python -m rlhfx.main` runs on every node with one global mesh. The work directory
 must be on a filesystem every node sees. SLURM sends SIGTERM two minutes before
-the time limit (`--signal=TERM@120`): rlhfx saves a checkpoint and stops, and with
-`--requeue` the job restarts and resumes from it. A finished run leaves
+the time limit (`--signal=TERM@120`): rlhfx saves a checkpoint and stops with exit status
+75, on which the script requeues the job (`--requeue` lets it), and the requeued job resumes. A finished run leaves
 `<workdir>/sweep_done.json`; a resubmitted finished run exits at once.
 """
 
@@ -50,7 +50,9 @@ def sbatch_script(*, name: str, config: str, workdir: str, overrides: list[str],
             f"source {venv}/bin/activate",
             f"if [ -f {shlex.quote(done)} ]; then echo 'finished before: {done}'; exit 0; fi",
             "# every task: jax.distributed.initialize() from SLURM_* (coordinator = first node)",
-            "srun --kill-on-bad-exit=1 " + rlhfx_command(config, workdir, overrides),
+            "# exit 75: SIGTERM stopped the run after a checkpoint -> requeue this job, which resumes it",
+            "srun --kill-on-bad-exit=1 " + rlhfx_command(config, workdir, overrides)
+            + ' || { rc=$?; if [ "$rc" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi; exit "$rc"; }',
             f"echo '{{\"config\": \"{config}\"}}' > {shlex.quote(done)}",
             ""]
   return "\n".join(lines)

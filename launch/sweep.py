@@ -17,9 +17,12 @@ named `NN-field=value-...` (last component of each field) and writes to
   tpu    one TPU VM (launch/tpu.py) created once; the runs go one after another on all
          of its workers; the VM is deleted at the end.
   slurm  one sbatch job per run (launch/slurm.py).
-A run that finished leaves <root>/<name>/sweep_done.json: rerunning the sweep skips it,
-and a run that was interrupted resumes from its latest checkpoint (rlhfx resumes by
-itself from the work directory). A summary goes to <root>/sweep.json.
+A run that finished (exit status 0: it reached train.num_steps) leaves
+<root>/<name>/sweep_done.json: rerunning the sweep skips it, and a run that was interrupted
+resumes from its latest checkpoint (rlhfx resumes by itself from the work directory). A run
+stopped by SIGTERM exits 75 after its checkpoint: never marked finished; the local backend
+reruns it at once (up to 3 times), SLURM requeues it (--requeue, and `set -e` stops the job
+script before sweep_done.json). A summary goes to <root>/sweep.json.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 from launch import slurm, tpu  # noqa: E402
 
 DONE = slurm.DONE
+RESUME_EXIT = 75  # rlhfx.main's exit status for a run SIGTERM stopped after saving: rerun it to resume
+RESUMES = 3  # how many times the local backend reruns a run stopped that way before reporting it
 
 
 def load_sweep(config: str) -> list[dict]:
@@ -97,10 +102,17 @@ def run_local(config: str, runs: list[dict], *, dry_run: bool, out=None) -> list
     print(f"{r['name']}: {'resuming' if resuming else 'starting'} -> {workdir}/sweep.log", file=out, flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(workdir / "sweep.log", "a") as log:
-      rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    for attempt in range(RESUMES + 1):  # a run stopped by SIGTERM (exit 75) is resumed, never marked finished
+      if attempt:
+        print(f"{r['name']}: stopped by SIGTERM, resuming (attempt {attempt + 1})", file=out, flush=True)
+      with open(workdir / "sweep.log", "a") as log:
+        rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+      if rc != RESUME_EXIT:
+        break
     seconds = time.time() - t0
-    if rc == 0:
+    if rc == RESUME_EXIT:
+      status = "stopped (SIGTERM, checkpoint saved): rerun the sweep to resume"
+    elif rc == 0:
       (workdir / DONE).write_text(json.dumps({"config": config, "overrides": r["overrides"], "seconds": seconds}))
       status = "finished"
     else:
@@ -138,7 +150,9 @@ def run_tpu(config: str, runs: list[dict], args, *, dry_run: bool, out=None) -> 
       guarded = (f"cd {tpu.REMOTE_DIR} && if [ -f {shlex.quote(done)} ]; then echo 'finished before'; else "
                  f"{train} && echo '{{\"config\": \"{config}\"}}' > {shlex.quote(done)}; fi")
       rc = runner(tpu.ssh(target, guarded), stream=True, check=False)
-      status = "dry-run" if dry_run else "finished" if rc == 0 else f"failed (exit {rc})"
+      status = ("dry-run" if dry_run else "finished" if rc == 0 else
+                "stopped (SIGTERM, checkpoint saved): rerun the sweep to resume" if rc == RESUME_EXIT else
+                f"failed (exit {rc})")
       if not dry_run:
         runner.note(f"{r['name']}: {status}")
       results.append({**r, "status": status})
@@ -209,7 +223,7 @@ def main(argv=None, out=None) -> int:
   if args.backend == "local" and not args.dry_run:
     pathlib.Path(args.root).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.root) / "sweep.json").write_text(json.dumps(results, indent=2))
-  failed = [r for r in results if r["status"].startswith("failed")]
+  failed = [r for r in results if r["status"].startswith(("failed", "stopped"))]
   print(f"done: {len(results) - len(failed)} ok, {len(failed)} failed" +
         "".join(f"\n  {r['name']}: {r['status']}" for r in failed), file=out, flush=True)
   return 1 if failed else 0

@@ -122,6 +122,19 @@ def due(step: int, train_config, preempted: bool) -> bool:
   return step % train_config.checkpoint_every == 0 or step == train_config.num_steps or preempted
 
 
+class Preempted(Exception):
+  """A run stopped by SIGTERM after saving a checkpoint: rerun the same command to resume it.
+
+  `python -m rlhfx.main` exits with `RESUME_EXIT` for it, which the launchers read as "resume me"."""
+
+  RESUME_EXIT = 75  # EX_TEMPFAIL: try again
+
+  def __init__(self, step: int, directory: Path):
+    super().__init__(f"stopped at step {step} (SIGTERM), checkpoint saved in {directory}; rerun the same command "
+                     f"to resume")
+    self.step = step
+
+
 class Preemption:
   """SIGTERM (or the multi-host preemption notice) sets a flag; the loop saves and stops at the next step.
 

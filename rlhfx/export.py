@@ -35,7 +35,3 @@ def print_summary(title: str, lines: list[str], workdir: Path) -> None:
              f"checkpoints: {workdir / 'checkpoints'}")
     print("\n".join(["", "== summary ==", title, *lines, where]), flush=True)
 
-
-def print_stopped(step: int) -> None:
-  if jax.process_index() == 0:
-    print(f"stopped at step {step} (SIGTERM); rerun the same command to resume", flush=True)

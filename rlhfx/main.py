@@ -1,7 +1,9 @@
 """rlhfx entry point: python -m rlhfx.main --config=configs/<file>.py[:variant] --workdir=DIR [--config.a.b=v].
 
 The config is checked field by field first (`rlhfx.validation`); a problem is one line on
-stderr and exit status 2, before any data is built or model loaded.
+stderr and exit status 2, before any data is built or model loaded. Exit status 0 means the run
+reached `train.num_steps`; 75 that SIGTERM stopped it after a checkpoint (rerun to resume); 1 any
+other error.
 """
 
 from absl import app, flags, logging
@@ -20,7 +22,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import importlib
 
-  from rlhfx import errors, validation
+  import sys
+
+  from rlhfx import checkpoint, errors, validation
 
   config = _CONFIG.value
   try:
@@ -28,6 +32,9 @@ def main(argv):
     importlib.import_module(f"rlhfx.algorithms.{config.algorithm}").train(config, _WORKDIR.value)
   except errors.USER_ERRORS as e:  # bad config, data or checkpoint: one message, no traceback
     errors.report("rlhfx", e)
+  except checkpoint.Preempted as e:  # saved and stopped: exit status 75, "resume me" to the launchers
+    print(f"rlhfx: {e}", flush=True)
+    sys.exit(checkpoint.Preempted.RESUME_EXIT)
 
 
 def run():

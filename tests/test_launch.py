@@ -200,5 +200,44 @@ def test_dry_run_commands_carry_the_arguments():
                "#SBATCH --gpus-per-node=8", "#SBATCH --time=12:00:00", "#SBATCH --signal=TERM@120", "#SBATCH --requeue",
                "#SBATCH --partition=gpu", "cd /home/me/rlhfx",
                "srun --kill-on-bad-exit=1 python -m rlhfx.main --config=configs/dpo_hh.py --workdir=/shared/runs/dpo "
-               "--config.dpo.beta=0.05", "sbatch logs/dpo-1b.sbatch"):
+               "--config.dpo.beta=0.05 || { rc=$?; if [ \"$rc\" -eq 75 ]; then scontrol requeue \"$SLURM_JOB_ID\"; fi; "
+               "exit \"$rc\"; }", "sbatch logs/dpo-1b.sbatch"):
     assert line in script, line
+
+
+@pytest.mark.slow  # about 40 s: one training run, SIGTERM to it mid-way, its resumption
+def test_local_sweep_resumes_a_run_stopped_by_sigterm_and_finishes_it(tmp_path):
+  """A run SIGTERM stops after a checkpoint exits 75 ("resume me"), is never marked finished, and the local
+  sweep reruns it at once: the same invocation ends with every run finished, the stopped one continued."""
+  import psutil
+
+  config = tmp_path / "sweep_config.py"
+  config.write_text(SWEEP_CONFIG.format(quickstart=str(ROOT / "configs" / "quickstart.py"), steps=150).replace(
+      '{"optim.learning_rate": "bad"}, ', ""))
+  root = tmp_path / "sweep"
+  proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", str(config), "--root",
+                           str(root)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  run = root / "01-learning_rate=0.001"
+  try:
+    deadline = time.time() + 400
+    while time.time() < deadline and not _complete_checkpoints(run):
+      assert proc.poll() is None, proc.stdout.read()
+      time.sleep(0.5)
+    assert _complete_checkpoints(run), "the second run never wrote a checkpoint"
+    assert not (run / sweep.DONE).exists()
+    children = [p for p in psutil.Process(proc.pid).children(recursive=True) if "rlhfx.main" in " ".join(p.cmdline())]
+    assert len(children) == 1
+    children[0].send_signal(signal.SIGTERM)  # a preemption of the run, not of the sweep
+    out, _ = proc.communicate(timeout=400)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  assert proc.returncode == 0, out
+  assert "01-learning_rate=0.001: stopped by SIGTERM, resuming (attempt 2)" in out
+  assert "00-learning_rate=0.003: finished" in out and "01-learning_rate=0.001: finished" in out
+  assert (run / sweep.DONE).exists() and "resumed from step" in (run / "sweep.log").read_text()
+  steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+           if "train/loss" in line]
+  assert steps[-1] == 150 and steps.count(10) == 1  # continued, not restarted

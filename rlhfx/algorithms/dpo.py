@@ -216,8 +216,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
   if preemption.requested:
-    export.print_stopped(step)
-    return log.last
+    raise checkpoint.Preempted(step, checkpointer.directory)
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   if "eval/rewards/accuracies" in before and "eval/rewards/accuracies" in after:
     lines.insert(0, f"held-out rewards/accuracies {before['eval/rewards/accuracies']:.1%} -> "

@@ -203,8 +203,7 @@ def train(config, workdir: str) -> dict[str, float]:
           after = log.write(step, evaluate(state))
       samples.flush()
   if preemption.requested:
-    export.print_stopped(step)
-    return log.last
+    raise checkpoint.Preempted(step, checkpointer.directory)
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   export.print_summary(f"GRPO ({config.grpo.advantage} advantages) for {t.num_steps} iterations",
                        rollout.summary(before, after, workdir) + lines, workdir)

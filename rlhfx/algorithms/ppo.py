@@ -267,8 +267,7 @@ def train(config, workdir: str) -> dict[str, float]:
           after = log.write(step, evaluate(state))
       samples.flush()
   if preemption.requested:
-    export.print_stopped(step)
-    return log.last
+    raise checkpoint.Preempted(step, checkpointer.directory)
   lines = export.export_policy(config, model_config, state.params["policy"], data.tokenizer, workdir)
   export.print_summary(f"PPO for {t.num_steps} iterations", rollout.summary(before, after, workdir) + lines,
                        workdir)

@@ -126,8 +126,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
     if preemption.requested:
-      export.print_stopped(step)
-      return log.last
+      raise checkpoint.Preempted(step, checkpointer.directory)
     stats = reward_stats(rewards_of(state, data.train, limit=config.reward.stats_batches))
     scorer_params = lora.effective(state.params, lora_scale)  # a LoRA run exports the merged model
   exported = rewards.export_reward_model(workdir / rewards.EXPORT_DIR, model_config, scorer_params, stats)

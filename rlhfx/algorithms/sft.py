@@ -126,8 +126,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
   if preemption.requested:
-    export.print_stopped(step)
-    return log.last
+    raise checkpoint.Preempted(step, checkpointer.directory)
   final = {**log.last, **after}
   lines = []
   if before and after:
