@@ -52,7 +52,7 @@ class Checkpointer:
   def save(self, step: int, trees: dict[str, Any], *, metadata: dict | None = None, data_iterator=None,
            wait: bool = False) -> None:
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
-    items[_META] = ocp.args.JsonSave(metadata or {})
+    items[_META] = ocp.args.JsonSave(metadata if metadata is not None else {"step": step})
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)

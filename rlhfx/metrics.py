@@ -241,14 +241,14 @@ class SampleLog:
 
     step, r, scores_B = self._due
     self._due = None
-    r, scores_B = gather((r, scores_B))
+    r, scores_B = gather((r, scores_B))  # a collective: every process takes part
+    if jax.process_index() != 0:
+      return
     samples = []
     for i in range(min(self.n, len(scores_B))):
       prompt = self.tokenizer.decode(r.prompt_BxP[i][r.prompt_mask_BxP[i]], skip_special_tokens=True)
       completion = self.tokenizer.decode(r.tokens_BxC[i][r.mask_BxC[i]], skip_special_tokens=True)
       samples.append({"prompt": prompt, "completion": completion, "score": float(scores_B[i])})
-    if jax.process_index() != 0:
-      return
     with open(self.path, "a") as f:
       for s in samples:
         f.write(json.dumps({"step": step, **s}) + "\n")

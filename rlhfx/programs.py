@@ -68,14 +68,9 @@ def _state(params, optimizer, mesh, init=None):
   return train_state.create_state(init, params, mesh)
 
 
-def _trainable(params, config):
-  """`params`, LoRA-wrapped as the run wraps them when config.lora.rank > 0."""
-  return lora.wrap(params, config.lora, jax.random.key(0)) if config.lora.rank else params
-
-
 def _one_trained_tree(name: str, algorithm, model, config, runtime, batch, flops: float) -> list[Program]:
   """The step of an algorithm that trains one tree with nothing frozen beside it (SFT, reward model)."""
-  params = _trainable(abstract_params(model, runtime), config)
+  params = lora.wrap(abstract_params(model, runtime), config.lora, 0)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
   state, shardings = _state(params, optimizer, runtime.mesh)
   fn = algorithm.jit_train_step(config, model, optimizer, shardings)
@@ -109,7 +104,7 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
   kwargs = algorithm.step_kwargs(config, model)
   mode, window = kwargs["mode"], kwargs["window"]
   base = abstract_params(model, runtime)
-  params = _trainable(base, config)
+  params = lora.wrap(base, config.lora, 0)
   reference = frozen_structs(base, model_config.jnp_dtype) if mode == "frozen" else None
   optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
   state, shardings = _state(params, optimizer, runtime.mesh)
@@ -171,8 +166,7 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
       head = jax.ShapeDtypeStruct((model_config.d_model, 1), jnp.float32,
                                   sharding=jax.sharding.NamedSharding(runtime.mesh, jax.sharding.PartitionSpec()))
       params = {"policy": policy, "value_head": {"kernel": head}}
-    if config.lora.rank:
-      params = {k: v if k == "value_head" else _trainable(v, config) for k, v in params.items()}
+    params = {k: v if k == "value_head" else lora.wrap(v, config.lora, 0) for k, v in params.items()}
     epochs, algorithm = config.ppo.epochs * config.ppo.minibatches, ppo
     optimizer = make_optimizer(config.optim, config.train.num_steps * epochs, params, frozen=lora.frozen(config.lora))
     s = ppo.Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling,
@@ -180,7 +174,7 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
     init = functools.partial(ppo.init_state, optimizer=optimizer, kl_coef=config.ppo.kl_coef)
     epochs = config.ppo.epochs
   else:
-    params = _trainable(policy, config)
+    params = lora.wrap(policy, config.lora, 0)
     algorithm = grpo
     optimizer = make_optimizer(config.optim, config.train.num_steps * config.grpo.epochs * config.grpo.minibatches,
                                params, frozen=lora.frozen(config.lora))

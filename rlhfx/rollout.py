@@ -133,7 +133,7 @@ def scores(r: Rollout, reward_params, scorer: Scorer) -> Array:
     return (raw_B - scorer.mean) / scorer.std
   if scorer.fn is not None:
     return scorer.fn(r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC).astype(jnp.float32)
-  raise ValueError("this scorer runs on the host (a text reward function): use rlhfx.rewards.host_scores")
+  raise ValueError("this scorer runs on the host (a text reward function): use rlhfx.rewards.score_on_host")
 
 
 def finish_scores(scores_B: Array, r: Rollout, eos_id: int | None, missing_eos_penalty: float) -> tuple[Array, Array]:

@@ -9,10 +9,11 @@ from rlhfx.config import ALGORITHMS
 
 
 def train(config, workdir: str):
-  """Run the algorithm named by `config.algorithm` (checked by `rlhfx.validation` first)."""
-  from rlhfx import validation
+  """Run the algorithm named by `config.algorithm` (its `train` validates the config before anything else)."""
+  if config.algorithm not in ALGORITHMS:
+    from rlhfx.config import ConfigError
 
-  validation.check(config)
+    raise ConfigError(f"config.algorithm={config.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
   return importlib.import_module(f"rlhfx.algorithms.{config.algorithm}").train(config, workdir)
 
 

@@ -119,7 +119,7 @@ def step_kwargs(config, model: Transformer, loss: Callable | None = None) -> dic
   """The keyword arguments `train_step` and `eval_step` take for `config` (loss: the configured registered one)."""
   loss = loss or loss_from_config(config.dpo)
   return dict(model=model, loss=loss, mode=reference_mode(config, loss),
-              lora_scale=lora.scale(config.lora) if config.lora.rank else 1.0,
+              lora_scale=lora.scale(config.lora),
               chunk_size=config.model.lm_head_chunk or None, window=config.data.max_completion_length or None)
 
 
@@ -162,14 +162,13 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
   """Train per `config`; `loss` (PairLogps -> (loss, metrics)) replaces the configured registered one."""
   runtime, model_config, data = setup.run(config, workdir)
   loss = loss or loss_from_config(config.dpo)
-  unpaired = data.kind == "unpaired"
   mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
   model = Transformer(model_config)
   kwargs = step_kwargs(config, model, loss)  # the loss, reference mode, LoRA scale, LM-head chunk and window
   mode = kwargs["mode"]
   with sharding.active(mesh, runtime.rules):
     base = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
-    params = lora.wrap(base, config.lora, jax.random.key(config.seed + 1)) if config.lora.rank else base
+    params = lora.wrap(base, config.lora, config.seed + 1)
     reference = load.frozen_copy(base, model_config.jnp_dtype) if mode == "frozen" else None
     tables = {}
     if mode == "precomputed":  # before the state takes (donates) the parameters
@@ -205,12 +204,11 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, sharding.global_batch(with_reference(batch, tables.get("train")),
                                                                          mesh), reference)
-        log.record(step, step_metrics, tokens=batch["tokens_BxT" if unpaired else "chosen_tokens_BxT"].size
-                   * (1 if unpaired else 2))
+        log.record(step, step_metrics, tokens=prepare.tokens(batch))
         stop = preemption.reached(step)
         if checkpoint.due(step, t, stop):
           log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, metadata={"step": step}, data_iterator=train_iter)
+          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
         if stop:
           break
         if metrics.evaluation_due(step, t):

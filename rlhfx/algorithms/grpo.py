@@ -71,7 +71,7 @@ class Settings:
     return cls(seed=config.seed, advantage=g.advantage, beta=g.beta, epochs=g.epochs, minibatches=g.minibatches,
                grad_accum_steps=config.train.grad_accum_steps, clip_eps=g.clip_eps,
                clip_eps_high=g.clip_eps_high or None, aggregation=g.aggregation,
-               lora_scale=lora.scale(config.lora) if config.lora.rank else 1.0,
+               lora_scale=lora.scale(config.lora),
                chunk_size=config.model.lm_head_chunk or None, **modules)
 
 
@@ -154,7 +154,7 @@ def train(config, workdir: str) -> dict[str, float]:
     params = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
     # the held-out KL is measured against the initial policy even when beta = 0
     reference = load.frozen_copy(params, model_config.jnp_dtype)
-    params = lora.wrap(params, config.lora, jax.random.key(config.seed + 1)) if config.lora.rank else params
+    params = lora.wrap(params, config.lora, config.seed + 1)
     scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime)
     if reward_params is not None:  # the frozen scorer is kept in its compute dtype
       reward_params = load.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
@@ -196,7 +196,7 @@ def train(config, workdir: str) -> dict[str, float]:
         stop = preemption.reached(step)
         if checkpoint.due(step, t, stop):
           log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, metadata={"step": step}, data_iterator=train_iter)
+          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
         if stop:
           break
         if metrics.evaluation_due(step, t):

@@ -91,7 +91,7 @@ class Settings:
                value_clip=p.value_clip or None, vf_coef=p.vf_coef, entropy_coef=p.entropy_coef, gamma=p.gamma,
                lam=p.lam, kl_estimator=p.kl_estimator, kl_in=p.kl_in, kl_target=p.kl_target,
                kl_horizon=p.kl_horizon, whiten_advantages=p.whiten_advantages, whiten_rewards=p.whiten_rewards,
-               aggregation=p.aggregation, lora_scale=lora.scale(config.lora) if config.lora.rank else 1.0,
+               aggregation=p.aggregation, lora_scale=lora.scale(config.lora),
                chunk_size=config.model.lm_head_chunk or None, **modules)
 
 
@@ -214,9 +214,9 @@ def train(config, workdir: str) -> dict[str, float]:
     reference = load.frozen_copy(policy, model_config.jnp_dtype)
     scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime)
     params, critic = init_params(config, policy, scorer, reward_params, model_config, mesh)
-    if config.lora.rank:  # adapters on the policy and on a separate critic; a value head trains whole
-      params = {k: v if k == "value_head" else lora.wrap(v, config.lora, jax.random.key(config.seed + 1 + i))
-                for i, (k, v) in enumerate(params.items())}
+    # LoRA adapters (config.lora.rank > 0) on the policy and on a separate critic; a value head trains whole
+    params = {k: v if k == "value_head" else lora.wrap(v, config.lora, config.seed + 1 + i)
+              for i, (k, v) in enumerate(params.items())}
     optimizer = make_optimizer(config.optim, t.num_steps * config.ppo.epochs * config.ppo.minibatches, params,
                                frozen=lora.frozen(config.lora))
     sampling = rollout.SamplingSettings.from_config(config, model_config, data.tokenizer)
@@ -260,7 +260,7 @@ def train(config, workdir: str) -> dict[str, float]:
         stop = preemption.reached(step)
         if checkpoint.due(step, t, stop):
           log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, metadata={"step": step}, data_iterator=train_iter)
+          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
         if stop:
           break
         if metrics.evaluation_due(step, t):

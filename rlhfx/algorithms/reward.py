@@ -56,7 +56,7 @@ def jit_train_step(config, model: ScoreModel, optimizer, shardings):
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            schedule=learning_rate_schedule(config.optim, config.train.num_steps),
                            center_coef=config.reward.center_coef, grad_accum_steps=config.train.grad_accum_steps,
-                           lora_scale=lora.scale(config.lora) if config.lora.rank else 1.0)
+                           lora_scale=lora.scale(config.lora))
   return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
 
 
@@ -85,14 +85,14 @@ def train(config, workdir: str) -> dict[str, float]:
   runtime, model_config, data = setup.run(config, workdir)
   mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
   model = ScoreModel(model_config)
-  lora_scale = lora.scale(config.lora) if config.lora.rank else 1.0
+  lora_scale = lora.scale(config.lora)
   with sharding.active(mesh, runtime.rules):
     params = load.sharded_params(model, runtime, jax.random.key(config.seed))
     pretrained = load.pretrained(config)
     if pretrained is not None:  # a pretrained LM as the backbone; the score head stays random
       score = jax.device_get(params["score"])
       params = load.put(from_lm_params(pretrained, score), load.param_shardings(model, runtime))
-    params = lora.wrap(params, config.lora, jax.random.key(config.seed + 1)) if config.lora.rank else params
+    params = lora.wrap(params, config.lora, config.seed + 1)
     optimizer = make_optimizer(config.optim, t.num_steps, params, frozen=lora.frozen(config.lora))
     state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
@@ -116,11 +116,11 @@ def train(config, workdir: str) -> dict[str, float]:
       for step in range(start + 1, t.num_steps + 1):
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, sharding.global_batch(prepare.drop_ids(batch), mesh))
-        log.record(step, step_metrics, tokens=2 * batch["chosen_tokens_BxT"].size)
+        log.record(step, step_metrics, tokens=prepare.tokens(batch))
         stop = preemption.reached(step)
         if checkpoint.due(step, t, stop):
           log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, metadata={"step": step}, data_iterator=train_iter)
+          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
         if stop:
           break
         if metrics.evaluation_due(step, t):

@@ -80,6 +80,11 @@ def full_batches(config, data: Data, source, limit: int | None = None, keep_ids:
     yield padded
 
 
+def tokens(batch: dict) -> int:
+  """Token slots of a host batch, padding included: every `*tokens_BxT` array (chosen and rejected both)."""
+  return sum(v.size for k, v in batch.items() if k.endswith("tokens_BxT"))
+
+
 def drop_ids(batch: dict) -> dict:
   """A host batch without the pipeline's `example_id_B` (the step does not take it)."""
   return {k: v for k, v in batch.items() if k != "example_id_B"}

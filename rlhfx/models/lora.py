@@ -85,13 +85,17 @@ def frozen(cfg) -> tuple[str, ...]:
 
 
 def scale(cfg) -> float:
-  """alpha / rank of `config.lora`."""
-  return cfg.alpha / cfg.rank
+  """alpha / rank of `config.lora` (1.0 without LoRA, where `effective` does not use it)."""
+  return cfg.alpha / cfg.rank if cfg.rank else 1.0
 
 
-def wrap(base, cfg, rng: jax.Array) -> dict:
-  """{"base": base, "lora": adapters} with adapters per `config.lora`, each placed like its kernel."""
-  make = lambda b: init(b, patterns=tuple(cfg.patterns), rank=cfg.rank, rng=rng)  # noqa: E731
+def wrap(base, cfg, seed: int) -> dict:
+  """{"base": base, "lora": adapters} with adapters per `config.lora` (A drawn from `seed`), each placed like its
+  kernel; `base` itself when config.lora.rank is 0 (no LoRA: every parameter trains). On ShapeDtypeStructs (the
+  planner) nothing is drawn or allocated."""
+  if not cfg.rank:
+    return base
+  make = lambda b: init(b, patterns=tuple(cfg.patterns), rank=cfg.rank, rng=jax.random.key(seed))  # noqa: E731
   if isinstance(jax.tree.leaves(base)[0], jax.ShapeDtypeStruct):  # the planner: structs, nothing allocated
     adapters = jax.eval_shape(make, base)
     return {"base": base, "lora": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

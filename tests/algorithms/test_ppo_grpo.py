@@ -215,7 +215,7 @@ def test_lora_ppo_moves_only_adapters_of_policy_and_critic():
   policy = init_params(CFG, jax.random.key(0))
   value = from_lm_params(_copy(policy), {"kernel": np.zeros((CFG.d_model, 1), np.float32)})
   cfg = _lora_cfg()
-  params = {"policy": lora.wrap(policy, cfg, jax.random.key(1)), "value": lora.wrap(value, cfg, jax.random.key(2))}
+  params = {"policy": lora.wrap(policy, cfg, 1), "value": lora.wrap(value, cfg, 2)}
   optim = _optim("ppo")
   optimizer = make_optimizer(optim, 10, params, frozen=lora.frozen(cfg))
   scorer = rollout.Scorer(module=ScoreModel(CFG), mean=0.3, std=2.0)
@@ -242,7 +242,7 @@ def test_lora_grpo_moves_only_adapters():
 
   policy = init_params(CFG, jax.random.key(0))
   cfg = _lora_cfg()
-  params = lora.wrap(policy, cfg, jax.random.key(1))
+  params = lora.wrap(policy, cfg, 1)
   optim = _optim("grpo")
   optimizer = make_optimizer(optim, 10, params, frozen=lora.frozen(cfg))
   fn = rewards.character_fraction("abcdefghijklmnopqrstuvwxyz", byte_tokenizer())

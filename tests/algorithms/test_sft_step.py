@@ -129,7 +129,7 @@ def test_lora_sft_and_reward_steps_move_only_adapters_and_the_score_head():
   for step_fn, model, base, batch in (
       (sft.train_step, Transformer(model_config), init_params(model_config, jax.random.key(0)), sft_batch),
       (reward.train_step, score_model, score_params, pair_batch)):
-    params = lora.wrap(base, config.lora, jax.random.key(1))
+    params = lora.wrap(base, config.lora, 1)
     before = jax.tree.map(np.array, params)
     optimizer = make_optimizer(config.optim, 10, params, frozen=lora.frozen(config.lora))
     step = jax.jit(functools.partial(step_fn, model=model, optimizer=optimizer, schedule=schedule,
