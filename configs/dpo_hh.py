@@ -1,7 +1,7 @@
 """DPO on Anthropic HH preference pairs, from an SFT model, with a frozen reference copy.
 
   python -m rlhfx.main --config=configs/dpo_hh.py:tiny --workdir=/tmp/dpo_hh                # CPU
-  python -m rlhfx.main --config=configs/dpo_hh.py --workdir=gs://bucket/dpo \\
+  python -m rlhfx.main --config=configs/dpo_hh.py --workdir=/gcs/bucket/dpo \\
       --config.model.init_from=/path/to/sft/hf --config.dpo.loss=ipo --config.dpo.beta=0.5
 
 Variants: "" (GPT-2-size SFT checkpoint, bf16 compute), "tiny" (CPU: tiny random model, GPT-2 BPE).

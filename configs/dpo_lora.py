@@ -1,7 +1,7 @@
 """DPO with LoRA adapters: the base weights stay frozen and serve as the reference (no second copy).
 
   python -m rlhfx.main --config=configs/dpo_lora.py:tiny --workdir=/tmp/dpo_lora             # CPU
-  python -m rlhfx.main --config=configs/dpo_lora.py --workdir=gs://bucket/dpo_lora \\
+  python -m rlhfx.main --config=configs/dpo_lora.py --workdir=/gcs/bucket/dpo_lora \\
       --config.model.init_from=Qwen/Qwen3-0.6B --config.data.input_format=sharegpt \\
       --config.data.train_files=dpo_en_demo.json
 

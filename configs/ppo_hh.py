@@ -2,8 +2,8 @@
 
   python -m rlhfx.main --config=configs/reward_hh.py:tiny --workdir=/tmp/reward_hh      # first: the reward model
   python -m rlhfx.main --config=configs/ppo_hh.py:tiny --workdir=/tmp/ppo_hh            # CPU minutes
-  python -m rlhfx.main --config=configs/ppo_hh.py --workdir=gs://bucket/ppo \\
-      --config.model.init_from=/path/to/sft/hf --config.scoring.model=gs://bucket/rm
+  python -m rlhfx.main --config=configs/ppo_hh.py --workdir=/gcs/bucket/ppo \\
+      --config.model.init_from=/path/to/sft/hf --config.scoring.model=/gcs/bucket/rm
 
 The prompts are the conversations of the harmless-base pairs up to the last
 "Assistant:"; the reward model's scores are normalised with the mean/std its run

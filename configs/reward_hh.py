@@ -1,7 +1,7 @@
 """Reward model on Anthropic HH preference pairs (Bradley-Terry loss, reward read at the last token).
 
   python -m rlhfx.main --config=configs/reward_hh.py:tiny --workdir=/tmp/reward_hh             # CPU minutes
-  python -m rlhfx.main --config=configs/reward_hh.py --workdir=gs://bucket/rm \\
+  python -m rlhfx.main --config=configs/reward_hh.py --workdir=/gcs/bucket/rm \\
       --config.model.init_from=/path/to/sft/hf --config.data.train_files=train.jsonl.gz
 
 Variants: "" (from an SFT'd GPT-2-size Hugging Face checkpoint), "tiny" (CPU: a small

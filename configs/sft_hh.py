@@ -1,7 +1,7 @@
 """SFT on the chosen replies of Anthropic HH (the usual first stage before a reward model and DPO/PPO).
 
   python -m rlhfx.main --config=configs/sft_hh.py:tiny --workdir=/tmp/sft_hh            # CPU, random tiny model
-  python -m rlhfx.main --config=configs/sft_hh.py --workdir=gs://bucket/sft_hh \\
+  python -m rlhfx.main --config=configs/sft_hh.py --workdir=/gcs/bucket/sft_hh \\
       --config.model.init_from=openai-community/gpt2 --config.data.train_files=train.jsonl.gz
 
 Variants: "" (GPT-2 small from a Hugging Face checkpoint, bf16 compute), "tiny" (CPU smoke run).

@@ -10,6 +10,13 @@ written on one mesh restores on another. Saves are asynchronous; the manager
 keeps the last `keep` complete checkpoints and deletes an old one only after a
 newer one is complete.
 
+Every array's shape, dtype and fingerprint (`fingerprints`: a position-weighted
+sum of its bits, mod 2^32, computed on the device) go into the metadata at save
+time and are checked at restore: a checkpoint whose files are damaged raises
+`Damaged`, and `resume` moves it to <workdir>/rejected_checkpoints and takes the
+newest one that passes. A checkpoint of another state (shapes that differ) is a
+`CheckpointError`, and is left where it is.
+
 A train loop calls, in order: `resume` (the manager, and the state and data iterator
 restored from the latest complete checkpoint), then per step `due` and `save`, inside
 `with Preemption() as preemption:` (SIGTERM asks for a save and a clean stop).
@@ -17,25 +24,66 @@ restored from the latest complete checkpoint), then per step `due` and `save`, i
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from rlhfx import sharding
+from rlhfx.models.hf_config import CheckpointError
 
 _META = "metadata"
 _DATA = "data_iterator"
 
 
+class Damaged(CheckpointError):
+  """A checkpoint whose files cannot be read or whose arrays differ from the fingerprints saved with them."""
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+  """sum_i bits(x_i) * (2654435761 i + 1) mod 2^32 over the elements (any change of one element changes it)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  else:  # 4 bytes, or 8 (as two 4-byte words in a last axis)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for axis in range(bits.ndim):  # the flat index, without reshaping a sharded array
+    stride = math.prod(bits.shape[axis + 1:])
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+  return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+def fingerprints(trees: dict[str, Any]) -> dict[str, list]:
+  """{"<tree>/<key path>": [shape, dtype, fingerprint]} of every array leaf (one device program, one read)."""
+  leaves = {f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}": x for name, tree in trees.items()
+            for path, x in jax.tree_util.tree_leaves_with_path(tree) if isinstance(x, jax.Array)}
+  sums = jax.device_get(jax.jit(lambda xs: {k: _fingerprint(x) for k, x in xs.items()})(leaves))
+  return {k: [list(x.shape), str(x.dtype), int(sums[k])] for k, x in leaves.items()}
+
+
+def _shapes(trees: dict[str, Any]) -> dict[str, list]:
+  return {f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}": [list(x.shape), str(x.dtype)]
+          for name, tree in trees.items() for path, x in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(x, "shape")}
+
+
 class Checkpointer:
-  """Named trees + JSON metadata + Grain iterator state, per step."""
+  """Named trees + JSON metadata (with the arrays' fingerprints) + Grain iterator state, per step."""
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
     self.directory = Path(directory).absolute()
@@ -52,40 +100,105 @@ class Checkpointer:
   def save(self, step: int, trees: dict[str, Any], *, metadata: dict | None = None, data_iterator=None,
            wait: bool = False) -> None:
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
-    items[_META] = ocp.args.JsonSave(metadata if metadata is not None else {"step": step})
+    meta = {"step": step, **(metadata or {}), "fingerprints": fingerprints(trees)}
+    items[_META] = ocp.args.JsonSave(meta)
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    if wait:
-      self._manager.wait_until_finished()
+    with self._disk_errors(step):
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+      if wait:
+        self._manager.wait_until_finished()
     logging.info("checkpoint: saving step %d to %s", step, self.directory)
 
   def restore(self, step: int, abstract_trees: dict[str, Any], *, data_iterator=None) -> tuple[dict, dict]:
-    """Restore the named trees onto the shardings of `abstract_trees` (and the iterator's position)."""
+    """Restore the named trees onto the shardings of `abstract_trees` (and the iterator's position), checked
+    against the fingerprints saved with them: `Damaged` if a file is unreadable or an array differs,
+    CheckpointError if the checkpoint holds arrays of other shapes."""
+    saved = self.metadata(step).get("fingerprints")
+    if saved is not None:
+      expected = {k: v[:2] for k, v in saved.items() if k.split("/")[0] in abstract_trees}
+      wanted = _shapes(abstract_trees)
+      for key in sorted(set(expected) | set(wanted)):
+        if expected.get(key) != wanted.get(key):
+          raise CheckpointError(f"checkpoint step {step} in {self.directory} holds another state than this run's: "
+                                f"{key} is {expected.get(key, 'absent')} there, {wanted.get(key, 'absent')} here "
+                                f"(another model or config?); use a new --workdir")
     items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_trees.items()}
     items[_META] = ocp.args.JsonRestore()
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 (a damaged file fails in many ways; the message keeps the first line)
+      raise Damaged(f"step {step}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     trees = {name: restored[name] for name in abstract_trees}
+    if saved is not None:
+      found = fingerprints(trees)
+      bad = [k for k in found if found[k][2] != saved[k][2]]
+      if bad:
+        raise Damaged(f"step {step}: {len(bad)} array(s) differ from what was saved, first {bad[0]}")
+    else:
+      logging.warning("checkpoint step %d has no fingerprints (written by an older rlhfx): not verified", step)
     return trees, dict(restored[_META] or {})
 
   def metadata(self, step: int) -> dict:
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
-    return dict(restored[_META] or {})
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+    except Exception as e:  # noqa: BLE001
+      raise Damaged(f"step {step}: metadata unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(restored[_META], dict):
+      raise Damaged(f"step {step}: metadata missing")
+    return dict(restored[_META])
+
+  def reject(self, step: int) -> Path:
+    """Move checkpoint `step` to <directory>/../rejected_checkpoints/<step> (kept, never used); returns where."""
+    target = self.directory.parent / "rejected_checkpoints" / str(step)
+    n = 1
+    while target.exists():
+      target, n = target.with_name(f"{step}.{n}"), n + 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(self.directory / str(step)), target)
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_errors(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):  # a save that failed: nothing to keep
+        shutil.rmtree(tmp, ignore_errors=True)
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step: int | None):
+    """A full or read-only disk while saving, as one CheckpointError naming the complete checkpoints."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 (Orbax re-raises a background thread's OSError wrapped)
+      cause = e
+      while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+      if cause is None or cause.errno not in DISK_ERRNOS:
+        raise
+      kept = [s for s in self._complete_steps() if s != step]
+      raise CheckpointError(f"saving a checkpoint{f' of step {step}' if step else ''} to {self.directory} failed: "
+                            f"{os.strerror(cause.errno)}; complete checkpoints kept: {kept or 'none'}") from None
+
+  def _complete_steps(self) -> list[int]:
+    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
 
   def __enter__(self) -> "Checkpointer":
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()  # also after an error: a save in flight completes
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 def abstract(tree, shardings) -> Any:
@@ -102,11 +215,10 @@ def resume(config, workdir: Path, state, train_iter, frozen: dict | None = None)
   """
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                               async_save=config.train.async_checkpoints)
-  start = checkpointer.latest_step() or 0
+  target = abstract(state, jax.tree.map(lambda x: x.sharding, state))
+  restored, start = restore_latest(checkpointer, {"state": target}, train_iter)
   if start:
-    target = abstract(state, jax.tree.map(lambda x: x.sharding, state))
-    trees, _ = checkpointer.restore(start, {"state": target}, data_iterator=train_iter)
-    state = trees["state"]
+    state = restored["state"]
     if jax.process_index() == 0:
       print(f"resumed from step {start} ({checkpointer.directory})", flush=True)
   if jax.process_index() == 0:
@@ -115,6 +227,24 @@ def resume(config, workdir: Path, state, train_iter, frozen: dict | None = None)
                  **{name: sharding.describe(tree) for name, tree in trees.items()}}
     (workdir / "placement.json").write_text(json.dumps(placement, indent=1))
   return checkpointer, state, start
+
+
+def restore_latest(checkpointer: Checkpointer, abstract_trees: dict, data_iterator=None) -> tuple[dict, int]:
+  """(trees, step) of the newest checkpoint that passes verification, ({}, 0) when there is none; a damaged
+  one is reported and moved aside (`Checkpointer.reject`). CheckpointError when every checkpoint was damaged."""
+  steps = sorted(checkpointer.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      trees, _ = checkpointer.restore(step, abstract_trees, data_iterator=data_iterator)
+      return trees, step
+    except Damaged as e:
+      sharding.sync(f"checkpoint_{step}_damaged")
+      where = checkpointer.reject(step) if jax.process_index() == 0 else None
+      print(f"checkpoint damaged, not used: {e}; moved to {where}", flush=True)
+  if steps:
+    raise CheckpointError(f"no checkpoint in {checkpointer.directory} passes verification (steps {steps} moved to "
+                          f"{checkpointer.directory.parent / 'rejected_checkpoints'}); rerun to start from step 0")
+  return {}, 0
 
 
 def due(step: int, train_config, preempted: bool) -> bool:

@@ -67,6 +67,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # complete checkpoints kept
   c.train.async_checkpoints = True  # write checkpoints in the background
   c.train.export_hf = True  # write the final policy as a Hugging Face directory: <workdir>/hf
+  c.train.resume = "check"  # check: a rerun must match the workdir's config and inputs | new_config: accept them
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3  # peak learning rate

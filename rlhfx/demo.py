@@ -52,7 +52,9 @@ def main(argv):
   if _PROMPT.value:
     if tokenizer is None:
       raise app.UsageError("--prompt needs a tokenizer (--tokenizer with --llama2c, or --hf)")
-    prompt = tokenizer.encode(_PROMPT.value)
+    from rlhfx.data.tokenize import encode_prompt
+
+    prompt = encode_prompt(tokenizer, _PROMPT.value, [])  # BOS first where the model was trained with it
   tokens, mask = sampling.pad_prompts([prompt] * _SAMPLES.value)
   kwargs = dict(max_new_tokens=_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                 eos_id=config.eos_token_id)

@@ -12,8 +12,10 @@ from rlhfx.data.builders import DataError
 from rlhfx.data.tokenize import Overlong, TokenizerError
 from rlhfx.metrics import TrainingDiverged
 from rlhfx.models.convert import CheckpointError
+from rlhfx.workdir import WorkdirError
 
-USER_ERRORS = (ConfigError, DataError, Overlong, TokenizerError, TrainingDiverged, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, Overlong, TokenizerError, TrainingDiverged, CheckpointError,
+               WorkdirError)
 CONFIG_EXIT = 2  # like a usage error
 
 

@@ -28,10 +28,11 @@ def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir:
   return lines
 
 
-def print_summary(title: str, lines: list[str], workdir: Path) -> None:
-  """Process 0 prints "== summary ==", the title, `lines`, and where the metrics and checkpoints are."""
+def print_summary(title: str, lines: list[str], workdir: Path, data) -> None:
+  """Process 0 prints "== summary ==", the title, `lines`, the data's counts (`prepare.Data.summary`: records
+  skipped, rows truncated or dropped) and where the metrics and checkpoints are."""
   if jax.process_index() == 0:
     where = (f"metrics: {workdir / 'metrics.jsonl'} and TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}; "
              f"checkpoints: {workdir / 'checkpoints'}")
-    print("\n".join(["", "== summary ==", title, *lines, where]), flush=True)
+    print("\n".join(["", "== summary ==", title, *lines, data.summary(), where]), flush=True)
 

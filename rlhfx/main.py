@@ -32,6 +32,10 @@ def main(argv):
     importlib.import_module(f"rlhfx.algorithms.{config.algorithm}").train(config, _WORKDIR.value)
   except errors.USER_ERRORS as e:  # bad config, data or checkpoint: one message, no traceback
     errors.report("rlhfx", e)
+  except OSError as e:  # a full, read-only or forbidden disk: one line (the checkpoints saved before are intact)
+    if e.errno not in checkpoint.DISK_ERRNOS:
+      raise
+    errors.report("rlhfx", e)
   except checkpoint.Preempted as e:  # saved and stopped: exit status 75, "resume me" to the launchers
     print(f"rlhfx: {e}", flush=True)
     sys.exit(checkpoint.Preempted.RESUME_EXIT)

@@ -9,11 +9,13 @@ which reads them one step late, so the host never waits on the device except to 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +89,6 @@ class MetricsWriter:
     self.total_steps = total_steps
     self.peak_flops = peak_flops
     self.is_main = jax.process_index() == 0
-    self._t_start = time.perf_counter()
     self._jsonl = self._tb = None
     if self.is_main:
       from tensorboardX import SummaryWriter
@@ -110,19 +111,17 @@ class MetricsWriter:
     if self.is_main:
       self._tb.add_text(name, text, step)
 
-  def progress(self, step: int, start_step: int, metrics: dict[str, float], loss_key: str) -> None:
-    """One console line: step, loss, tokens/s, MFU, ETA."""
+  def progress(self, step: int, metrics: dict[str, float], loss_key: str, eta_s: float | None) -> None:
+    """One console line: step, loss, tokens/s, MFU, ETA (from the steady-state step time; none before it)."""
     if not self.is_main:
       return
-    elapsed = time.perf_counter() - self._t_start
-    done = max(step - start_step, 1)
-    eta = elapsed / done * (self.total_steps - step)
     parts = [f"step {step}/{self.total_steps}", f"{loss_key} {metrics.get(loss_key, float('nan')):.4f}"]
     if "perf/tokens_per_s" in metrics:
       parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tok/s")
     if "perf/mfu" in metrics:
       parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
-    parts.append(f"ETA {_fmt_time(eta)}")
+    if eta_s is not None:
+      parts.append(f"ETA {_fmt_time(eta_s)}")
     logging.info(" | ".join(parts))
     print(" | ".join(parts), flush=True)
 
@@ -143,45 +142,65 @@ class TrainingDiverged(RuntimeError):
 
 class StepLog:
   """Step metrics of a train loop, read one step late: `record(step n)` dispatches nothing and reads step n-1's
-  metrics (by then computed), checks they are finite, adds perf/* (step time, tokens/s, MFU) and writes them
-  every `log_every` steps and at the last. `flush()` reads the pending step now (before a save or an eval).
-  A NaN/Inf raises TrainingDiverged naming the step and the last checkpoint, which the loop never overwrote."""
+  metrics (by then computed), checks they are finite, adds perf/* (step time, tokens/s, MFU) and the data counts
+  (`counts()`, e.g. rows skipped as over-long) and writes them every `log_every` steps and at the last.
+  `flush()` reads the pending step now (before a save or an eval). A NaN/Inf raises TrainingDiverged naming the
+  step and the last checkpoint, which the loop never overwrote.
+
+  Step time: from the later of the previous step's end and this iteration's start (`steps` marks it, so a save
+  or an evaluation between steps is not counted) to this step's end, which is when `record` finds its metrics
+  ready or, if they are not, when they are read. The ETA uses the median of the last 20 step times after the
+  first one of the run (which includes compilation)."""
 
   def __init__(self, workdir: Path, train_config, *, flops_per_token: float, checkpointer, start_step: int,
-               loss_key: str = "train/loss"):
+               loss_key: str = "train/loss", counts: Callable[[], dict] = dict):
     self.t = train_config
     self.writer = MetricsWriter(workdir, total_steps=train_config.num_steps, peak_flops=peak_flops_per_device())
     self.flops_per_token, self.checkpointer, self.start = flops_per_token, checkpointer, start_step
-    self.loss_key = loss_key
+    self.loss_key, self.counts = loss_key, counts
     self.last: dict[str, float] = {}
     self._pending = None
-    self._t_last = time.perf_counter()
+    self._ended = self._began = time.perf_counter()
+    self._recent: collections.deque = collections.deque(maxlen=20)
+
+  def steps(self, first: int, last: int) -> Iterator[int]:
+    """first, ..., last, marking when each iteration begins."""
+    for step in range(first, last + 1):
+      self._began = time.perf_counter()
+      yield step
 
   def record(self, step: int, device_metrics: dict, *, tokens: float) -> None:
+    ready = all(x.is_ready() for x in jax.tree.leaves(device_metrics) if isinstance(x, jax.Array))
+    began = self._began
     self.flush()
-    self._pending = (step, device_metrics, tokens * jax.process_count())
+    self._pending = (step, device_metrics, tokens * jax.process_count(), began,
+                     time.perf_counter() if ready else None)
 
   def flush(self) -> None:
     if self._pending is None:
       return
-    step, device_metrics, tokens = self._pending
+    step, device_metrics, tokens, began, ended = self._pending
     self._pending = None
     host = to_host(device_metrics)
     bad = [k for k, v in host.items() if not np.isfinite(v)]
     if bad:
       raise TrainingDiverged(f"step {step}: {', '.join(bad)} = {[host[k] for k in bad]}; stopping. The last good "
                              f"checkpoint is step {self.checkpointer.latest_step()} in {self.checkpointer.directory}")
-    now = time.perf_counter()
-    host["perf/step_s"] = now - self._t_last
+    ended = ended or time.perf_counter()
+    host["perf/step_s"] = max(ended - max(self._ended, began), 1e-9)
+    self._ended = ended
+    if step > self.start + 1:
+      self._recent.append(host["perf/step_s"])
     host["perf/tokens_per_s"] = tokens / host["perf/step_s"]
     if self.writer.peak_flops:
       host["perf/mfu"] = host["perf/tokens_per_s"] * self.flops_per_token / (self.writer.peak_flops
                                                                               * jax.device_count())
-    self._t_last = now
+    host.update(self.counts())
     self.last = host
     if step % self.t.log_every == 0 or step == self.t.num_steps:
       self.writer.write(step, host)
-      self.writer.progress(step, self.start, host, self.loss_key)
+      eta = float(np.median(self._recent)) * (self.t.num_steps - step) if self._recent else None
+      self.writer.progress(step, host, self.loss_key, eta)
 
   def write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
     """Write other metrics of `step` (evaluation), after the pending step's; returns them."""

@@ -52,8 +52,8 @@ class Runtime:
   workdir: Path
 
 
-def setup(config, workdir: str | os.PathLike) -> Runtime:
-  """Fake CPU devices and multi-process set-up (before any JAX computation), the mesh and the work directory."""
+def setup(config, workdir: Path) -> Runtime:
+  """Fake CPU devices and multi-process set-up (before any JAX computation) and the mesh."""
   if config.mesh.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", config.mesh.num_cpu_devices)
   if config.distributed.coordinator_address and config.distributed.num_processes > 1:
@@ -61,8 +61,6 @@ def setup(config, workdir: str | os.PathLike) -> Runtime:
   init_distributed(config.distributed)
   mesh = make_mesh(dict(config.mesh.shape))
   log_mesh(mesh)
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
   return Runtime(mesh=mesh, rules=rules_from_config(config.mesh.rules), workdir=workdir)
 
 

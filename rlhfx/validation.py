@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple] = {
     "model.dtype": tuple(DTYPES), "model.param_dtype": tuple(DTYPES), "model.remat": REMAT_POLICIES,
     "data.input_format": tuple(PARSERS), "data.on_error": ("raise", "skip"),
     "data.prompt_side": ("keep_end", "keep_start"), "data.on_overlong": ("truncate", "skip", "error"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "constant"), "train.resume": ("check", "new_config"),
     "dpo.loss": tuple(preference.LOSSES), "dpo.reference": ("frozen", "precomputed", "lora_base"),
     "ppo.kl_estimator": policy.KL_ESTIMATORS, "ppo.kl_in": ("reward", "loss"), "ppo.aggregation": policy.AGGREGATIONS,
     "ppo.value_model": ("separate", "policy_head"),

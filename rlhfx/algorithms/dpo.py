@@ -20,6 +20,7 @@ concatenated 2B rows. The LM head sees only the completion positions when
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import jax
@@ -95,9 +96,14 @@ def train_step(state: TrainState, batch, reference_params, *, model: Transformer
   return new_state, {**step_metrics, "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 
-def eval_step(params, batch, reference_params, **kwargs):
-  loss, step_metrics = dpo_objective(params, batch, reference_params, **kwargs)
-  return {"loss": loss, **step_metrics}
+def eval_step(params, batch, reference_params, *, loss: Callable, **kwargs):
+  """The loss and its metrics per example ([B] each: the loss applied to each pair alone), so held-out means are
+  over examples and the padding rows of a short last batch can be left out. An unpaired loss (KTO: its KL term
+  is a batch statistic) gives batch means instead."""
+  if not getattr(loss, "unpaired", False):
+    loss = jax.vmap(lambda x: loss(jax.tree.map(lambda a: a[None], x)))
+  value, step_metrics = dpo_objective(params, batch, reference_params, loss=loss, **kwargs)
+  return {"loss": value, **step_metrics}
 
 
 def loss_from_config(cfg) -> Callable:
@@ -184,23 +190,29 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
     eval_fn = jax.jit(functools.partial(eval_step, **kwargs))
 
     def evaluate(state) -> dict[str, float]:
-      """Held-out metrics: means over the full eval batches (metrics are batch means; the padded tail is skipped)."""
+      """Held-out metrics: means over the eval examples (KTO: over its full eval batches)."""
       if data.eval is None:
         return {}
       batches = (with_reference(b, tables.get("eval"))
                  for b in prepare.full_batches(config, data, data.eval, keep_ids=True))
-      outs = [out for out, valid_B, _ in evaluation.outputs(lambda b: eval_fn(state.params, b, reference), batches,
-                                                             mesh) if valid_B.all()]
-      return {f"eval/{k}": float(np.mean([o[k] for o in outs])) for k in (outs[0] if outs else {})}
+      outs = list(evaluation.outputs(lambda b: eval_fn(state.params, b, reference), batches, mesh))
+      if not getattr(loss, "unpaired", False):
+        return {f"eval/{k}": float(np.concatenate([out[k][valid_B] for out, valid_B, _ in outs]).mean())
+                for k in outs[0][0]}
+      full = [out for out, valid_B, _ in outs if valid_B.all()]
+      if not full:
+        logging.warning("KTO evaluation needs one full eval batch of %d rows; the eval split is smaller",
+                        t.global_batch_size)
+      return {f"eval/{k}": float(np.mean([o[k] for o in full])) for k in (full[0] if full else {})}
 
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start,
+    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
                           flops_per_token=metrics.sequence_train_flops(
                               model_config, max(config.data.buckets),
                               kept=kwargs["window"] + 1 if kwargs["window"] else None) / max(config.data.buckets))
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
     with checkpoint.Preemption() as preemption, checkpointer, log:
-      for step in range(start + 1, t.num_steps + 1):
+      for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, sharding.global_batch(with_reference(batch, tables.get("train")),
                                                                          mesh), reference)
@@ -222,5 +234,5 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
                     f"{after['eval/rewards/margins']:.3f}")
   lora_note = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
   export.print_summary(f"{getattr(loss, 'name', 'custom')} preference tuning ({mode} reference{lora_note}) for "
-                       f"{t.num_steps} steps", lines, workdir)
+                       f"{t.num_steps} steps", lines, workdir, data)
   return {**log.last, **after}

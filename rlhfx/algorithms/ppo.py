@@ -243,14 +243,14 @@ def train(config, workdir: str) -> dict[str, float]:
           eos_id=sampling.eos_id, missing_eos_penalty=scorer.missing_eos_penalty)
 
     samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start,
+    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
                           flops_per_token=metrics.iteration_flops(model_config, max(config.data.buckets),
                                                                   sampling.max_new_tokens, config.ppo.epochs,
                                                                   critic is not None))
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
     with checkpoint.Preemption() as preemption, checkpointer, log:
-      for step in range(start + 1, t.num_steps + 1):
+      for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
         state, step_metrics, r, scores_B = rollout.run_iteration(
             programs, state, sharding.global_batch(prepare.drop_ids(batch), mesh), frozen, score,
@@ -270,5 +270,5 @@ def train(config, workdir: str) -> dict[str, float]:
     raise checkpoint.Preempted(step, checkpointer.directory)
   lines = export.export_policy(config, model_config, state.params["policy"], data.tokenizer, workdir)
   export.print_summary(f"PPO for {t.num_steps} iterations", rollout.summary(before, after, workdir) + lines,
-                       workdir)
+                       workdir, data)
   return {**log.last, **after}

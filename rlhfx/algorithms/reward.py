@@ -107,13 +107,13 @@ def train(config, workdir: str) -> dict[str, float]:
     def evaluate(state) -> dict[str, float]:
       return accuracy(rewards_of(state, data.eval)) if data.eval is not None else {}
 
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start,
+    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
                           flops_per_token=metrics.sequence_train_flops(
                               model_config, max(config.data.buckets), kept=1, lm_head=False) / max(config.data.buckets))
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
     with checkpoint.Preemption() as preemption, checkpointer, log:
-      for step in range(start + 1, t.num_steps + 1):
+      for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, sharding.global_batch(prepare.drop_ids(batch), mesh))
         log.record(step, step_metrics, tokens=prepare.tokens(batch))
@@ -141,5 +141,5 @@ def train(config, workdir: str) -> dict[str, float]:
             f"-> {workdir / 'checkpoints' / 'reward_stats.json'}",
             f"reward model for PPO/GRPO (config.scoring.model): {exported}"]
   export.print_summary(f"reward model ({model_config.num_params():,} backbone parameters) trained {t.num_steps} "
-                       f"steps on {data.counts.get('written/train', 0)} pairs", lines, workdir)
+                       f"steps on {data.counts.get('written/train', 0)} pairs", lines, workdir, data)
   return {**log.last, **after}

@@ -25,13 +25,18 @@ from rlhfx.train_state import TrainState, create_state, init_state, update
 Array = jax.Array
 
 
-def loss_fn(params, batch: dict[str, Array], *, model: Transformer, normalizer: Array, lora_scale: float = 1.0,
-            chunk_size: int | None = None):
+def token_logps(params, batch: dict[str, Array], *, model: Transformer, lora_scale: float = 1.0,
+                chunk_size: int | None = None) -> Array:
+  """logps_BxT[t] = log p(x_t | x_<t) (0 at t = 0) of the policy (LoRA-merged)."""
   params = lora.effective(params, lora_scale)
   tokens_BxT = batch["tokens_BxT"]
   hidden_BxTxD = model.apply({"params": params}, tokens_BxT, batch["mask_BxT"], return_hidden=True)
   logps_BxS = target_logps(model, params, hidden_BxTxD[:, :-1], tokens_BxT[:, 1:], chunk_size=chunk_size)[0]
-  return sft_nll(jnp.pad(logps_BxS, ((0, 0), (1, 0))), batch["loss_mask_BxT"], normalizer=normalizer)
+  return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
+
+
+def loss_fn(params, batch: dict[str, Array], *, normalizer: Array, **kwargs):
+  return sft_nll(token_logps(params, batch, **kwargs), batch["loss_mask_BxT"], normalizer=normalizer)
 
 
 def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer,
@@ -55,10 +60,11 @@ def jit_train_step(config, model: Transformer, optimizer, shardings):
   return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
 
 
-def eval_step(params, batch: dict[str, Array], *, model: Transformer, lora_scale: float = 1.0,
-              chunk_size: int | None = None) -> dict[str, Array]:
-  _, sums = loss_fn(params, batch, model=model, normalizer=1.0, lora_scale=lora_scale, chunk_size=chunk_size)
-  return {"nll_sum": sums["nll_sum"], "tokens": sums["tokens"]}
+def eval_step(params, batch: dict[str, Array], **kwargs) -> dict[str, Array]:
+  """Each example's completion NLL and token count (so padding rows of a short last batch can be left out)."""
+  mask_BxT = target_mask(batch["loss_mask_BxT"])
+  return {"nll_B": -jnp.where(mask_BxT, token_logps(params, batch, **kwargs), 0.0).sum(-1),
+          "tokens_B": mask_BxT.sum(-1)}
 
 
 def exact_match(params, model_config: ModelConfig, source, tokenizer, n: int = 64) -> float:
@@ -95,25 +101,27 @@ def train(config, workdir: str) -> dict[str, float]:
                                         chunk_size=config.model.lm_head_chunk or None))
 
     def evaluate(state) -> dict[str, float]:
-      """Eval loss and perplexity over the completion tokens of the first `eval_batches` eval batches."""
+      """Eval loss and perplexity over the completion tokens of the first `eval_batches` eval batches (a short
+      last batch counts its real rows only)."""
       if data.eval is None:
         return {}
-      batches = prepare.batches(config, data, data.eval, seed=0, shuffle=False, num_epochs=1)
-      first = (prepare.drop_ids(b) for _, b in zip(range(t.eval_batches), batches))
-      sums = [out for out, _, _ in evaluation.outputs(lambda b: eval_fn(state.params, b), first, mesh)]
-      loss = sum(float(s["nll_sum"]) for s in sums) / max(sum(float(s["tokens"]) for s in sums), 1)
-      return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+      batches = prepare.full_batches(config, data, data.eval, limit=t.eval_batches)
+      outs = [(out, valid_B) for out, valid_B, _ in evaluation.outputs(lambda b: eval_fn(state.params, b), batches,
+                                                                       mesh)]
+      nll, n = (sum(float(out[k][valid_B].sum()) for out, valid_B in outs) for k in ("nll_B", "tokens_B"))
+      loss = nll / max(n, 1)
+      return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": n}
 
     def accuracy(state) -> float:
       return exact_match(lora.effective(state.params, lora_scale), model_config, data.eval, data.tokenizer)
 
     accuracy_before = accuracy(state) if config.data.builtin and data.eval is not None and start == 0 else None
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start,
+    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
                           flops_per_token=metrics.train_flops_per_token(model_config, max(config.data.buckets)))
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
     with checkpoint.Preemption() as preemption, checkpointer, log:
-      for step in range(start + 1, t.num_steps + 1):
+      for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
         state, step_metrics = train_step_fn(state, sharding.global_batch(prepare.drop_ids(batch), mesh))
         log.record(step, step_metrics, tokens=prepare.tokens(batch))
@@ -137,5 +145,5 @@ def train(config, workdir: str) -> dict[str, float]:
     lines.append(f"exact-match accuracy on held-out prompts {accuracy_before:.0%} -> {final['eval/exact_match']:.0%}")
   lines += export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   export.print_summary(f"SFT of a {model_config.num_params():,}-parameter model for {t.num_steps} steps"
-                       + (f" (resumed at step {start})" if start else ""), lines, workdir)
+                       + (f" (resumed at step {start})" if start else ""), lines, workdir, data)
   return final

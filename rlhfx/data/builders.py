@@ -61,10 +61,18 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if not paths:
       raise DataError(f"{dl_manager.manual_dir}: no .json/.jsonl(.gz) files in the manual dir")
     examples = list(parse_files(paths, self._input_format, on_error=self._on_error, stats=self.stats))
+    if not examples:
+      names = ", ".join(str(p) for p in paths)
+      skipped = {k.removeprefix("skipped/"): v for k, v in self.stats.items() if k.startswith("skipped/")}
+      raise DataError(f"{names}: no records" if not self.stats["read"] and not skipped else
+                      f"{names}: no usable records (read {self.stats['read']}, skipped {skipped})")
     splits = {"train": [], "eval": []}
     for index, (_, example) in enumerate(examples):  # keys by position: the stored order ignores file paths
       splits["eval" if is_eval(example, self._eval_fraction, self._split_seed) else "train"].append(
           (index, example))
+    if not splits["train"]:
+      raise DataError(f"all {len(examples)} examples fell in the eval split (data.eval_fraction="
+                      f"{self._eval_fraction}); lower it or give more data")
     for name, items in splits.items():
       self.stats[f"written/{name}"] = len(items)
     self.info.metadata.update({"counts": dict(self.stats), "input_format": self._input_format,

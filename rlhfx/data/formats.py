@@ -34,6 +34,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -63,34 +64,62 @@ class RecordError(ValueError):
 # ----------------------------------------------------------------------------- reading files
 
 
-def _open_text(path: Path):
-  return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+  """(line number, bytes) of a file, gunzipped when it ends in .gz; a damaged or truncated .gz ends the lines
+  with DataError naming the file and the last line read."""
+  opener = gzip.open if path.suffix == ".gz" else open
+  lineno = 0
+  try:
+    with opener(path, "rb") as f:
+      for lineno, line in enumerate(f, 1):
+        yield lineno, line
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise DataError(f"{path}: damaged or truncated compressed file after line {lineno} "
+                    f"({type(e).__name__}: {e})") from None
 
 
-def read_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-  """(location, record or RecordError) for each record of a JSONL or JSON-array file (gzip accepted)."""
+def read_records(path: str | os.PathLike, on_error: str = "raise") -> Iterator[tuple[str, Any]]:
+  """(location, record or RecordError) for each record of a JSONL or JSON-array file (gzip accepted).
+
+  A line that is not UTF-8 is a RecordError("undecodable"). A truncated .gz file raises DataError; with
+  on_error="skip" the records before the damage are kept and the loss is one RecordError("truncated_file")."""
   path = Path(path)
   if not path.exists():
     raise DataError(f"{path}: file not found")
-  stem = path.name.removesuffix(".gz")
-  with _open_text(path) as f:
-    if stem.endswith(".json"):
+  if path.name.removesuffix(".gz").endswith(".json"):
+    yield from _json_array(path)
+    return
+  try:
+    for lineno, raw in _lines(path):
       try:
-        records = json.load(f)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
-      if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON array of records")
-      for i, record in enumerate(records):
-        yield f"{path}:record {i}", record
-      return
-    for lineno, line in enumerate(f, 1):
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield f"{path}:{lineno}", RecordError("undecodable", f"not UTF-8 (byte {e.start}: {raw[e.start]:#04x})")
+        continue
       if not line.strip():
         continue
       try:
         yield f"{path}:{lineno}", json.loads(line)
       except json.JSONDecodeError as e:
         yield f"{path}:{lineno}", RecordError("malformed_json", f"malformed JSON ({e.msg})")
+  except DataError as e:
+    if on_error == "raise":
+      raise
+    yield str(path), RecordError("truncated_file", str(e).removeprefix(f"{path}: "))
+
+
+def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
+  try:
+    text = b"".join(line for _, line in _lines(path)).decode("utf-8")
+    records = json.loads(text)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 at byte {e.start}") from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+  if not isinstance(records, list):
+    raise DataError(f"{path}: expected a JSON array of records")
+  for i, record in enumerate(records):
+    yield f"{path}:record {i}", record
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -245,8 +274,9 @@ def parse_files(paths: Sequence[str | os.PathLike], input_format: str, *, on_err
   stats = collections.Counter() if stats is None else stats
   _, parser = PARSERS[input_format]
   for path in paths:
-    for location, record in read_records(path):
-      stats["read"] += 1
+    for location, record in read_records(path, on_error):
+      if not (isinstance(record, RecordError) and record.reason == "truncated_file"):  # not a record: the rest
+        stats["read"] += 1
       try:
         if isinstance(record, RecordError):
           raise record

@@ -27,8 +27,25 @@ class Data:
   kind: str  # the batch layout (rlhfx.data.pipeline): sft | preference | unpaired | prompts
   train: Any  # random-access source
   eval: Any | None
-  counts: dict[str, int]
+  counts: dict[str, int]  # of the build: read, written/<split>, skipped/<reason>
   truncation: Truncation
+  stats: pipeline.Stats = dataclasses.field(default_factory=pipeline.Stats)  # the train stream's, this process
+
+  def report(self) -> dict[str, int]:
+    """data/* counts for the metrics: records skipped at build time by reason, and the train rows this run
+    encoded, truncated or skipped as over-long (`data.on_overlong`) on this process."""
+    built = {f"data/{k}": v for k, v in self.counts.items() if k.startswith("skipped/") or k == "read"}
+    return {**built, **{f"data/{k}": v for k, v in self.stats.snapshot().items()}}
+
+  def summary(self) -> str:
+    """One line for the run's summary: what was read, kept and dropped."""
+    c, s = self.counts, self.stats.snapshot()
+    skipped = {k.removeprefix("skipped/"): v for k, v in c.items() if k.startswith("skipped/")}
+    line = (f"data: {c.get('read', 0)} records read, {c.get('written/train', 0)} train / "
+            f"{c.get('written/eval', 0)} eval examples, {sum(skipped.values())} skipped at build"
+            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""))
+    return line + (f"; this run's train rows: {s.get('encoded', 0)} encoded, {s.get('truncated', 0)} truncated, "
+                   f"{s.get('skipped/overlong', 0)} skipped as over-long")
 
 
 def prepare(config, workdir: Path, kind: str) -> Data:
@@ -58,7 +75,10 @@ def prepare(config, workdir: Path, kind: str) -> Data:
 
 def batches(config, data: Data, source, *, seed: int, shuffle: bool = True, num_epochs=None,
             stats: pipeline.Stats | None = None, drop_remainder: bool = True):
-  """This process's share of global batches of `config.train.global_batch_size` rows (a Grain iterator)."""
+  """This process's share of global batches of `config.train.global_batch_size` rows (a Grain iterator); the
+  train split's encoding counts go to `data.stats` unless `stats` is given."""
+  if stats is None and source is data.train:
+    stats = data.stats
   return pipeline.make_dataset(source, data.tokenizer, kind=data.kind, global_batch_size=config.train.global_batch_size,
                                buckets=tuple(config.data.buckets), truncation=data.truncation, seed=seed,
                                shuffle=shuffle, num_epochs=num_epochs, stats=stats,
@@ -70,7 +90,7 @@ def full_batches(config, data: Data, source, limit: int | None = None, keep_ids:
   repeating its last row, and `valid_B` marks the real rows (so shapes stay divisible over the mesh)."""
   size = config.train.global_batch_size // jax.process_count()
   for i, batch in enumerate(batches(config, data, source, seed=0, shuffle=False, num_epochs=1,
-                                    drop_remainder=False)):
+                                    stats=pipeline.Stats(), drop_remainder=False)):
     if limit is not None and i >= limit:
       return
     rows = len(next(iter(batch.values())))
