@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -105,6 +106,8 @@ class Checkpointer:
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     with self._disk_errors(step):
+      self._manager.wait_until_finished()  # the previous save's space is taken (Orbax's save would wait too)
+      self._check_space(step, sum(x.nbytes for x in jax.tree.leaves(trees) if hasattr(x, "nbytes")))
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
       if wait:
         self._manager.wait_until_finished()
@@ -128,9 +131,12 @@ class Checkpointer:
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      restored, error = self._manager.restore(step, args=ocp.args.Composite(**items)), None
     except Exception as e:  # noqa: BLE001 (a damaged file fails in many ways; the message keeps the first line)
-      raise Damaged(f"step {step}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+      restored, error = None, e
+    if not sharding.all_processes(error is None):  # every process decides alike (each reads its own files)
+      detail = f"{type(error).__name__}: {_first_line(error)}" if error else "on another process"
+      raise Damaged(f"step {step}: unreadable ({detail})") from error
     trees = {name: restored[name] for name in abstract_trees}
     if saved is not None:
       found = fingerprints(trees)
@@ -145,7 +151,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
     except Exception as e:  # noqa: BLE001
-      raise Damaged(f"step {step}: metadata unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+      raise Damaged(f"step {step}: metadata unreadable ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(restored[_META], dict):
       raise Damaged(f"step {step}: metadata missing")
     return dict(restored[_META])
@@ -173,20 +179,28 @@ class Checkpointer:
       for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):  # a save that failed: nothing to keep
         shutil.rmtree(tmp, ignore_errors=True)
 
+  def _check_space(self, step: int, nbytes: int) -> None:
+    """Refuse a save the disk cannot hold (before any file is written: no partial checkpoint, no noise)."""
+    free = shutil.disk_usage(self.directory).free
+    if free < nbytes * 1.05 + 2**20:
+      raise CheckpointError(f"saving a checkpoint of step {step} to {self.directory} failed: "
+                            f"{os.strerror(errno.ENOSPC)} ({nbytes / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB "
+                            f"free); complete checkpoints kept: {self._complete_steps() or 'none'}")
+
   @contextlib.contextmanager
   def _disk_errors(self, step: int | None):
     """A full or read-only disk while saving, as one CheckpointError naming the complete checkpoints."""
     try:
       yield
-    except Exception as e:  # noqa: BLE001 (Orbax re-raises a background thread's OSError wrapped)
-      cause = e
-      while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-      if cause is None or cause.errno not in DISK_ERRNOS:
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 (Orbax re-raises a background thread's error, TensorStore's as text)
+      code = _disk_errno(e)
+      if code is None:
         raise
       kept = [s for s in self._complete_steps() if s != step]
       raise CheckpointError(f"saving a checkpoint{f' of step {step}' if step else ''} to {self.directory} failed: "
-                            f"{os.strerror(cause.errno)}; complete checkpoints kept: {kept or 'none'}") from None
+                            f"{os.strerror(code)}; complete checkpoints kept: {kept or 'none'}") from None
 
   def _complete_steps(self) -> list[int]:
     return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
@@ -199,6 +213,23 @@ class Checkpointer:
 
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).splitlines() or [""])[0][:200]
+
+
+def _disk_errno(error: BaseException) -> int | None:
+  """The errno of a full / read-only / forbidden disk behind `error` (an OSError in its chain, or TensorStore's
+  "[os_error_code='28']" text), else None."""
+  while error is not None:
+    code = error.errno if isinstance(error, OSError) else None
+    match = re.search(r"os_error_code='(\d+)'", str(error))
+    code = code if code is not None else int(match.group(1)) if match else None
+    if code in DISK_ERRNOS:
+      return code
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def abstract(tree, shardings) -> Any:

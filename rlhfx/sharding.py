@@ -72,6 +72,15 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def all_processes(flag: bool) -> bool:
+  """True when `flag` is true on every process (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def init_distributed(cfg) -> None:
   """jax.distributed.initialize when configured: explicit coordinator, or auto-detection (Cloud TPU, SLURM)."""
   if cfg.coordinator_address:

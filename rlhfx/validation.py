@@ -140,6 +140,9 @@ def _combination_problems(config) -> list[str]:
   if t.global_batch_size % t.grad_accum_steps:
     out.append(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
                f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  if d.max_prompt_length >= d.max_length:
+    out.append(f"config.data.max_prompt_length={d.max_prompt_length} must be less than "
+               f"config.data.max_length={d.max_length}")
   if d.max_completion_length >= d.max_length:
     out.append(f"config.data.max_completion_length={d.max_completion_length} must be 0 (no limit) or less than "
                f"config.data.max_length={d.max_length}")

@@ -105,13 +105,15 @@ def _check(placement, model_config, *, lora: bool = False):
 
 @pytest.fixture(scope="module")
 def dpo_runs(tmp_path_factory):
-  """2 DPO steps on 8 fake devices as fsdp=8, then resumed to step 4 on a 2x2x2 mesh."""
+  """2 DPO steps on 8 fake devices as fsdp=8, then resumed to step 4 on a 2x2x2 mesh (a longer run: the new
+  num_steps accepted with train.resume=new_config; the mesh may differ freely)."""
   workdir = tmp_path_factory.mktemp("dpo_placement")
   common = ["--config.mesh.num_cpu_devices=8", "--config.train.checkpoint_every=2"]
   first = _run(workdir, "configs/dpo_hh.py:tiny", *common, "--config.train.num_steps=2",
                "--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=8", "--config.mesh.shape.tensor=1")
   second = _run(workdir, "configs/dpo_hh.py:tiny", *common, "--config.train.num_steps=4",
-                "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2", "--config.mesh.shape.tensor=2")
+                "--config.train.resume=new_config", "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2",
+                "--config.mesh.shape.tensor=2")
   return first, second
 
 

@@ -113,6 +113,10 @@ def test_unknown_algorithm_and_combinations():
   config.data.input_format = "pairs"
   assert validation.problems(config) == [
       "config.data.input_format='pairs' gives preference data; sft takes one of hh_chosen, sft"]
+  config = _valid("sft")
+  config.data.max_length = 22  # below the default prompt limit (128): was a ValueError traceback from the pipeline
+  assert validation.problems(config) == [
+      "config.data.max_prompt_length=128 must be less than config.data.max_length=22"]
 
 
 @pytest.mark.parametrize("override, message", [

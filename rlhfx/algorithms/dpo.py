@@ -100,9 +100,9 @@ def eval_step(params, batch, reference_params, *, loss: Callable, **kwargs):
   """The loss and its metrics per example ([B] each: the loss applied to each pair alone), so held-out means are
   over examples and the padding rows of a short last batch can be left out. An unpaired loss (KTO: its KL term
   is a batch statistic) gives batch means instead."""
-  if not getattr(loss, "unpaired", False):
-    loss = jax.vmap(lambda x: loss(jax.tree.map(lambda a: a[None], x)))
-  value, step_metrics = dpo_objective(params, batch, reference_params, loss=loss, **kwargs)
+  per_example = loss if getattr(loss, "unpaired", False) else jax.vmap(
+      lambda x: loss(jax.tree.map(lambda a: a[None], x)))
+  value, step_metrics = dpo_objective(params, batch, reference_params, loss=per_example, **kwargs)
   return {"loss": value, **step_metrics}
 
 

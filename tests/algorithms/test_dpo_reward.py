@@ -113,6 +113,24 @@ def test_three_reference_modes_give_the_same_loss():
   assert {"rewards/chosen", "rewards/margins", "logits/chosen", "logps/rejected"} <= set(m_frozen)
 
 
+def test_eval_step_gives_per_example_values_whose_mean_is_the_batch_loss():
+  """Held-out DPO metrics are means over examples, so a short last batch's padding rows can be left out."""
+  base = init_params(CONFIG, jax.random.key(0))
+  policy = jax.tree.map(lambda x: x * 1.05, base)
+  batch = _pairs(b=6)
+  loss = preference.from_config(base_config("dpo").dpo)  # the registered sigmoid loss
+  kwargs = dict(model=MODEL, loss=loss, mode="frozen")
+  batch_loss, batch_metrics = dpo.dpo_objective(policy, batch, base, **kwargs)
+  per_example = jax.jit(functools.partial(dpo.eval_step, **kwargs))(policy, batch, base)
+  assert per_example["loss"].shape == (6,)
+  np.testing.assert_allclose(per_example["loss"].mean(), batch_loss, rtol=1e-6)
+  for key in ("rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/rejected"):
+    np.testing.assert_allclose(per_example[key].mean(), batch_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  first_four = jax.tree.map(lambda x: x[:4], batch)  # leaving rows out changes the mean: rows are separate
+  np.testing.assert_allclose(dpo.dpo_objective(policy, first_four, base, **kwargs)[0],
+                             per_example["loss"][:4].mean(), rtol=1e-6)
+
+
 def _dpo_step(params, reference, *, mode, loss, frozen=(), steps=1):
   optimizer = make_optimizer(_optim(), 10, params, frozen=frozen)
   step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
