@@ -57,11 +57,20 @@ def parse(description: str, dpo: bool):
   return args
 
 
+def compute_dtype(args) -> str:
+  """What a config asking for bf16 computes in on this backend (rlhfx.models.load.compute_dtype)."""
+  import jax
+
+  from rlhfx.models.load import compute_dtype
+
+  return compute_dtype("bfloat16" if args.bf16 else "float32", jax.default_backend())
+
+
 def model_config(args):
   from rlhfx.models import ModelConfig, get_preset
 
   if args.preset:
-    config = get_preset(args.preset, dtype="bfloat16" if args.bf16 else "float32",
+    config = get_preset(args.preset, dtype=compute_dtype(args),
                         remat="full" if args.grad_ckpt else "none", max_seq_len=max(args.seq, 1024))
     args.vocab, args.n_layer = config.vocab_size, config.n_layers
     args.n_embd, args.n_head = config.d_model, config.n_heads
@@ -69,8 +78,7 @@ def model_config(args):
   return ModelConfig(vocab_size=args.vocab, d_model=args.n_embd, n_layers=args.n_layer, n_heads=args.n_head,
                      max_seq_len=args.n_positions or max(1024, args.seq), norm="layernorm", mlp="gelu",
                      positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
-                     dtype="bfloat16" if args.bf16 else "float32", remat="full" if args.grad_ckpt else "none",
-                     arch="gpt2")
+                     dtype=compute_dtype(args), remat="full" if args.grad_ckpt else "none", arch="gpt2")
 
 
 def pairs(args):
@@ -137,6 +145,7 @@ def emit(args, algo: str, times, flops_per_step: float, extra: dict):
       "config": {"model": "gpt2", "n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "vocab": args.vocab, "seq": args.seq, "batch": args.batch, "steps": args.steps,
                  "warmup": args.warmup, "dtype": "bf16-compute" if args.bf16 else "float32",
+                 "compute_dtype": compute_dtype(args),
                  "device": jax.devices()[0].platform, "tokens_per_step": tokens_per_step,
                  "eigen_threads": args.eigen_threads, "remat": "full" if args.grad_ckpt else "none", **extra},
       "step_s_median": med,
@@ -144,7 +153,7 @@ def emit(args, algo: str, times, flops_per_step: float, extra: dict):
       "tokens_per_s": tokens_per_step / med,
       "compile_s": times[0] - med,
       "achieved_gflops": flops_per_step / med / 1e9,
-      "matmul_peak_gflops": matmul_peak_gflops(jnp.bfloat16 if args.bf16 else jnp.float32),
+      "matmul_peak_gflops": matmul_peak_gflops(jnp.dtype(compute_dtype(args))),
       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
       "step_s_all": [round(t, 6) for t in times],
       "versions": {"python": platform.python_version(), "jax": jax.__version__},

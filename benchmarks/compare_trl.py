@@ -80,14 +80,20 @@ def median(records: list[dict], key: str):
   return statistics.median(values) if values else None
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what bf16 and f32 matmul speed depend on
+
+
 def machine() -> dict:
-  cpu = ""
+  """The CPU model, its cores and which of CPU_FLAGS it has (a ratio measured here is a fact about this CPU)."""
+  cpu, flags = "", set()
   try:
-    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    lines = open("/proc/cpuinfo").read().splitlines()
+    cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
   except (OSError, StopIteration):
     pass
   return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "os": platform.platform(),
-          "python": platform.python_version()}
+          "python": platform.python_version(), "flags": {f: f in flags for f in CPU_FLAGS}}
 
 
 def versions(trl_python: str) -> dict:
@@ -120,6 +126,11 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def flag_words(m: dict) -> str:
+  """"avx2 yes, avx512f yes, avx512_bf16 yes, amx_bf16 no"."""
+  return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m.get("flags", {}).items())
+
+
 def display(command: list[str], trl_python: str) -> str:
   """A command as a reader would type it: relative paths, `python` for this interpreter."""
   words = [w.replace(str(ROOT) + "/", "").replace(str(TRL), "../shared/bench/trl") for w in command[1:]]
@@ -130,7 +141,9 @@ def display(command: list[str], trl_python: str) -> str:
 def write_markdown(path: pathlib.Path, size: str, rows, cmds, info, args_line: str, trl_python: str) -> None:
   begin, end = markers(size)
   block = [begin, f"## rlhfx vs TRL, {size} ({datetime.date.today().isoformat()})", "",
-           f"Machine: {info['machine']['cpu']}, {info['machine']['cores']} cores, {info['machine']['os']}. "
+           f"Machine: {info['machine']['cpu']}, {info['machine']['cores']} cores "
+           f"({flag_words(info['machine'])}), "
+           f"{info['machine']['os']}. "
            f"Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".", "",
            f"Made by `python benchmarks/compare_trl.py {args_line}`: medians of {info['runs']} interleaved runs "
            "(A B A B), fp32 unless the row says bf16; tokens/s counts chosen + rejected rows for training steps "

@@ -33,6 +33,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
   c.model.remat = "none"  # rematerialisation per layer: none | full | dots | dots_no_batch
+  c.model.attention = "auto"  # auto (splash on TPU, cudnn on GPU, xla on CPU) | xla | splash | cudnn
   c.model.scan_layers = False  # scan over layers (stacked parameters): faster compiles for deep models
   c.model.vocab_size = config_dict.placeholder(int)  # override the preset's vocabulary size
   c.model.max_seq_len = config_dict.placeholder(int)  # override the context length
@@ -55,6 +56,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.data.on_overlong = "truncate"  # truncate | skip | error (counted either way)
   c.data.buckets = (64, 128, 256)  # padded lengths; at most this many compiled shapes
   c.data.read_threads = 0  # Grain reader threads (0 = main thread: fastest on small CPU hosts)
+  c.data.packing = False  # SFT: pack examples into rows of the largest bucket (segment ids keep them apart)
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 16  # rows per optimizer step, over all processes and micro-batches

@@ -78,6 +78,7 @@ class ProgramPlan:
   roofline_s: float | None
   compile_s: float
   error: str = ""  # the compiler's reason when it did not compile (out of memory, ...)
+  kernel_calls: int = 0  # Mosaic custom calls in the program text (splash attention), a loop body once
 
 
 def _first_line(e: Exception) -> str:
@@ -124,8 +125,9 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
   # rematerialised forward) at peak, or the arguments read and the outputs written once
   roofline = max(flops * (RECOMPUTE.get(remat, 1.0) if p.trains else 1.0) / chip.peak_flops,
                  (m.argument_size_in_bytes + outputs) / chip.hbm_bandwidth)
-  return ProgramPlan(p.name, total <= chip.hbm_bytes, memory, parts, flops, compiler_flops,
-                     collectives(compiled.as_text()), roofline, compile_s)
+  hlo = compiled.as_text()
+  return ProgramPlan(p.name, total <= chip.hbm_bytes, memory, parts, flops, compiler_flops, collectives(hlo),
+                     roofline, compile_s, kernel_calls=hlo.count('custom_call_target="tpu_custom_call"'))
 
 
 def runtime_for(config, devices) -> sharding.Runtime:
@@ -138,7 +140,7 @@ def plan(config, topology_name: str) -> dict[str, Any]:
   validation.check(config)
   chip, devices = topology.devices(topology_name)
   runtime = runtime_for(config, devices)
-  model_config, _ = load.model_config(config, load_params=False)
+  model_config, _ = load.model_config(config, load_params=False, platform="tpu")
   validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh))
   plans = [plan_program(p, runtime, chip, model_config.remat) for p in programs.build(config, model_config, runtime)]
   return {
@@ -147,7 +149,8 @@ def plan(config, topology_name: str) -> dict[str, Any]:
       "peak_flops_per_chip": chip.peak_flops, "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
       "mesh": dict(runtime.mesh.shape), "model": {"params": model_config.num_params(), "dtype": model_config.dtype,
                                                   "param_dtype": model_config.param_dtype,
-                                                  "remat": model_config.remat, "scan_layers": model_config.scan_layers},
+                                                  "remat": model_config.remat, "scan_layers": model_config.scan_layers,
+                                                  "attention": model_config.attention},
       "grad_accum_steps": config.train.grad_accum_steps,
       "programs": [dataclasses.asdict(p) for p in plans],
       "fits": all(p.fits for p in plans),
@@ -167,7 +170,8 @@ def render(report: dict[str, Any]) -> str:
   lines = [f"{report['topology']} ({report['compiler_topology']}): {report['chips']} x {report['device_kind']}, "
            f"{hbm / GiB:.2f} GiB HBM per chip; mesh {mesh}",
            f"model: {model['params'] / 1e9:.2f}B parameters ({model['param_dtype']}), compute {model['dtype']}, "
-           f"remat {model['remat']}, scan_layers {model['scan_layers']}; grad_accum_steps "
+           f"remat {model['remat']}, scan_layers {model['scan_layers']}, attention {model['attention']}; "
+           f"grad_accum_steps "
            f"{report['grad_accum_steps']}"]
   for p in report["programs"]:
     lines += ["", f"program {p['name']}" + (f" (compiled in {p['compile_s']:.1f} s)" if p["bytes_per_chip"] else ""),
@@ -194,6 +198,9 @@ def render(report: dict[str, Any]) -> str:
     lines.append(flops)
     coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / GiB:.2f} GiB)" for k, v in p["collectives"].items())
     lines.append(f"  collectives in the program text (a loop body once): {coll or 'none'}")
+    if p["kernel_calls"]:
+      lines.append(f"  Mosaic kernel calls in the program text (splash attention; a loop body once): "
+                   f"{p['kernel_calls']}")
     lines.append(f"  roofline lower bound (estimate): {p['roofline_s'] * 1e3:.1f} ms per call")
   verdict = "FITS" if report["fits"] else "DOES NOT FIT"
   lines += ["", f"{verdict} on {report['topology']}"]
@@ -221,7 +228,7 @@ def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> lis
   """Try mesh shapes x remat policies, each with the fewest accumulation steps that fit; fastest roofline first."""
   chip, devices = topology.devices(topology_name)
   validation.check(config)
-  model_config, _ = load.model_config(config, load_params=False)
+  model_config, _ = load.model_config(config, load_params=False, platform="tpu")
   found = []
   rows = config.train.global_batch_size
   for c in candidates(len(devices), model_config):

@@ -140,7 +140,7 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   reward_params = rm_config = None
   if sc.model:
     try:
-      rm_config = rewards.reward_model_config(sc.model)
+      rm_config = rewards.reward_model_config(sc.model, model_config.attention)
     except ConfigError:  # planning before the reward run exists: a reward model of the policy's shape
       logging.warning("config.scoring.model=%r holds no reward model yet: planned with one of the policy's shape",
                       sc.model)

@@ -72,8 +72,11 @@ def _export_dir(path: str | Path) -> Path:
                     f"or in {EXPORT_DIR}/; a reward run writes <workdir>/{EXPORT_DIR} when it finishes)")
 
 
-def reward_model_config(path: str | Path) -> ModelConfig:
-  return ModelConfig(**json.loads((_export_dir(path) / "model_config.json").read_text()))
+def reward_model_config(path: str | Path, attention: str | None = None) -> ModelConfig:
+  """The exported reward model's ModelConfig; `attention` (the run's path on this backend) replaces the one it
+  was trained with."""
+  config = ModelConfig(**json.loads((_export_dir(path) / "model_config.json").read_text()))
+  return config if attention is None else config.replace(attention=attention)
 
 
 def load_reward_model(path: str | Path, target) -> RewardModel:
@@ -153,7 +156,9 @@ def make_scorer(config, tokenizer, runtime):
   if sc.function:
     fn = load_reward_function(sc.function, tokenizer)
     return (Scorer(fn=fn, **common) if is_traceable(fn) else Scorer(host_fn=fn, **common)), None
-  rm_config = reward_model_config(sc.model)
+  from rlhfx.models.load import resolve_attention
+
+  rm_config = reward_model_config(sc.model, resolve_attention(config.model.attention, jax.default_backend()))
   if rm_config.vocab_size < len(tokenizer):
     raise ConfigError(f"config.scoring.model: the reward model's vocab_size {rm_config.vocab_size} is smaller than "
                       f"the policy tokenizer ({len(tokenizer)} tokens); both must share a tokenizer")

@@ -9,6 +9,7 @@ it), so odd vocabularies and head counts still run.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 from pathlib import Path
@@ -154,8 +155,21 @@ def active(mesh: Mesh, rules):
   is a no-op, activations lose their batch sharding and XLA all-reduces partial products of
   the FSDP-sharded weights instead of gathering them per layer.
   """
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
+  token = _PLATFORM.set(mesh.devices.flat[0].platform)
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
+
+
+def platform() -> str:
+  """The platform programs are traced for: the devices of the mesh `active` set (the planner traces for a TPU
+  slice on a CPU host), else JAX's default backend."""
+  return _PLATFORM.get() or jax.default_backend()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -21,6 +21,7 @@ from rlhfx.models.config import DTYPES, PRESETS, REMAT_POLICIES
 
 CHOICES: dict[str, tuple] = {
     "model.dtype": tuple(DTYPES), "model.param_dtype": tuple(DTYPES), "model.remat": REMAT_POLICIES,
+    "model.attention": ("auto", "xla", "splash", "cudnn"),
     "data.input_format": tuple(PARSERS), "data.on_error": ("raise", "skip"),
     "data.prompt_side": ("keep_end", "keep_start"), "data.on_overlong": ("truncate", "skip", "error"),
     "optim.schedule": ("cosine", "constant"), "train.resume": ("check", "new_config"),
@@ -150,6 +151,8 @@ def _combination_problems(config) -> list[str]:
     out.append(f"config.model.preset={config.model.preset!r} is not a preset; known presets: {sorted(PRESETS)} "
                f"(or set config.model.init_from)")
   kind = PARSERS[d.input_format][0]
+  if d.packing and a != "sft":
+    out.append(f"config.data.packing=True: packing is implemented for sft, not yet for {a}")
   if kind not in DATA_KINDS[a]:
     formats = [f for f, (k, _) in PARSERS.items() if k in DATA_KINDS[a]]
     out.append(f"config.data.input_format={d.input_format!r} gives {kind} data; {a} takes one of {', '.join(formats)}")

@@ -27,10 +27,12 @@ Array = jax.Array
 
 def token_logps(params, batch: dict[str, Array], *, model: Transformer, lora_scale: float = 1.0,
                 chunk_size: int | None = None) -> Array:
-  """logps_BxT[t] = log p(x_t | x_<t) (0 at t = 0) of the policy (LoRA-merged)."""
+  """logps_BxT[t] = log p(x_t | x_<t) (0 at t = 0) of the policy (LoRA-merged); a packed batch's rows
+  (`segments_BxT`, `positions_BxT`) attend within each example."""
   params = lora.effective(params, lora_scale)
   tokens_BxT = batch["tokens_BxT"]
-  hidden_BxTxD = model.apply({"params": params}, tokens_BxT, batch["mask_BxT"], return_hidden=True)
+  hidden_BxTxD = model.apply({"params": params}, tokens_BxT, batch["mask_BxT"], batch.get("positions_BxT"),
+                             return_hidden=True, segments_BxT=batch.get("segments_BxT"))
   logps_BxS = target_logps(model, params, hidden_BxTxD[:, :-1], tokens_BxT[:, 1:], chunk_size=chunk_size)[0]
   return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
 
@@ -47,6 +49,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer
   loss = functools.partial(loss_fn, model=model, normalizer=normalizer, lora_scale=lora_scale, chunk_size=chunk_size)
   new_state, grads, sums = update(state, loss, batch, optimizer, grad_accum_steps)
   return new_state, {"train/loss": sums["loss"], "train/tokens": sums["tokens"],
+                     "train/padding": 1.0 - batch["mask_BxT"].mean(),
                      "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 

@@ -149,11 +149,34 @@ class Collate:
     return examples[start:start + local]
 
 
+class PackedCollate:
+  """A global batch of packed rows (Grain's first-fit packing) -> this process's rows: tokens_BxT, mask_BxT,
+  loss_mask_BxT, segments_BxT (0 on padding, 1, 2, ... per example) and positions_BxT (from 0 in each)."""
+
+  def __init__(self, process_index: int, process_count: int):
+    self.process_index, self.process_count = process_index, process_count
+
+  def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
+    local = len(rows) // self.process_count
+    rows = rows[self.process_index * local:(self.process_index + 1) * local]
+    segments = np.stack([r["tokens_segment_ids"] for r in rows]).astype(np.int32)
+    positions = np.stack([r["tokens_positions"] for r in rows]).astype(np.int32)
+    # an example's first token is never a target (as in a row of its own: nothing before it to predict from)
+    loss_mask = np.stack([r["loss_mask"] for r in rows]).astype(bool) & (positions > 0)
+    return {"tokens_BxT": np.stack([r["tokens"] for r in rows]).astype(np.int32), "mask_BxT": segments > 0,
+            "loss_mask_BxT": loss_mask, "segments_BxT": segments, "positions_BxT": positions}
+
+
 def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, buckets: Sequence[int],
                  truncation: Truncation = Truncation(), seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = 1, process_index: int | None = None, process_count: int | None = None,
-                 drop_remainder: bool = True, stats: Stats | None = None, read_threads: int = 0) -> grain.IterDataset:
+                 drop_remainder: bool = True, stats: Stats | None = None, read_threads: int = 0,
+                 packing: bool = False) -> grain.IterDataset:
   """A Grain IterDataset of padded batches (see the module docstring); `stats` collects its counters.
+
+  `packing` (kind sft): examples are packed first-fit into rows of the largest bucket's length
+  (`grain.experimental.FirstFitPackIterDataset`, one bin per row of the global batch), with segment ids
+  and per-example positions (`PackedCollate`); the model keeps attention inside each example.
 
   `read_threads` > 0 reads and tokenizes ahead in Grain threads; 0 does it on the
   calling thread, which is fastest on small CPU machines (threads fight the GIL)
@@ -180,6 +203,15 @@ def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, bucket
   ds = ds.repeat(num_epochs)
   ds = ds.map(Encode(tokenizer, kind, truncation, stats)).filter(lambda e: e is not None)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=256 if read_threads else 0))
+  if packing:
+    if kind != "sft":
+      raise ValueError(f"packing is implemented for sft data, not {kind}")
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds.map(lambda e: {"tokens": e["tokens"], "loss_mask": e["loss_mask"]}),
+        length_struct={"tokens": buckets[-1], "loss_mask": buckets[-1]}, num_packing_bins=global_batch_size,
+        seed=seed, shuffle_bins=shuffle)
+    return ds.batch(global_batch_size, drop_remainder=drop_remainder,
+                    batch_fn=PackedCollate(process_index, process_count))
   return ds.batch(global_batch_size, drop_remainder=drop_remainder,
                   batch_fn=Collate(kind, buckets, pad_id, process_index, process_count))
 

@@ -79,10 +79,12 @@ def batches(config, data: Data, source, *, seed: int, shuffle: bool = True, num_
   train split's encoding counts go to `data.stats` unless `stats` is given."""
   if stats is None and source is data.train:
     stats = data.stats
+  packing = config.data.packing and source is data.train and shuffle  # training batches; evaluation: one per row
   return pipeline.make_dataset(source, data.tokenizer, kind=data.kind, global_batch_size=config.train.global_batch_size,
                                buckets=tuple(config.data.buckets), truncation=data.truncation, seed=seed,
                                shuffle=shuffle, num_epochs=num_epochs, stats=stats,
-                               read_threads=config.data.read_threads, drop_remainder=drop_remainder)
+                               read_threads=config.data.read_threads, drop_remainder=drop_remainder,
+                               packing=packing)
 
 
 def full_batches(config, data: Data, source, limit: int | None = None, keep_ids: bool = False):

@@ -47,6 +47,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype
   remat: str = "none"  # rematerialisation policy per layer: none | full | dots | dots_no_batch
+  attention: str = "xla"  # whole-sequence attention: xla | splash (Pallas, TPU) | cudnn (GPU); rlhfx.models.kernels
   scan_layers: bool = False  # one scanned layer (stacked params with a leading "layers" axis)
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -66,6 +67,7 @@ class ModelConfig:
         ("mlp", self.mlp, MLPS),
         ("positions", self.positions, POSITIONS),
         ("remat", self.remat, REMAT_POLICIES),
+        ("attention", self.attention, ("xla", "splash", "cudnn")),
         ("param_dtype", self.param_dtype, tuple(DTYPES)),
         ("dtype", self.dtype, tuple(DTYPES)),
     )

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -18,11 +20,43 @@ from rlhfx.config import ConfigError
 from rlhfx.models.config import PRESETS, ModelConfig, get_preset
 
 
-def model_config(config, load_params: bool = True) -> tuple[ModelConfig, Any]:
+def resolve_attention(choice: str, platform: str) -> str:
+  """config.model.attention -> the path on `platform`: "auto" is splash on TPU, cudnn on GPU, xla elsewhere."""
+  if choice != "auto":
+    return choice
+  return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+
+
+def compute_dtype(dtype: str, platform: str) -> str:
+  """The compute dtype on `platform`: as asked, except bfloat16 on CPU, which computes in float32.
+
+  XLA:CPU has no fast bf16 matmul: on the machine of BENCHMARKS.md (AMD EPYC with avx512_bf16) a
+  2048^2 matmul ran at 165 GFLOP/s in bf16 against 208 in float32, and a GPT-2-small DPO step in bf16 was
+  slower than in float32. So a config written for an accelerator (bf16) runs its CPU smoke tests at
+  float32 speed, and says so; the parameters keep `param_dtype`.
+  """
+  if dtype == "bfloat16" and platform == "cpu":
+    _say_float32_on_cpu()
+    return "float32"
+  return dtype
+
+
+@functools.cache
+def _say_float32_on_cpu() -> None:
+  logging.warning("model.dtype=bfloat16 computes in float32 on CPU (XLA:CPU's bf16 matmuls are slower than its "
+                  "float32 ones); on TPU and GPU it is bfloat16")
+
+
+def model_config(config, load_params: bool = True, platform: str | None = None) -> tuple[ModelConfig, Any]:
   """(ModelConfig, numpy params or None for random init) from config.model; without `load_params` a Hugging
-  Face model's config.json alone is read and the params are None (the planner)."""
+  Face model's config.json alone is read and the params are None (the planner). `platform` (default: JAX's
+  backend) picks the attention path of `config.model.attention="auto"` and the compute dtype
+  (`compute_dtype`: bfloat16 is float32 on CPU)."""
   m = config.model
   overrides = {k: m[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
+  platform = platform or jax.default_backend()
+  overrides["attention"] = resolve_attention(m.attention, platform)
+  overrides["dtype"] = compute_dtype(m.dtype, platform)
   shape = {k: m[k] for k in ("vocab_size", "n_layers", "d_model") if m[k] is not None}
   if m.max_seq_len is not None:
     overrides["max_seq_len"] = m.max_seq_len

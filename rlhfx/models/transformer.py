@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhfx.models.config import ModelConfig
+from rlhfx.models import kernels
 from rlhfx.models.layers import apply_rope, attention, _dense, _init, Norm, rope_frequencies, write_cache
 from rlhfx.sharding import constrain
 
@@ -56,9 +57,10 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, attn_mask_BxQxS, layer_cache, index, select_BxQ=None):
+  def __call__(self, x_BxTxD, positions_BxT, attn_mask_BxQxS, segments_BxT, layer_cache, index, select_BxQ=None):
     """With `select_BxQ`, queries (and the output) are only at those positions of each row; keys and
-    values still cover all T (attn_mask_BxQxS is then the mask of the selected rows)."""
+    values still cover all T (attn_mask_BxQxS is then the mask of the selected rows). A whole sequence
+    without a cache runs the fused kernel `config.attention` (rlhfx.models.kernels) on `segments_BxT`."""
     cfg = self.config
     n, k, h = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
     xq_BxQxD, q_positions_BxQ = x_BxTxD, positions_BxT
@@ -80,11 +82,17 @@ class Attention(nn.Module):
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
     q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
                                       "activation_head_dim"))
-    if layer_cache is not None:
-      k_BxKxSxH, v_BxKxSxH, new_cache = write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
+    fused = kernels.fits(cfg.attention, x_BxTxD.shape[1]) and layer_cache is None and select_BxQ is None and (
+        cfg.sliding_window is None)
+    if fused:
+      out_BxTxNxH, new_cache = kernels.attention(cfg.attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT,
+                                                 1.0 / math.sqrt(h)), None
     else:
-      k_BxKxSxH, v_BxKxSxH, new_cache = k_BxTxKxH.swapaxes(1, 2), v_BxTxKxH.swapaxes(1, 2), None
-    out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, attn_mask_BxQxS, 1.0 / math.sqrt(h))
+      if layer_cache is not None:
+        k_BxKxSxH, v_BxKxSxH, new_cache = write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
+      else:
+        k_BxKxSxH, v_BxKxSxH, new_cache = k_BxTxKxH.swapaxes(1, 2), v_BxTxKxH.swapaxes(1, 2), None
+      out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, attn_mask_BxQxS, 1.0 / math.sqrt(h))
     out_BxTxD = _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), ("embed",), cfg.out_bias,
                        "o_proj")(out_BxTxNxH)
     return out_BxTxD, new_cache
@@ -114,14 +122,15 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer_cache, positions_BxT, attn_mask_BxTxS, index, select_BxQ=None):
+  def __call__(self, x_BxTxD, layer_cache, positions_BxT, attn_mask_BxTxS, segments_BxT, index, select_BxQ=None):
     """With `select_BxQ` the block's output is only at those positions (x_BxQxD; see Attention)."""
     cfg = self.config
     attn_mask_BxQxS = attn_mask_BxTxS
     if select_BxQ is not None:
       attn_mask_BxQxS = jnp.take_along_axis(attn_mask_BxTxS, select_BxQ[..., None], axis=1)
     attn_out, new_cache = Attention(cfg, name="attn")(
-        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, attn_mask_BxQxS, layer_cache, index, select_BxQ)
+        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, attn_mask_BxQxS, segments_BxT, layer_cache, index,
+        select_BxQ)
     if select_BxQ is not None:
       x_BxTxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
     x_BxTxD = x_BxTxD + attn_out
@@ -164,7 +173,7 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
       self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
@@ -173,14 +182,18 @@ class Transformer(nn.Module):
       self.lm_head = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), ("vocab",), False, "lm_head")
 
   def __call__(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
-               return_hidden: bool = False, select_BxQ=None):
-    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, mask_BxT, positions_BxT, cache=cache, select_BxQ=select_BxQ)
+               return_hidden: bool = False, select_BxQ=None, segments_BxT=None):
+    hidden_BxTxD, cache = self.hidden_states(tokens_BxT, mask_BxT, positions_BxT, cache=cache, select_BxQ=select_BxQ,
+                                             segments_BxT=segments_BxT)
     out = hidden_BxTxD if return_hidden else self.unembed(hidden_BxTxD)
     return out if cache is None else (out, cache)
 
   def hidden_states(self, tokens_BxT, mask_BxT=None, positions_BxT=None, *, cache: Cache | None = None,
-                    select_BxQ=None):
+                    select_BxQ=None, segments_BxT=None):
     """Final hidden states [B, T, D], or [B, Q, D] at the positions `select_BxQ` only.
+
+    `segments_BxT` (packed rows: 0 on padding, 1, 2, ... per example; without a cache) keeps attention
+    inside each example; pass `positions_BxT` counting from 0 in each. Default: one segment per row.
 
     Selecting positions (a reward model reads one per row) lets the last layer compute queries,
     attention output and MLP for those positions alone: every layer's keys and values still
@@ -202,6 +215,10 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.maximum(seen_B[:, None] + jnp.cumsum(mask_BxT, -1, dtype=jnp.int32) - 1, 0)
     attn_mask_BxTxS = attention_mask(index + jnp.arange(length), kv_mask_BxS, cfg.sliding_window)
+    if segments_BxT is None:
+      segments_BxT = mask_BxT.astype(jnp.int32)
+    else:  # packed rows: the dense mask of the XLA path, like the kernels' segment ids
+      attn_mask_BxTxS &= segments_BxT[:, :, None] == segments_BxT[:, None, :]
 
     x_BxTxD = self.embed(tokens_BxT)
     if cfg.positions == "learned":
@@ -210,7 +227,7 @@ class Transformer(nn.Module):
 
     kv = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
     if cfg.scan_layers:
-      x_BxTxD, new_kv = self.layers(x_BxTxD, kv, positions_BxT, attn_mask_BxTxS, index)
+      x_BxTxD, new_kv = self.layers(x_BxTxD, kv, positions_BxT, attn_mask_BxTxS, segments_BxT, index)
       if select_BxQ is not None:
         x_BxTxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
     else:
@@ -218,7 +235,7 @@ class Transformer(nn.Module):
       for i, layer in enumerate(self.layers):
         layer_kv = None if kv is None else (*new_kv, i)  # the stacked cache, written at layer i
         last = select_BxQ if i == len(self.layers) - 1 else None
-        x_BxTxD, layer_new = layer(x_BxTxD, layer_kv, positions_BxT, attn_mask_BxTxS, index, last)
+        x_BxTxD, layer_new = layer(x_BxTxD, layer_kv, positions_BxT, attn_mask_BxTxS, segments_BxT, index, last)
         new_kv = new_kv if kv is None else layer_new
     hidden_BxTxD = self.final_norm(x_BxTxD)
     if cache is not None:
