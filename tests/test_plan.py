@@ -134,3 +134,15 @@ def test_a_model_too_large_is_reported_as_not_fitting():
   else:  # the compiler refused: its reason is kept
     assert "RESOURCE_EXHAUSTED" in step["error"] or "memory" in step["error"].lower()
   assert "DOES NOT FIT" in plan.render(report)
+
+
+def test_splash_attention_compiles_as_mosaic_kernels_and_shrinks_long_sequence_temporaries():
+  """At 4,096 tokens the XLA path holds every head's [T, T] scores; the splash kernel (compiled by Mosaic for the
+  TPU slice, not interpreted: custom calls in the program text) does not."""
+  long = {"model.max_seq_len": 4096, "data.max_length": 4096, "data.buckets": (4096,),
+          "data.max_prompt_length": 2048, "train.global_batch_size": 4}
+  reports = {kind: plan.plan(_config(**long, **{"model.attention": kind}), "v5e-4") for kind in ("xla", "auto")}
+  assert reports["auto"]["model"]["attention"] == "splash"  # auto on a TPU slice
+  (xla,), (splash,) = reports["xla"]["programs"], reports["auto"]["programs"]
+  assert xla["kernel_calls"] == 0 and splash["kernel_calls"] > 0
+  assert splash["bytes_per_chip"]["temporaries"] < 0.25 * xla["bytes_per_chip"]["temporaries"]
