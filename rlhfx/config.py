@@ -56,7 +56,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.data.on_overlong = "truncate"  # truncate | skip | error (counted either way)
   c.data.buckets = (64, 128, 256)  # padded lengths; at most this many compiled shapes
   c.data.read_threads = 0  # Grain reader threads (0 = main thread: fastest on small CPU hosts)
-  c.data.packing = False  # SFT: pack examples into rows of the largest bucket (segment ids keep them apart)
+  c.data.packing = False  # SFT, DPO: pack sequences into rows of the largest bucket (segment ids keep them apart)
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 16  # rows per optimizer step, over all processes and micro-batches

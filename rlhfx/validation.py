@@ -151,8 +151,13 @@ def _combination_problems(config) -> list[str]:
     out.append(f"config.model.preset={config.model.preset!r} is not a preset; known presets: {sorted(PRESETS)} "
                f"(or set config.model.init_from)")
   kind = PARSERS[d.input_format][0]
-  if d.packing and a != "sft":
-    out.append(f"config.data.packing=True: packing is implemented for sft, not yet for {a}")
+  if d.packing and a not in ("sft", "dpo"):
+    out.append(f"config.data.packing=True: packing is implemented for sft and dpo, not yet for {a}")
+  if d.packing and a == "dpo" and PARSERS[d.input_format][0] != "preference":
+    out.append("config.data.packing=True: packing is implemented for paired data, not for unpaired (KTO)")
+  if d.packing and a == "dpo" and t.grad_accum_steps > 1:
+    out.append(f"config.data.packing=True with config.train.grad_accum_steps={t.grad_accum_steps}: a packed DPO "
+               f"batch is not split into micro-batches yet; use 1")
   if kind not in DATA_KINDS[a]:
     formats = [f for f, (k, _) in PARSERS.items() if k in DATA_KINDS[a]]
     out.append(f"config.data.input_format={d.input_format!r} gives {kind} data; {a} takes one of {', '.join(formats)}")

@@ -88,3 +88,26 @@ def test_kto_trains_on_unpaired_examples(tmp_path, shared_data):
   assert first_eval["step"] == 0 and first_eval["eval/kl"] == 0.0  # the policy starts as the reference
   assert abs(first_eval["eval/loss"] - 0.5) < 1e-6  # w (1 - sigmoid(0)) with both weights 1
   assert last_train["train/loss"] < 0.5 and last_train["rewards/chosen"] > last_train["rewards/rejected"]
+
+
+@pytest.mark.slow
+def test_packed_dpo_trains_exactly_like_one_pair_per_row(tmp_path, shared_data):
+  """The same pairs per step, packed into fewer rows: the same losses and metrics step by step, less padding."""
+  tok512 = shared_data("stories260k/tok512.bin")
+  common = ["--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.export_hf=False",
+            f"--config.data.tokenizer={tok512}", "--config.model.vocab_size=512", "--config.data.eval_fraction=0",
+            "--config.data.max_prompt_length=48", "--config.model.max_seq_len=256",
+            "--config.data.buckets=64,128,256"]  # rows pad to the batch's longest (<= 128); packed rows: 256
+  logs = {}
+  for packing in (False, True):
+    _run("configs/dpo_hh.py:tiny", tmp_path / str(packing), *common, f"--config.data.packing={packing}")
+    lines = (tmp_path / str(packing) / "metrics.jsonl").read_text().splitlines()
+    logs[packing] = {r["step"]: r for r in map(json.loads, lines) if "train/loss" in r}
+  assert sorted(logs[True]) == sorted(logs[False]) == [1, 2, 3]
+  for step in (1, 2, 3):
+    for key in ("train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+      np.testing.assert_allclose(logs[True][step][key], logs[False][step][key], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"step {step} {key}")
+    assert logs[True][step]["train/padding"] <= logs[False][step]["train/padding"]
+  padding = {packing: sum(log[s]["train/padding"] for s in (1, 2, 3)) for packing, log in logs.items()}
+  assert padding[True] < padding[False]

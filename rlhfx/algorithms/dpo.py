@@ -24,14 +24,15 @@ import logging
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from rlhfx import checkpoint, evaluation, export, metrics, setup, sharding
 from rlhfx.data import prepare
-from rlhfx.logprobs import completion_logps
+from rlhfx.logprobs import completion_logps, target_logps
 from rlhfx.losses import preference
-from rlhfx.losses.common import concat_pairs
+from rlhfx.losses.common import concat_pairs, padding_share
 from rlhfx.models import Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
 from rlhfx.train_state import TrainState, create_state, init_state, update
@@ -41,9 +42,35 @@ Array = jax.Array
 REFERENCE_KEYS = {"chosen_B": "ref_chosen_logps_B", "rejected_B": "ref_rejected_logps_B", "logps_B": "ref_logps_B"}
 
 
+def packed_pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_size: int | None = None):
+  """`pair_logps` of a packed batch (rlhfx.data.pipeline.PackedPairsCollate): one forward pass over the rows,
+  attention inside each sequence, then each sequence's sums by its flat index row x T + segment."""
+  tokens_RxT, segments_RxT = batch["tokens_BxT"], batch["segments_BxT"]
+  r, t = tokens_RxT.shape
+  hidden_RxTxD = model.apply({"params": params}, tokens_RxT, batch["mask_BxT"], batch["positions_BxT"],
+                             return_hidden=True, segments_BxT=segments_RxT)
+  logps_RxS, mean_RxS, _ = target_logps(model, params, hidden_RxTxD[:, :-1], tokens_RxT[:, 1:],
+                                        chunk_size=chunk_size)
+  targets_RxS = batch["loss_mask_BxT"][:, 1:]  # never a sequence's first token: no prediction crosses segments
+  ids = (jnp.arange(r)[:, None] * t + segments_RxT[:, 1:]).ravel()
+
+  def per_sequence(values_RxS):
+    return jax.ops.segment_sum(jnp.where(targets_RxS, values_RxS, 0.0).ravel(), ids, num_segments=r * t)
+
+  sums, means, counts = per_sequence(logps_RxS), per_sequence(mean_RxS), per_sequence(jnp.ones_like(logps_RxS))
+  c, j = batch["chosen_index_B"], batch["rejected_index_B"]
+  mean_logits = jax.lax.stop_gradient(means / jnp.maximum(counts, 1))
+  return preference.PairLogps(chosen_B=sums[c], rejected_B=sums[j], chosen_tokens_B=counts[c].astype(jnp.int32),
+                              rejected_tokens_B=counts[j].astype(jnp.int32), chosen_mean_logits_B=mean_logits[c],
+                              rejected_mean_logits_B=mean_logits[j])
+
+
 def pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_size: int | None = None,
                window: int | None = None):
-  """Policy statistics of chosen and rejected completions from one forward pass over 2B rows."""
+  """Policy statistics of chosen and rejected completions from one forward pass over 2B rows (or over the packed
+  rows of a packed batch, which ignores `window`)."""
+  if "segments_BxT" in batch:
+    return packed_pair_logps(model, params, batch, chunk_size=chunk_size)
   tokens, mask, loss_mask = concat_pairs(batch)
   logps_2B, mean_logits_2B, count_2B = completion_logps(model, params, tokens, mask, loss_mask,
                                                         chunk_size=chunk_size, window=window)
@@ -93,7 +120,8 @@ def train_step(state: TrainState, batch, reference_params, *, model: Transformer
   new_state, grads, m = update(state, lambda p, b: objective(p, b, reference_params), batch, optimizer,
                                grad_accum_steps, average=True)
   step_metrics = {("train/loss" if k == "loss" else k): v for k, v in m.items()}
-  return new_state, {**step_metrics, "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
+  return new_state, {**step_metrics, "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step),
+                     "train/padding": padding_share(batch)}
 
 
 def eval_step(params, batch, reference_params, *, loss: Callable, **kwargs):

@@ -16,7 +16,7 @@ import optax
 from rlhfx import checkpoint, evaluation, export, metrics, sampling, setup, sharding
 from rlhfx.data import prepare
 from rlhfx.logprobs import target_logps
-from rlhfx.losses.common import target_mask
+from rlhfx.losses.common import padding_share, target_mask
 from rlhfx.losses.sft import sft_nll
 from rlhfx.models import ModelConfig, Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
@@ -49,7 +49,7 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer
   loss = functools.partial(loss_fn, model=model, normalizer=normalizer, lora_scale=lora_scale, chunk_size=chunk_size)
   new_state, grads, sums = update(state, loss, batch, optimizer, grad_accum_steps)
   return new_state, {"train/loss": sums["loss"], "train/tokens": sums["tokens"],
-                     "train/padding": 1.0 - batch["mask_BxT"].mean(),
+                     "train/padding": padding_share(batch),
                      "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 

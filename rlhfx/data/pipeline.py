@@ -167,6 +167,66 @@ class PackedCollate:
             "loss_mask_BxT": loss_mask, "segments_BxT": segments, "positions_BxT": positions}
 
 
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """Bins (lists of indices into `lengths`), each item in the first bin with room, in the given order."""
+  bins: list[list[int]] = []
+  room: list[int] = []
+  for i, n in enumerate(lengths):
+    j = next((j for j, r in enumerate(room) if r >= n), None)
+    if j is None:
+      bins.append([]), room.append(capacity)
+      j = len(bins) - 1
+    bins[j].append(i)
+    room[j] -= n
+  return bins
+
+
+class PackedPairsCollate:
+  """A global batch of encoded pairs -> this process's pairs, their 2P sequences (chosen i, rejected i) packed
+  first-fit into rows of `length` tokens, as many rows as the fullest process needs, rounded up to
+  `row_multiple` (so every process's rows split over its devices):
+
+    tokens_BxT, mask_BxT, loss_mask_BxT, segments_BxT, positions_BxT   the packed rows
+    chosen_index_B, rejected_index_B   where each pair's sequences are: global row x length + segment
+    example_id_B                       the pairs' ids (for cached reference log-probs)
+
+  An example's first token is never a target (as in a row of its own)."""
+
+  def __init__(self, length: int, row_multiple: int, pad_id: int, process_index: int, process_count: int):
+    self.length, self.row_multiple, self.pad_id = length, row_multiple, pad_id
+    self.process_index, self.process_count = process_index, process_count
+
+  def _bins(self, pairs: Sequence[dict]) -> list[list[int]]:
+    return first_fit([len(e[f"{side}_tokens"]) for e in pairs for side in ("chosen", "rejected")], self.length)
+
+  def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    local = len(examples) // self.process_count
+    shares = [examples[i * local:(i + 1) * local] for i in range(self.process_count)]
+    rows = max(len(self._bins(share)) for share in shares)  # every process the same shape
+    rows = -(-rows // self.row_multiple) * self.row_multiple
+    mine = shares[self.process_index]
+    out = {"tokens_BxT": np.full((rows, self.length), self.pad_id, np.int32),
+           "loss_mask_BxT": np.zeros((rows, self.length), bool),
+           "segments_BxT": np.zeros((rows, self.length), np.int32),
+           "positions_BxT": np.zeros((rows, self.length), np.int32)}
+    where = np.zeros(2 * local, np.int64)
+    for r, sequences in enumerate(self._bins(mine)):
+      offset = 0
+      for segment, s in enumerate(sequences, 1):
+        side = ("chosen", "rejected")[s % 2]
+        tokens, loss_mask = mine[s // 2][f"{side}_tokens"], mine[s // 2][f"{side}_loss_mask"]
+        at = slice(offset, offset + len(tokens))
+        out["tokens_BxT"][r, at], out["loss_mask_BxT"][r, at] = tokens, loss_mask
+        out["loss_mask_BxT"][r, offset] = False
+        out["segments_BxT"][r, at], out["positions_BxT"][r, at] = segment, np.arange(len(tokens))
+        where[s] = (self.process_index * rows + r) * self.length + segment
+        offset += len(tokens)
+    out["mask_BxT"] = out["segments_BxT"] > 0
+    out["chosen_index_B"], out["rejected_index_B"] = where[0::2], where[1::2]
+    out["example_id_B"] = np.stack([e["example_id"] for e in mine])
+    return out
+
+
 def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, buckets: Sequence[int],
                  truncation: Truncation = Truncation(), seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = 1, process_index: int | None = None, process_count: int | None = None,
@@ -174,9 +234,11 @@ def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, bucket
                  packing: bool = False) -> grain.IterDataset:
   """A Grain IterDataset of padded batches (see the module docstring); `stats` collects its counters.
 
-  `packing` (kind sft): examples are packed first-fit into rows of the largest bucket's length
+  `packing`: sft examples are packed first-fit into rows of the largest bucket's length
   (`grain.experimental.FirstFitPackIterDataset`, one bin per row of the global batch), with segment ids
-  and per-example positions (`PackedCollate`); the model keeps attention inside each example.
+  and per-example positions (`PackedCollate`); preference pairs keep `global_batch_size` pairs per batch
+  and pack their chosen and rejected sequences into as few rows as they need (`PackedPairsCollate`, a
+  multiple of the local device count). The model keeps attention inside each sequence.
 
   `read_threads` > 0 reads and tokenizes ahead in Grain threads; 0 does it on the
   calling thread, which is fastest on small CPU machines (threads fight the GIL)
@@ -203,9 +265,14 @@ def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, bucket
   ds = ds.repeat(num_epochs)
   ds = ds.map(Encode(tokenizer, kind, truncation, stats)).filter(lambda e: e is not None)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=256 if read_threads else 0))
+  if packing and kind == "preference":
+    import jax
+
+    return ds.batch(global_batch_size, drop_remainder=drop_remainder, batch_fn=PackedPairsCollate(
+        buckets[-1], jax.local_device_count(), pad_id, process_index, process_count))
   if packing:
     if kind != "sft":
-      raise ValueError(f"packing is implemented for sft data, not {kind}")
+      raise ValueError(f"packing is implemented for sft and preference data, not {kind}")
     ds = grain.experimental.FirstFitPackIterDataset(
         ds.map(lambda e: {"tokens": e["tokens"], "loss_mask": e["loss_mask"]}),
         length_struct={"tokens": buckets[-1], "loss_mask": buckets[-1]}, num_packing_bins=global_batch_size,

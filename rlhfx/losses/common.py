@@ -37,3 +37,9 @@ def concat_pairs(batch: dict[str, Array]) -> tuple[Array, Array, Array]:
   """Chosen rows then rejected rows: (tokens_2BxT, mask_2BxT, loss_mask_2BxT) for one forward pass."""
   return tuple(jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
                for k in ("tokens_BxT", "mask_BxT", "loss_mask_BxT"))
+
+
+def padding_share(batch: dict[str, Array]) -> Array:
+  """The share of a batch's token slots that are padding (every `*mask_BxT` but the loss masks)."""
+  masks = [v for k, v in batch.items() if k.endswith("mask_BxT") and "loss" not in k]
+  return 1.0 - sum(m.sum() for m in masks) / sum(m.size for m in masks)

@@ -70,3 +70,49 @@ def test_packed_per_example_losses_equal_one_example_per_row(attention):
   packed = sorted(x for b in _batches(True) for x in _per_example_nll(b, params, model))
   assert [t for t, _ in packed] == [t for t, _ in unpacked] and len(packed) == 24
   np.testing.assert_allclose([v for _, v in packed], [v for _, v in unpacked], rtol=2e-5, atol=2e-5)
+
+
+def _pairs_source(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  words = ["alpha", "beta", "gamma", "delta", "eps", "zeta"]
+  say = lambda k: " " + " ".join(rng.choice(words, rng.integers(1, k)))
+  return [{"prompt": (say(5) + " =").encode(), "chosen": say(6).encode(), "rejected": say(4).encode(), "messages": b""}
+          for _ in range(n)]
+
+
+def _pair_batches(packing, batch=8):
+  ds = make_dataset(_pairs_source(), load_tokenizer("builtin:bytes"), kind="preference", global_batch_size=batch,
+                    buckets=(ROW,), shuffle=False, truncation=Truncation(max_length=ROW, max_prompt_length=64),
+                    packing=packing, process_index=0, process_count=1)
+  return list(ds)
+
+
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_packed_dpo_pairs_give_each_pairs_log_probs_and_loss_as_one_pair_per_row(attention):
+  from rlhfx.algorithms import dpo
+  from rlhfx.config import base_config
+  from rlhfx.losses import preference
+
+  config = get_preset("tiny").replace(vocab_size=512, max_seq_len=ROW, attention=attention)
+  policy = init_params(config, jax.random.key(0))
+  reference = jax.tree.map(lambda x: x * 0.97, policy)
+  model = Transformer(config)
+  loss = preference.from_config(base_config("dpo").dpo)
+  per_pair = jax.jit(lambda p, b, r: dpo.eval_step(p, b, r, model=model, loss=loss, mode="frozen"))
+  logps = jax.jit(lambda p, b: dpo.pair_logps(model, p, b))
+  results = {}
+  for packing in (False, True):
+    batches = _pair_batches(packing)
+    rows = sum(len(b["tokens_BxT" if packing else "chosen_tokens_BxT"]) * (1 if packing else 2) for b in batches)
+    out = {}
+    for b in batches:
+      step = {k: v for k, v in b.items() if k != "example_id_B"}
+      x, metrics = logps(policy, step), per_pair(policy, step, reference)
+      for i, example in enumerate(b["example_id_B"]):
+        out[int(example)] = (float(x.chosen_B[i]), float(x.rejected_B[i]), int(x.chosen_tokens_B[i]),
+                             int(x.rejected_tokens_B[i]), float(metrics["loss"][i]))
+    results[packing] = (rows, out)
+  (rows, unpacked), (packed_rows, packed) = results[False], results[True]
+  assert packed_rows < rows / 2 and sorted(packed) == sorted(unpacked) == list(range(16))
+  for example in unpacked:
+    np.testing.assert_allclose(packed[example], unpacked[example], rtol=2e-5, atol=2e-5, err_msg=str(example))
