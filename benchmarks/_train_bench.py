@@ -43,6 +43,8 @@ def parse(description: str, dpo: bool):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--threads", type=int, default=None, help="accepted for parity with TRL's scripts; unused")
   p.add_argument("--grad-ckpt", action="store_true", help="remat every layer (TRL: gradient checkpointing)")
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "splash", "cudnn"],
+                 help="whole-sequence attention (auto: splash on TPU, cudnn on GPU, xla on CPU)")
   p.add_argument("--eigen-threads", default="on", choices=["on", "off"])
   p.add_argument("--out", default=None)
   if dpo:
@@ -66,11 +68,19 @@ def compute_dtype(args) -> str:
   return compute_dtype("bfloat16" if args.bf16 else "float32", jax.default_backend())
 
 
+def attention(args) -> str:
+  import jax
+
+  from rlhfx.models.load import resolve_attention
+
+  return resolve_attention(args.attention, jax.default_backend())
+
+
 def model_config(args):
   from rlhfx.models import ModelConfig, get_preset
 
   if args.preset:
-    config = get_preset(args.preset, dtype=compute_dtype(args),
+    config = get_preset(args.preset, dtype=compute_dtype(args), attention=attention(args),
                         remat="full" if args.grad_ckpt else "none", max_seq_len=max(args.seq, 1024))
     args.vocab, args.n_layer = config.vocab_size, config.n_layers
     args.n_embd, args.n_head = config.d_model, config.n_heads
@@ -78,7 +88,8 @@ def model_config(args):
   return ModelConfig(vocab_size=args.vocab, d_model=args.n_embd, n_layers=args.n_layer, n_heads=args.n_head,
                      max_seq_len=args.n_positions or max(1024, args.seq), norm="layernorm", mlp="gelu",
                      positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
-                     dtype=compute_dtype(args), remat="full" if args.grad_ckpt else "none", arch="gpt2")
+                     dtype=compute_dtype(args), remat="full" if args.grad_ckpt else "none", arch="gpt2",
+                     attention=attention(args))
 
 
 def pairs(args):
@@ -145,7 +156,7 @@ def emit(args, algo: str, times, flops_per_step: float, extra: dict):
       "config": {"model": "gpt2", "n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head,
                  "vocab": args.vocab, "seq": args.seq, "batch": args.batch, "steps": args.steps,
                  "warmup": args.warmup, "dtype": "bf16-compute" if args.bf16 else "float32",
-                 "compute_dtype": compute_dtype(args),
+                 "compute_dtype": compute_dtype(args), "attention": attention(args),
                  "device": jax.devices()[0].platform, "tokens_per_step": tokens_per_step,
                  "eigen_threads": args.eigen_threads, "remat": "full" if args.grad_ckpt else "none", **extra},
       "step_s_median": med,

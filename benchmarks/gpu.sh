@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared device check for a lent H100/H200 (inside 10 minutes): the DPO step of a ~1B Llama-shaped
-# model in bf16, the reward step, the sampler, and a PPO iteration; prints one JSON line each (MFU from the
+# model in bf16 with cuDNN's fused attention and with the XLA path, the reward step, the sampler, and a PPO iteration; prints one JSON line each (MFU from the
 # measured 8192^3 bf16 matmul and from the spec peak) and writes them to $OUT/gpu.jsonl.
 #
 # The device image has jax, flax, optax, orbax, transformers, safetensors, but not grain,
@@ -44,7 +44,8 @@ run() {  # name timeout_s command...
   timeout "$limit" "$@" --out "$OUT/gpu.jsonl" 2>"$OUT/$name.stderr" | tail -1 || echo "$name failed or timed out (see $OUT/$name.stderr)"
 }
 # ~1.2B Llama-3.2-1B shape (16 layers, 2048 wide, GQA 32/8, vocab 128256), bf16 compute, fp32 params + AdamW
-run dpo_1b 200 $PY benchmarks/dpo_step.py --preset llama3.2-1b --bf16 --seq 1024 --batch 8 --steps 10 --chunk-size 256
+run dpo_1b_cudnn 150 $PY benchmarks/dpo_step.py --preset llama3.2-1b --bf16 --seq 1024 --batch 8 --steps 10 --chunk-size 256 --attention cudnn
+run dpo_1b_xla 150 $PY benchmarks/dpo_step.py --preset llama3.2-1b --bf16 --seq 1024 --batch 8 --steps 10 --chunk-size 256 --attention xla
 run reward_1b 120 $PY benchmarks/reward_step.py --preset llama3.2-1b --bf16 --seq 1024 --batch 8 --steps 10
 run generate_1b 120 $PY benchmarks/generate.py --preset llama3.2-1b --dtype bfloat16 --batch 32 --prompt-len 256 --new-tokens 256
 run ppo_tiny 60 $PY benchmarks/ppo_iteration.py --iterations 3

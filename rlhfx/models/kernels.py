@@ -19,7 +19,8 @@ another platform than TPU (`sharding.platform()`) it runs in Pallas interpret mo
 tests). Under a mesh it runs per shard
 (`jax.shard_map`): rows over the batch axes, key/value heads over `tensor` when they
 divide. cuDNN: `jax.nn.dot_product_attention(implementation="cudnn")` with the segment
-mask.
+mask (which cuDNN takes as a [B, 1, T, S] bias); 16-bit inputs only (`fits`). Not yet run on a
+GPU: the device check (benchmarks/gpu.sh) waits for a lent machine.
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ def segment_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT, scale: floa
                                       is_causal=True, implementation=implementation)
 
 
-def fits(kind: str, length: int) -> bool:
-  """Whether `kind` runs rows of `length` tokens: splash tiles the sequence by multiples of 128 (TPU lanes);
-  shorter or odd lengths (a model's init, a small bucket) take the XLA path."""
-  return kind == "cudnn" or (kind == "splash" and length % 128 == 0)
+def fits(kind: str, length: int, dtype, head_dim: int) -> bool:
+  """Whether `kind` runs this attention, else the XLA path takes it: splash tiles the sequence by multiples of
+  128 (TPU lanes), so shorter or odd lengths (a model's init, a small bucket) do not; cuDNN's fused kernel
+  takes 16-bit inputs and head dims that are multiples of 8 up to 256 (a float32 model uses XLA)."""
+  if kind == "splash":
+    return length % 128 == 0
+  if kind == "cudnn":
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
+  return False
 
 
 def block_size(length: int) -> int:

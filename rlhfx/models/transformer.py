@@ -82,8 +82,8 @@ class Attention(nn.Module):
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
     q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
                                       "activation_head_dim"))
-    fused = kernels.fits(cfg.attention, x_BxTxD.shape[1]) and layer_cache is None and select_BxQ is None and (
-        cfg.sliding_window is None)
+    fused = kernels.fits(cfg.attention, x_BxTxD.shape[1], q_BxTxNxH.dtype, h) and layer_cache is None and (
+        select_BxQ is None and cfg.sliding_window is None)
     if fused:
       out_BxTxNxH, new_cache = kernels.attention(cfg.attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT,
                                                  1.0 / math.sqrt(h)), None
