@@ -69,11 +69,16 @@ def _fingerprint(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
 
 
+@jax.jit
+def _all_fingerprints(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: _fingerprint(x) for k, x in leaves.items()}  # one program per tree structure, compiled once
+
+
 def fingerprints(trees: dict[str, Any]) -> dict[str, list]:
   """{"<tree>/<key path>": [shape, dtype, fingerprint]} of every array leaf (one device program, one read)."""
   leaves = {f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}": x for name, tree in trees.items()
             for path, x in jax.tree_util.tree_leaves_with_path(tree) if isinstance(x, jax.Array)}
-  sums = jax.device_get(jax.jit(lambda xs: {k: _fingerprint(x) for k, x in xs.items()})(leaves))
+  sums = jax.device_get(_all_fingerprints(leaves))
   return {k: [list(x.shape), str(x.dtype), int(sums[k])] for k, x in leaves.items()}
 
 
