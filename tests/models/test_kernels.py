@@ -83,3 +83,35 @@ def test_a_model_with_splash_attention_gives_the_xla_logits_and_packing_keeps_ex
   alone = np.asarray(Transformer(config).apply({"params": params}, b[None]))[0]  # b as a row of its own
   np.testing.assert_allclose(logits["splash"][1, 60:110], alone, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(logits["splash"][1, :60], logits["splash"][0, :60], atol=2e-5, rtol=2e-5)
+
+
+def test_splash_under_a_2x2x2_mesh_runs_per_shard_and_gives_the_xla_logits():
+  """shard_map over rows (data x fsdp) and key/value heads (tensor) on 8 fake devices, in its own process."""
+  import subprocess
+  import sys
+  import textwrap
+
+  script = textwrap.dedent("""
+      import jax
+      jax.config.update("jax_num_cpu_devices", 8)
+      import numpy as np
+      from rlhfx import sharding
+      from rlhfx.models import Transformer, get_preset, init_params
+      cfg = get_preset("tiny").replace(max_seq_len=128, n_heads=4, n_kv_heads=2)
+      params = init_params(cfg, jax.random.key(0))
+      tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (8, 128)).astype(np.int32)
+      mask = np.ones((8, 128), bool)
+      mask[1, 100:] = False
+      mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+      out = {}
+      for kind in ("xla", "splash"):
+        model = Transformer(cfg.replace(attention=kind))
+        with sharding.active(mesh, sharding.DEFAULT_RULES):
+          batch = sharding.global_batch({"t": tokens, "m": mask}, mesh)
+          out[kind] = np.asarray(jax.jit(lambda p, t, m: model.apply({"params": p}, t, m))(params, batch["t"],
+                                                                                           batch["m"]))
+      print("max diff", float(np.abs(out["xla"] - out["splash"])[mask].max()))
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert float(proc.stdout.split("max diff")[1]) < 2e-5
