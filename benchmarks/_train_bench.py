@@ -43,7 +43,7 @@ def parse(description: str, dpo: bool):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--threads", type=int, default=None, help="accepted for parity with TRL's scripts; unused")
   p.add_argument("--grad-ckpt", action="store_true", help="remat every layer (TRL: gradient checkpointing)")
-  p.add_argument("--attention", default="auto", choices=["auto", "xla", "splash", "cudnn"],
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "splash", "cudnn"],  # config.model.attention
                  help="whole-sequence attention (auto: splash on TPU, cudnn on GPU, xla on CPU)")
   p.add_argument("--eigen-threads", default="on", choices=["on", "off"])
   p.add_argument("--out", default=None)

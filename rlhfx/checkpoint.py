@@ -74,18 +74,17 @@ def _all_fingerprints(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: _fingerprint(x) for k, x in leaves.items()}  # one program per tree structure, compiled once
 
 
+def _keyed(trees: dict[str, Any]) -> dict[str, Any]:
+  """{"<tree>/<key path>": leaf} of every array (or ShapeDtypeStruct) leaf of the named trees."""
+  return {f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}": x for name, tree in trees.items()
+          for path, x in jax.tree_util.tree_leaves_with_path(tree) if hasattr(x, "shape")}
+
+
 def fingerprints(trees: dict[str, Any]) -> dict[str, list]:
   """{"<tree>/<key path>": [shape, dtype, fingerprint]} of every array leaf (one device program, one read)."""
-  leaves = {f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}": x for name, tree in trees.items()
-            for path, x in jax.tree_util.tree_leaves_with_path(tree) if isinstance(x, jax.Array)}
+  leaves = _keyed(trees)
   sums = jax.device_get(_all_fingerprints(leaves))
   return {k: [list(x.shape), str(x.dtype), int(sums[k])] for k, x in leaves.items()}
-
-
-def _shapes(trees: dict[str, Any]) -> dict[str, list]:
-  return {f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}": [list(x.shape), str(x.dtype)]
-          for name, tree in trees.items() for path, x in jax.tree_util.tree_leaves_with_path(tree)
-          if hasattr(x, "shape")}
 
 
 class Checkpointer:
@@ -125,7 +124,7 @@ class Checkpointer:
     saved = self.metadata(step).get("fingerprints")
     if saved is not None:
       expected = {k: v[:2] for k, v in saved.items() if k.split("/")[0] in abstract_trees}
-      wanted = _shapes(abstract_trees)
+      wanted = {k: [list(x.shape), str(x.dtype)] for k, x in _keyed(abstract_trees).items()}
       for key in sorted(set(expected) | set(wanted)):
         if expected.get(key) != wanted.get(key):
           raise CheckpointError(f"checkpoint step {step} in {self.directory} holds another state than this run's: "

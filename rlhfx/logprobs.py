@@ -5,6 +5,7 @@ exist whole.
                                                          chunk_size=128, temperature=1.0, entropy=False)
   logps_B, mean_logits_B, tokens_B = completion_logps(model, params, tokens_BxT, mask_BxT, loss_mask_BxT,
                                                       chunk_size=128, window=64)
+  logps_BxS, mean_logits_BxS = row_logps(model, params, batch, chunk_size=128)      # every next token (SFT, packed)
 
 `target_logps` takes final hidden states and the token each one predicts (SFT: every
 position; DPO/KTO: the completion; PPO/GRPO: the sampled completion under the sampling
@@ -77,6 +78,16 @@ def target_logps(model: Transformer, params, hidden_BxSxD: Array, targets_BxS: A
     _, outs_NxBxC = jax.lax.scan(lambda c, x: (c, chunk(*x)), None, (h_NxBxCxD, t_NxBxC))
     logps_BxS, mean_BxS, ent_BxS = (x.swapaxes(0, 1).reshape(h.shape[0], -1)[:, :length] for x in outs_NxBxC)
   return logps_BxS, mean_BxS, ent_BxS if entropy else None
+
+
+def row_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_size: int | None = None):
+  """(logps_BxS, mean_logits_BxS) of every next token of a batch's rows, S = T - 1: position s holds
+  log p(tokens[s + 1] | tokens[:s + 1]). A packed batch's `segments_BxT` and `positions_BxT` keep attention and
+  positions inside each sequence."""
+  tokens_BxT = batch["tokens_BxT"]
+  hidden_BxTxD = model.apply({"params": params}, tokens_BxT, batch["mask_BxT"], batch.get("positions_BxT"),
+                             return_hidden=True, segments_BxT=batch.get("segments_BxT"))
+  return target_logps(model, params, hidden_BxTxD[:, :-1], tokens_BxT[:, 1:], chunk_size=chunk_size)[:2]
 
 
 def completion_window(loss_mask_BxT: Array, window: int) -> Array:

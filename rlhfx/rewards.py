@@ -145,7 +145,7 @@ def host_scores(fn: Callable, tokenizer, prompt_BxP, prompt_mask_BxP, tokens_BxC
   return scores
 
 
-def make_scorer(config, tokenizer, runtime):
+def make_scorer(config, tokenizer, runtime, attention: str = "xla"):
   """(rollout.Scorer, the reward model's params or None) from config.scoring."""
   from rlhfx.models.heads import ScoreModel
   from rlhfx.models.load import abstract_params
@@ -156,9 +156,7 @@ def make_scorer(config, tokenizer, runtime):
   if sc.function:
     fn = load_reward_function(sc.function, tokenizer)
     return (Scorer(fn=fn, **common) if is_traceable(fn) else Scorer(host_fn=fn, **common)), None
-  from rlhfx.models.load import resolve_attention
-
-  rm_config = reward_model_config(sc.model, resolve_attention(config.model.attention, jax.default_backend()))
+  rm_config = reward_model_config(sc.model, attention)
   if rm_config.vocab_size < len(tokenizer):
     raise ConfigError(f"config.scoring.model: the reward model's vocab_size {rm_config.vocab_size} is smaller than "
                       f"the policy tokenizer ({len(tokenizer)} tokens); both must share a tokenizer")

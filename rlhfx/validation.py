@@ -17,11 +17,11 @@ from ml_collections import ConfigDict
 from rlhfx.config import ALGORITHMS, ConfigError, base_config
 from rlhfx.data.formats import PARSERS
 from rlhfx.losses import policy, preference
-from rlhfx.models.config import DTYPES, PRESETS, REMAT_POLICIES
+from rlhfx.models.config import ATTENTIONS, DTYPES, PRESETS, REMAT_POLICIES
 
 CHOICES: dict[str, tuple] = {
     "model.dtype": tuple(DTYPES), "model.param_dtype": tuple(DTYPES), "model.remat": REMAT_POLICIES,
-    "model.attention": ("auto", "xla", "splash", "cudnn"),
+    "model.attention": ("auto", *ATTENTIONS),
     "data.input_format": tuple(PARSERS), "data.on_error": ("raise", "skip"),
     "data.prompt_side": ("keep_end", "keep_start"), "data.on_overlong": ("truncate", "skip", "error"),
     "optim.schedule": ("cosine", "constant"), "train.resume": ("check", "new_config"),

@@ -37,7 +37,8 @@ CONFIG, INPUTS, LOCK = "config.json", "inputs.json", ".lock"
 IGNORED = re.compile(r"^(train\.(log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints|"
                      r"async_checkpoints|export_hf|log_samples_every|time_phases|resume)|data\.read_threads|"
                      r"mesh\..*|distributed\..*|model\.(remat|lm_head_chunk))$")
-_DATA_FIELDS = re.compile(r"^(data\.|seed$)")
+# Fields the built dataset (<workdir>/data) depends on: a change rebuilds it.
+BUILD_FIELDS = ("data.builtin", "data.train_files", "data.input_format", "data.eval_fraction", "data.on_error", "seed")
 _held: dict[Path, int] = {}  # workdir -> lock file descriptor, held until the process exits
 
 
@@ -65,12 +66,15 @@ def claim(config, path: Path) -> None:
   inputs = fingerprints(config)
   accept = config.train.resume == "new_config"
   if saved is not None:
-    difference = first_difference(saved, current)
+    fields = differences(saved, current)
     changed = _input_change(_read_json(path / INPUTS), inputs)
-    if (difference or changed) and not accept:
-      raise WorkdirError(f"{path} was made by another run: {difference or changed}. Use a new --workdir, or "
+    if (fields or changed) and not accept:
+      old, new = _flat(saved), _flat(current)
+      first = (f"config.{fields[0]} {old.get(fields[0], '(absent)')!r} -> {new.get(fields[0], '(absent)')!r}"
+               if fields else changed)
+      raise WorkdirError(f"{path} was made by another run: {first}. Use a new --workdir, or "
                          f"--config.train.resume=new_config to continue this one with the new config and inputs")
-    if changed or (difference and _DATA_FIELDS.match(difference.split(" ")[0])):
+    if changed or set(fields) & set(BUILD_FIELDS):
       _forget_dataset(config, path)
   _write(path / CONFIG, current)
   _write(path / INPUTS, inputs)
@@ -132,14 +136,10 @@ def _flat(tree, prefix: str = "") -> dict:
   return {prefix[:-1]: tree}
 
 
-def first_difference(saved: dict, current: dict) -> str | None:
-  """'<field> <old> -> <new>' for the first result-changing field that differs, or None."""
+def differences(saved: dict, current: dict) -> list[str]:
+  """The result-changing fields (dotted, sorted) whose values differ between two configs' JSON."""
   old, new = _flat(saved), _flat(current)
-  for key in sorted(set(old) | set(new)):
-    if IGNORED.match(key) or old.get(key) == new.get(key):
-      continue
-    return f"config.{key} {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
-  return None
+  return [k for k in sorted(set(old) | set(new)) if not IGNORED.match(k) and old.get(k) != new.get(k)]
 
 
 def _input_change(saved: list | None, current: list[dict]) -> str | None:

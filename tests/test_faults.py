@@ -145,6 +145,13 @@ def test_changed_input_files_stop_the_rerun_and_accepting_them_rebuilds_the_data
   c.train.resume = "new_config"
   workdir.claim(c, run)
   assert not (run / "data" / "sft").exists()
+  built.mkdir(parents=True)  # built again from the accepted file; then another file, accepted: rebuilt too
+  (built / "dataset_info.json").write_text("{}")
+  other = tmp_path / "other.jsonl"
+  other.write_text('{"prompt": "x", "completion": "y"}\n')
+  c.data.train_files = (str(other),)
+  workdir.claim(c, run)
+  assert not (run / "data" / "sft").exists()
 
 
 def test_a_second_run_of_a_workdir_stops_until_the_first_process_is_gone(tmp_path):

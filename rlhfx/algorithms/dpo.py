@@ -30,7 +30,7 @@ import optax
 
 from rlhfx import checkpoint, evaluation, export, metrics, setup, sharding
 from rlhfx.data import prepare
-from rlhfx.logprobs import completion_logps, target_logps
+from rlhfx.logprobs import completion_logps, row_logps
 from rlhfx.losses import preference
 from rlhfx.losses.common import concat_pairs, padding_share
 from rlhfx.models import Transformer, load, lora
@@ -45,19 +45,12 @@ REFERENCE_KEYS = {"chosen_B": "ref_chosen_logps_B", "rejected_B": "ref_rejected_
 def packed_pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_size: int | None = None):
   """`pair_logps` of a packed batch (rlhfx.data.pipeline.PackedPairsCollate): one forward pass over the rows,
   attention inside each sequence, then each sequence's sums by its flat index row x T + segment."""
-  tokens_RxT, segments_RxT = batch["tokens_BxT"], batch["segments_BxT"]
-  r, t = tokens_RxT.shape
-  hidden_RxTxD = model.apply({"params": params}, tokens_RxT, batch["mask_BxT"], batch["positions_BxT"],
-                             return_hidden=True, segments_BxT=segments_RxT)
-  logps_RxS, mean_RxS, _ = target_logps(model, params, hidden_RxTxD[:, :-1], tokens_RxT[:, 1:],
-                                        chunk_size=chunk_size)
+  r, t = batch["tokens_BxT"].shape
+  logps_RxS, mean_RxS = row_logps(model, params, batch, chunk_size=chunk_size)
   targets_RxS = batch["loss_mask_BxT"][:, 1:]  # never a sequence's first token: no prediction crosses segments
-  ids = (jnp.arange(r)[:, None] * t + segments_RxT[:, 1:]).ravel()
-
-  def per_sequence(values_RxS):
-    return jax.ops.segment_sum(jnp.where(targets_RxS, values_RxS, 0.0).ravel(), ids, num_segments=r * t)
-
-  sums, means, counts = per_sequence(logps_RxS), per_sequence(mean_RxS), per_sequence(jnp.ones_like(logps_RxS))
+  ids = (jnp.arange(r)[:, None] * t + batch["segments_BxT"][:, 1:]).ravel()
+  values_Nx3 = jnp.where(targets_RxS[..., None], jnp.stack([logps_RxS, mean_RxS, jnp.ones_like(logps_RxS)], -1), 0.0)
+  sums, means, counts = jax.ops.segment_sum(values_Nx3.reshape(-1, 3), ids, num_segments=r * t).T
   c, j = batch["chosen_index_B"], batch["rejected_index_B"]
   mean_logits = jax.lax.stop_gradient(means / jnp.maximum(counts, 1))
   return preference.PairLogps(chosen_B=sums[c], rejected_B=sums[j], chosen_tokens_B=counts[c].astype(jnp.int32),

@@ -155,7 +155,7 @@ def train(config, workdir: str) -> dict[str, float]:
     # the held-out KL is measured against the initial policy even when beta = 0
     reference = load.frozen_copy(params, model_config.jnp_dtype)
     params = lora.wrap(params, config.lora, config.seed + 1)
-    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime)
+    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime, model_config.attention)
     if reward_params is not None:  # the frozen scorer is kept in its compute dtype
       reward_params = load.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
     optimizer = make_optimizer(config.optim, t.num_steps * config.grpo.epochs * config.grpo.minibatches, params,

@@ -212,7 +212,7 @@ def train(config, workdir: str) -> dict[str, float]:
   with sharding.active(mesh, runtime.rules):
     policy = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
     reference = load.frozen_copy(policy, model_config.jnp_dtype)
-    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime)
+    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime, model_config.attention)
     params, critic = init_params(config, policy, scorer, reward_params, model_config, mesh)
     # LoRA adapters (config.lora.rank > 0) on the policy and on a separate critic; a value head trains whole
     params = {k: v if k == "value_head" else lora.wrap(v, config.lora, config.seed + 1 + i)

@@ -15,7 +15,7 @@ import optax
 
 from rlhfx import checkpoint, evaluation, export, metrics, sampling, setup, sharding
 from rlhfx.data import prepare
-from rlhfx.logprobs import target_logps
+from rlhfx.logprobs import row_logps
 from rlhfx.losses.common import padding_share, target_mask
 from rlhfx.losses.sft import sft_nll
 from rlhfx.models import ModelConfig, Transformer, load, lora
@@ -29,11 +29,7 @@ def token_logps(params, batch: dict[str, Array], *, model: Transformer, lora_sca
                 chunk_size: int | None = None) -> Array:
   """logps_BxT[t] = log p(x_t | x_<t) (0 at t = 0) of the policy (LoRA-merged); a packed batch's rows
   (`segments_BxT`, `positions_BxT`) attend within each example."""
-  params = lora.effective(params, lora_scale)
-  tokens_BxT = batch["tokens_BxT"]
-  hidden_BxTxD = model.apply({"params": params}, tokens_BxT, batch["mask_BxT"], batch.get("positions_BxT"),
-                             return_hidden=True, segments_BxT=batch.get("segments_BxT"))
-  logps_BxS = target_logps(model, params, hidden_BxTxD[:, :-1], tokens_BxT[:, 1:], chunk_size=chunk_size)[0]
+  logps_BxS = row_logps(model, lora.effective(params, lora_scale), batch, chunk_size=chunk_size)[0]
   return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
 
 

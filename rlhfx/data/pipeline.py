@@ -122,17 +122,16 @@ class Collate:
     self.process_index, self.process_count = process_index, process_count
 
   def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-    local = len(examples) // self.process_count
     if self.kind == "prompts":
       length = bucket_length(max(len(e["prompt"]) for e in examples), self.buckets)
-      rows = self._local(examples, local)
+      rows = _share(examples, self.process_index, self.process_count)
       prompts = [e["prompt"] for e in rows]
       return {"prompt_BxP": _pad(prompts, length, left=True, value=self.pad_id),
               "prompt_mask_BxP": _pad([np.ones(len(p), bool) for p in prompts], length, left=True, value=False),
               "example_id_B": np.stack([e["example_id"] for e in rows])}
     prefixes = ("chosen_", "rejected_") if self.kind == "preference" else ("",)
     length = bucket_length(max(len(e[p + "tokens"]) for e in examples for p in prefixes), self.buckets)
-    rows = self._local(examples, local)
+    rows = _share(examples, self.process_index, self.process_count)
     batch = {}
     for p in prefixes:
       tokens = [e[p + "tokens"] for e in rows]
@@ -144,9 +143,20 @@ class Collate:
     batch["example_id_B"] = np.stack([e["example_id"] for e in rows])
     return batch
 
-  def _local(self, examples, local):
-    start = self.process_index * local
-    return examples[start:start + local]
+
+def _share(items: Sequence, process_index: int, process_count: int) -> Sequence:
+  """This process's rows of a global batch: the `process_index`-th of `process_count` equal slices."""
+  local = len(items) // process_count
+  return items[process_index * local:(process_index + 1) * local]
+
+
+def _packed_rows(tokens, loss_mask, segments, positions) -> dict[str, np.ndarray]:
+  """The arrays of packed rows ([R, T] each); a sequence's first token is never a target (as in a row of its
+  own: nothing before it to predict from), so no prediction crosses a segment boundary."""
+  segments, positions = np.asarray(segments, np.int32), np.asarray(positions, np.int32)
+  return {"tokens_BxT": np.asarray(tokens, np.int32), "mask_BxT": segments > 0,
+          "loss_mask_BxT": np.asarray(loss_mask, bool) & (positions > 0), "segments_BxT": segments,
+          "positions_BxT": positions}
 
 
 class PackedCollate:
@@ -157,18 +167,14 @@ class PackedCollate:
     self.process_index, self.process_count = process_index, process_count
 
   def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
-    local = len(rows) // self.process_count
-    rows = rows[self.process_index * local:(self.process_index + 1) * local]
-    segments = np.stack([r["tokens_segment_ids"] for r in rows]).astype(np.int32)
-    positions = np.stack([r["tokens_positions"] for r in rows]).astype(np.int32)
-    # an example's first token is never a target (as in a row of its own: nothing before it to predict from)
-    loss_mask = np.stack([r["loss_mask"] for r in rows]).astype(bool) & (positions > 0)
-    return {"tokens_BxT": np.stack([r["tokens"] for r in rows]).astype(np.int32), "mask_BxT": segments > 0,
-            "loss_mask_BxT": loss_mask, "segments_BxT": segments, "positions_BxT": positions}
+    rows = _share(rows, self.process_index, self.process_count)
+    return _packed_rows(*(np.stack([r[k] for r in rows]) for k in ("tokens", "loss_mask", "tokens_segment_ids",
+                                                                   "tokens_positions")))
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-  """Bins (lists of indices into `lengths`), each item in the first bin with room, in the given order."""
+  """Bins (lists of indices into `lengths`), each item in the first bin with room, in the given order.
+  (Grain's FirstFitPackIterDataset packs a stream across batches; DPO packs within each batch of pairs.)"""
   bins: list[list[int]] = []
   room: list[int] = []
   for i, n in enumerate(lengths):
@@ -186,45 +192,36 @@ class PackedPairsCollate:
   first-fit into rows of `length` tokens, as many rows as the fullest process needs, rounded up to
   `row_multiple` (so every process's rows split over its devices):
 
-    tokens_BxT, mask_BxT, loss_mask_BxT, segments_BxT, positions_BxT   the packed rows
+    tokens_BxT, mask_BxT, loss_mask_BxT, segments_BxT, positions_BxT   the packed rows (`_packed_rows`)
     chosen_index_B, rejected_index_B   where each pair's sequences are: global row x length + segment
     example_id_B                       the pairs' ids (for cached reference log-probs)
-
-  An example's first token is never a target (as in a row of its own)."""
+  """
 
   def __init__(self, length: int, row_multiple: int, pad_id: int, process_index: int, process_count: int):
     self.length, self.row_multiple, self.pad_id = length, row_multiple, pad_id
     self.process_index, self.process_count = process_index, process_count
 
-  def _bins(self, pairs: Sequence[dict]) -> list[list[int]]:
-    return first_fit([len(e[f"{side}_tokens"]) for e in pairs for side in ("chosen", "rejected")], self.length)
-
   def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-    local = len(examples) // self.process_count
-    shares = [examples[i * local:(i + 1) * local] for i in range(self.process_count)]
-    rows = max(len(self._bins(share)) for share in shares)  # every process the same shape
-    rows = -(-rows // self.row_multiple) * self.row_multiple
-    mine = shares[self.process_index]
-    out = {"tokens_BxT": np.full((rows, self.length), self.pad_id, np.int32),
-           "loss_mask_BxT": np.zeros((rows, self.length), bool),
-           "segments_BxT": np.zeros((rows, self.length), np.int32),
-           "positions_BxT": np.zeros((rows, self.length), np.int32)}
-    where = np.zeros(2 * local, np.int64)
-    for r, sequences in enumerate(self._bins(mine)):
+    sides = ("chosen", "rejected")
+    bins = [first_fit([len(e[f"{side}_tokens"]) for e in _share(examples, i, self.process_count) for side in sides],
+                      self.length) for i in range(self.process_count)]  # every process's, for one shape
+    rows = -(-max(len(b) for b in bins) // self.row_multiple) * self.row_multiple
+    mine = _share(examples, self.process_index, self.process_count)
+    tokens = np.full((rows, self.length), self.pad_id, np.int32)
+    loss_mask = np.zeros((rows, self.length), bool)
+    segments, positions = np.zeros((rows, self.length), np.int32), np.zeros((rows, self.length), np.int32)
+    where = np.zeros(2 * len(mine), np.int64)
+    for r, sequences in enumerate(bins[self.process_index]):
       offset = 0
       for segment, s in enumerate(sequences, 1):
-        side = ("chosen", "rejected")[s % 2]
-        tokens, loss_mask = mine[s // 2][f"{side}_tokens"], mine[s // 2][f"{side}_loss_mask"]
-        at = slice(offset, offset + len(tokens))
-        out["tokens_BxT"][r, at], out["loss_mask_BxT"][r, at] = tokens, loss_mask
-        out["loss_mask_BxT"][r, offset] = False
-        out["segments_BxT"][r, at], out["positions_BxT"][r, at] = segment, np.arange(len(tokens))
+        example, side = mine[s // 2], sides[s % 2]
+        at = slice(offset, offset + len(example[f"{side}_tokens"]))
+        tokens[r, at], loss_mask[r, at] = example[f"{side}_tokens"], example[f"{side}_loss_mask"]
+        segments[r, at], positions[r, at] = segment, np.arange(at.stop - at.start)
         where[s] = (self.process_index * rows + r) * self.length + segment
-        offset += len(tokens)
-    out["mask_BxT"] = out["segments_BxT"] > 0
-    out["chosen_index_B"], out["rejected_index_B"] = where[0::2], where[1::2]
-    out["example_id_B"] = np.stack([e["example_id"] for e in mine])
-    return out
+        offset = at.stop
+    return {**_packed_rows(tokens, loss_mask, segments, positions), "chosen_index_B": where[0::2],
+            "rejected_index_B": where[1::2], "example_id_B": np.stack([e["example_id"] for e in mine])}
 
 
 def make_dataset(source, tokenizer, *, kind: str, global_batch_size: int, buckets: Sequence[int],

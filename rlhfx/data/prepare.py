@@ -74,12 +74,14 @@ def prepare(config, workdir: Path, kind: str) -> Data:
 
 
 def batches(config, data: Data, source, *, seed: int, shuffle: bool = True, num_epochs=None,
-            stats: pipeline.Stats | None = None, drop_remainder: bool = True):
-  """This process's share of global batches of `config.train.global_batch_size` rows (a Grain iterator); the
-  train split's encoding counts go to `data.stats` unless `stats` is given."""
+            stats: pipeline.Stats | None = None, drop_remainder: bool = True, packing: bool | None = None):
+  """This process's share of global batches of `config.train.global_batch_size` rows (a Grain iterator). The
+  train split is packed per `config.data.packing` and counts its encoding into `data.stats` unless `packing` /
+  `stats` say otherwise (`full_batches`: one sequence per row, not counted)."""
   if stats is None and source is data.train:
     stats = data.stats
-  packing = config.data.packing and source is data.train and shuffle  # training batches; evaluation: one per row
+  if packing is None:
+    packing = config.data.packing and source is data.train
   return pipeline.make_dataset(source, data.tokenizer, kind=data.kind, global_batch_size=config.train.global_batch_size,
                                buckets=tuple(config.data.buckets), truncation=data.truncation, seed=seed,
                                shuffle=shuffle, num_epochs=num_epochs, stats=stats,
@@ -92,7 +94,7 @@ def full_batches(config, data: Data, source, limit: int | None = None, keep_ids:
   repeating its last row, and `valid_B` marks the real rows (so shapes stay divisible over the mesh)."""
   size = config.train.global_batch_size // jax.process_count()
   for i, batch in enumerate(batches(config, data, source, seed=0, shuffle=False, num_epochs=1,
-                                    stats=pipeline.Stats(), drop_remainder=False)):
+                                    stats=pipeline.Stats(), drop_remainder=False, packing=False)):
     if limit is not None and i >= limit:
       return
     rows = len(next(iter(batch.values())))

@@ -16,6 +16,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTIONS = ("xla", "splash", "cudnn")  # whole-sequence attention paths (rlhfx.models.kernels); config adds "auto"
 ROPE_SCALINGS = ("linear", "llama3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -67,7 +68,7 @@ class ModelConfig:
         ("mlp", self.mlp, MLPS),
         ("positions", self.positions, POSITIONS),
         ("remat", self.remat, REMAT_POLICIES),
-        ("attention", self.attention, ("xla", "splash", "cudnn")),
+        ("attention", self.attention, ATTENTIONS),
         ("param_dtype", self.param_dtype, tuple(DTYPES)),
         ("dtype", self.dtype, tuple(DTYPES)),
     )

@@ -34,7 +34,6 @@ from jax.sharding import PartitionSpec as P
 
 from rlhfx.sharding import BATCH_AXES, platform
 
-ATTENTIONS = ("auto", "xla", "splash", "cudnn")
 Array = jax.Array
 
 
