@@ -68,7 +68,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 50  # save every N steps (and at the end, and on SIGTERM)
   c.train.keep_checkpoints = 3  # complete checkpoints kept
   c.train.async_checkpoints = True  # write checkpoints in the background
-  c.train.export_hf = True  # write the final policy as a Hugging Face directory: <workdir>/hf
+  c.train.export_hf = True  # write the final model as a Hugging Face directory: <workdir>/hf (reward: reward_model/hf)
   c.train.resume = "check"  # check: a rerun must match the workdir's config and inputs | new_config: accept them
 
   c.optim = ml_collections.ConfigDict()
@@ -108,9 +108,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.reward.stats_batches = 16  # batches of train data for the reward mean/std stored for PPO
   if algorithm == "dpo":
     c.dpo = ml_collections.ConfigDict()
-    c.dpo.loss = "sigmoid"  # rlhfx.losses.preference.LOSSES: sigmoid | robust | ipo | hinge | simpo | orpo | kto
+    c.dpo.loss = "sigmoid"  # rlhfx.losses.preference.LOSSES (README: the DPO family), e.g. sigmoid | ipo | simpo | kto
     for name, default in preference.config_fields().items():  # every registered loss's hyper-parameters
-      c.dpo[name] = default  # beta, label_smoothing, gamma, lam, desirable_weight, undesirable_weight
+      c.dpo[name] = default  # beta, label_smoothing, gamma, lam, discopop_tau, desirable_weight, undesirable_weight
     c.dpo.sft_weight = 0.0  # + w * NLL of the chosen completions (paired losses)
     c.dpo.reference = "frozen"  # frozen (a second tree) | precomputed (log-probs cached once) | lora_base
   if algorithm in ("ppo", "grpo"):

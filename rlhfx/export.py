@@ -28,6 +28,30 @@ def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir:
   return lines
 
 
+def export_reward_model_hf(config, model_config: ModelConfig, params, tokenizer, stats: dict,
+                           directory: Path) -> list[str]:
+  """Process 0 writes a ScoreModel as `<Arch>ForSequenceClassification` (+ tokenizer and reward_stats.json) to
+  `directory` when `config.train.export_hf`; returns summary lines naming what it wrote or why it did not."""
+  if jax.process_index() != 0 or not config.train.export_hf:
+    return []
+  import json
+
+  from rlhfx.models.score_hf import score_model_to_hf
+
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id
+  if pad is None:
+    return ["no Hugging Face reward model export: the tokenizer has no pad token, which transformers needs to "
+            "find each sequence's last token"]
+  out = score_model_to_hf(model_config, jax.device_get(params), directory, pad_token_id=pad)
+  tokenizer.save_pretrained(out)
+  (out / "reward_stats.json").write_text(json.dumps(stats, indent=2))
+  lines = [f"Hugging Face reward model (AutoModelForSequenceClassification): {out}"]
+  if pad == tokenizer.eos_token_id:
+    lines.append("  note: its pad token is EOS, so transformers scores the token before a final EOS (rlhfx scores the "
+                 "EOS itself); give the tokenizer a distinct pad token for equal scores")
+  return lines
+
+
 def print_summary(title: str, lines: list[str], workdir: Path, data) -> None:
   """Process 0 prints "== summary ==", the title, `lines`, the data's counts (`prepare.Data.summary`: records
   skipped, rows truncated or dropped) and where the metrics and checkpoints are."""

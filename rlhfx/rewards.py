@@ -2,7 +2,10 @@
 
 `config.scoring.model`    a reward run's work directory (or its reward_model/ folder): the
                           ScoreModel params, its ModelConfig and the reward mean/std that
-                          `rlhfx.algorithms.reward` exported at the end of training.
+                          `rlhfx.algorithms.reward` exported at the end of training; or a
+                          Hugging Face `*ForSequenceClassification` reward model with one
+                          label (a directory or hub id; rlhfx.models.score_hf), whose scores
+                          are used as they are unless a reward_stats.json lies beside it.
 `config.scoring.function` a reward function instead:
    "fraction:<chars>"     the share of completion tokens made only of these characters
                           (built in, computed on token ids inside the compiled iteration);
@@ -63,31 +66,59 @@ class RewardModel:
   std: float
 
 
-def _export_dir(path: str | Path) -> Path:
+def _source(path: str | Path) -> tuple[str, Path | str]:
+  """("rlhfx", the export folder) or ("hf", a *ForSequenceClassification directory or hub id)."""
+  from rlhfx.models.score_hf import is_score_model
+
   path = Path(path)
   for candidate in (path, path / EXPORT_DIR):
     if (candidate / "model_config.json").exists():
-      return candidate.absolute()
+      return "rlhfx", candidate.absolute()
+  if is_score_model(path):
+    return "hf", path.absolute()
+  if not path.exists() and len(path.parts) == 2:  # "org/name": a hub id
+    return "hf", str(path)
   raise ConfigError(f"config.scoring.model={str(path)!r}: no reward model there (expected model_config.json in it "
-                    f"or in {EXPORT_DIR}/; a reward run writes <workdir>/{EXPORT_DIR} when it finishes)")
+                    f"or in {EXPORT_DIR}/, as a reward run writes <workdir>/{EXPORT_DIR} when it finishes, or a "
+                    f"Hugging Face *ForSequenceClassification directory or hub id)")
 
 
 def reward_model_config(path: str | Path, attention: str | None = None) -> ModelConfig:
-  """The exported reward model's ModelConfig; `attention` (the run's path on this backend) replaces the one it
-  was trained with."""
-  config = ModelConfig(**json.loads((_export_dir(path) / "model_config.json").read_text()))
+  """The reward model's ModelConfig; `attention` (the run's path on this backend) replaces the one it was trained
+  with."""
+  kind, where = _source(path)
+  if kind == "hf":
+    from rlhfx.models.convert import resolve
+    from rlhfx.models.hf_config import config_from_hf
+
+    config_file = resolve(where) / "config.json"
+    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+  else:
+    config = ModelConfig(**json.loads((where / "model_config.json").read_text()))
   return config if attention is None else config.replace(attention=attention)
 
 
 def load_reward_model(path: str | Path, target) -> RewardModel:
-  """Restore an exported reward model onto `target` (ShapeDtypeStructs with shardings: load.abstract_params)."""
-  import orbax.checkpoint as ocp
+  """Load a reward model onto `target` (ShapeDtypeStructs with shardings: load.abstract_params)."""
+  kind, where = _source(path)
+  config = reward_model_config(path)
+  if kind == "hf":
+    from rlhfx.models.convert import resolve
+    from rlhfx.models.load import put
+    from rlhfx.models.score_hf import score_model_from_hf
 
-  directory = _export_dir(path)
-  config = reward_model_config(directory)
-  stats = json.loads((directory / "reward_stats.json").read_text())
-  with ocp.StandardCheckpointer() as ckpt:
-    params = ckpt.restore(directory / "params", target)
+    directory = resolve(where)
+    _, host = score_model_from_hf(directory, param_dtype=config.param_dtype, scan_layers=config.scan_layers)
+    params = put(jax.tree.map(lambda x, t: x.astype(t.dtype), host, target), jax.tree.map(lambda t: t.sharding,
+                                                                                            target))
+    stats_file = directory / "reward_stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"mean": 0.0, "std": 1.0}
+  else:
+    stats = json.loads((where / "reward_stats.json").read_text())
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+      params = ckpt.restore(where / "params", target)
   return RewardModel(config=config, params=params, mean=float(stats["mean"]), std=float(stats["std"]))
 
 

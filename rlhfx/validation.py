@@ -166,6 +166,9 @@ def _combination_problems(config) -> list[str]:
     if loss.unpaired != (kind == "unpaired"):
       out.append(f"config.dpo.loss={config.dpo.loss!r} takes {'unpaired' if loss.unpaired else 'paired'} data but "
                  f"config.data.input_format={d.input_format!r} gives {kind} data")
+    if config.dpo.loss == "exo_pair" and not config.dpo.label_smoothing > 0:
+      out.append(f"config.dpo.label_smoothing={config.dpo.label_smoothing}: exo_pair's target (1 - eps, eps) needs "
+                 "eps > 0 (the EXO paper uses 1e-3)")
     if loss.unpaired and config.dpo.sft_weight:
       out.append(f"config.dpo.sft_weight={config.dpo.sft_weight}: the SFT term needs paired data "
                  f"(not {config.dpo.loss})")

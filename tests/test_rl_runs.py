@@ -100,14 +100,18 @@ def test_grpo_with_a_python_text_reward(tmp_path):
 
 @pytest.mark.slow  # about 45 s: a reward model run, then a PPO run on its export
 def test_ppo_from_a_trained_reward_model(tmp_path, shared_data):
-  """reward_hh -> its exported reward_model/ -> PPO on HH prompts with normalised scores and the RM as critic."""
+  """reward_hh -> its Hugging Face export (reward_model/hf, LlamaForSequenceClassification) -> PPO on HH prompts
+  with normalised scores and the RM as critic (the rlhfx export drives PPO in test_placement.py)."""
   shared_data("hh_rlhf/harmless-base-test.jsonl.gz")
   small = ["--config.data.max_length=128", "--config.data.max_prompt_length=96", "--config.data.buckets=128,",
            "--config.train.global_batch_size=8", "--config.train.checkpoint_every=1000"]
   _run("configs/reward_hh.py:tiny", tmp_path / "rm", *small, "--config.train.num_steps=10",
        "--config.train.eval_every=0", "--config.reward.stats_batches=2", "--config.data.eval_fraction=0")
   stats = json.loads((tmp_path / "rm" / "reward_model" / "reward_stats.json").read_text())
-  out = _run("configs/ppo_hh.py:tiny", tmp_path / "ppo", f"--config.scoring.model={tmp_path / 'rm'}",
+  hf_dir = tmp_path / "rm" / "reward_model" / "hf"
+  assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+  assert json.loads((hf_dir / "reward_stats.json").read_text()) == stats
+  out = _run("configs/ppo_hh.py:tiny", tmp_path / "ppo", f"--config.scoring.model={hf_dir}",
              "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.eval_every=0",
              "--config.data.eval_fraction=0", "--config.rollout.max_new_tokens=8",
              "--config.train.log_samples_every=1", "--config.train.time_phases=True")

@@ -66,8 +66,12 @@ def test_every_field_with_a_value_of_the_wrong_kind_is_named_in_one_line(algorit
     assert message.startswith(f"config.{path}={bad!r}: expected "), (path, message)
 
 
+ALL_LOSSES = ("sigmoid, robust, ipo, hinge, simpo, orpo, kto, ipo_sum, sigmoid_norm, exo_pair, nca_pair, bco_pair, "
+              "sppo_hard, apo_zero, apo_down, discopop")
+
+
 @pytest.mark.parametrize("path, value, allowed", [
-    ("dpo.loss", "nope", "expected one of sigmoid, robust, ipo, hinge, simpo, orpo, kto"),
+    ("dpo.loss", "nope", "expected one of " + ALL_LOSSES),
     ("optim.schedule", "linear", "expected one of cosine, constant"),
     ("model.dtype", "fp16", "expected one of float32, bfloat16"),
     ("model.remat", "some", "expected one of none, full, dots, dots_no_batch"),
@@ -91,6 +95,15 @@ def test_bad_values_name_the_field_and_what_is_allowed(path, value, allowed):
   with pytest.raises(ConfigError, match=f"^config.{path}=") as e:
     validation.check(config)
   assert allowed in str(e.value)
+
+
+def test_exo_pair_needs_a_positive_label_smoothing():
+  config = _valid("dpo")
+  config.dpo.loss = "exo_pair"  # the shared field's default is sigmoid's 0.0, where EXO's log(eps) is -inf
+  assert validation.problems(config) == [
+      "config.dpo.label_smoothing=0.0: exo_pair's target (1 - eps, eps) needs eps > 0 (the EXO paper uses 1e-3)"]
+  config.dpo.label_smoothing = 1e-3
+  assert validation.problems(config) == []
 
 
 def test_unknown_algorithm_and_combinations():
@@ -120,7 +133,7 @@ def test_unknown_algorithm_and_combinations():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.dpo.loss=nope", "config.dpo.loss='nope': expected one of sigmoid, robust, ipo, hinge, simpo, orpo, kto"),
+    ("--config.dpo.loss=nope", "config.dpo.loss='nope': expected one of " + ALL_LOSSES),
     ("--config.train.num_steps=abc", "--config.train.num_steps=abc: invalid literal for int()"),
     ("--config.train.nope=1", "unknown config field config.train.nope"),
 ])

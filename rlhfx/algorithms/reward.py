@@ -140,6 +140,8 @@ def train(config, workdir: str) -> dict[str, float]:
   lines += [f"reward mean {stats['mean']:.3f}, std {stats['std']:.3f} over {stats['count']} train completions "
             f"-> {workdir / 'checkpoints' / 'reward_stats.json'}",
             f"reward model for PPO/GRPO (config.scoring.model): {exported}"]
+  lines += export.export_reward_model_hf(config, model_config, scorer_params, data.tokenizer, stats,
+                                         exported / "hf")
   export.print_summary(f"reward model ({model_config.num_params():,} backbone parameters) trained {t.num_steps} "
                        f"steps on {data.counts.get('written/train', 0)} pairs", lines, workdir, data)
   return {**log.last, **after}

@@ -71,9 +71,23 @@ def reward_metrics(x: PairLogps, chosen_rewards_B: Array, rejected_rewards_B: Ar
       "logps/rejected": x.rejected_B.mean(),
   }
   if x.chosen_mean_logits_B is not None:
-    metrics["logits/chosen"] = x.chosen_mean_logits_B.mean()
-    metrics["logits/rejected"] = x.rejected_mean_logits_B.mean()
+    metrics["logits/chosen"] = _token_mean(x.chosen_mean_logits_B, x.chosen_tokens_B)
+    metrics["logits/rejected"] = _token_mean(x.rejected_mean_logits_B, x.rejected_tokens_B)
   return metrics
+
+
+def _token_mean(row_means_B: Array, tokens_B: Array | None) -> Array:
+  """The mean over every completion token of the batch (TRL's `logits/*`), from per-row means and lengths."""
+  if tokens_B is None:
+    return row_means_B.mean()
+  tokens_B = tokens_B.astype(jnp.float32)
+  return jnp.sum(row_means_B * tokens_B) / jnp.maximum(tokens_B.sum(), 1)
+
+
+def _per_token(x: PairLogps) -> tuple[Array, Array]:
+  """Each completion's log-ratio divided by its token count (the average log-likelihood ratio)."""
+  return (x.chosen_logratios() / jnp.maximum(x.chosen_tokens_B, 1),
+          x.rejected_logratios() / jnp.maximum(x.rejected_tokens_B, 1))
 
 
 def _dpo_rewards(x: PairLogps, beta: float) -> dict[str, Array]:
@@ -104,9 +118,77 @@ def robust_dpo_loss(x: PairLogps, *, beta: float = 0.1, label_smoothing: float =
 
 
 def ipo_loss(x: PairLogps, *, beta: float = 0.1):
-  """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 beta))^2, with h over summed log-probs."""
+  """IPO (Azar et al. 2023, eq. 17): (h / |y| - 1/(2 beta))^2 with each log-ratio averaged over its tokens.
+
+  The paper's log-likelihoods are per-token averages (TRL's `ipo`, confirmed with the authors).
+  """
+  chosen, rejected = _per_token(x)
+  losses = (chosen - rejected - 1 / (2 * beta)) ** 2
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def ipo_sum_loss(x: PairLogps, *, beta: float = 0.1):
+  """IPO on summed log-probs: (h - 1/(2 beta))^2 (scales with completion length; rlhfx's `ipo` before 0.2)."""
   losses = (x.h() - 1 / (2 * beta)) ** 2
   return losses.mean(), _dpo_rewards(x, beta)
+
+
+def sigmoid_norm_loss(x: PairLogps, *, beta: float = 0.1):
+  """DPO on per-token average log-ratios: -log sigma(beta (h_w / |y_w| - h_l / |y_l|)) (TRL's `sigmoid_norm`)."""
+  chosen, rejected = _per_token(x)
+  return -jax.nn.log_sigmoid(beta * (chosen - rejected)).mean(), _dpo_rewards(x, beta)
+
+
+def exo_pair_loss(x: PairLogps, *, beta: float = 0.1, label_smoothing: float = 1e-3):
+  """EXO-pref (Ji et al. 2024, eq. 16), K = 2: KL(q || p) of q = softmax over the pair of beta log-ratios and
+  p = (1 - eps, eps): q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps). Needs 0 < eps < 1."""
+  z = beta * x.h()
+  eps = label_smoothing
+  losses = (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps))
+            + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - jnp.log(eps)))
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def nca_pair_loss(x: PairLogps, *, beta: float = 0.1):
+  """NCA (Chen et al. 2024, eq. 12), K = 2: -log sigma(r_w) - 1/2 log sigma(-r_w) - 1/2 log sigma(-r_l),
+  r = beta log pi/ref."""
+  r_w, r_l = beta * x.chosen_logratios(), beta * x.rejected_logratios()
+  losses = -jax.nn.log_sigmoid(r_w) - 0.5 * jax.nn.log_sigmoid(-r_w) - 0.5 * jax.nn.log_sigmoid(-r_l)
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def bco_pair_loss(x: PairLogps, *, beta: float = 0.1):
+  """BCO on pairs (Jung et al. 2024, eq. 6 with the reward shift delta = 0, as TRL's `bco_pair`):
+  -log sigma(r_w) - log sigma(-r_l)."""
+  r_w, r_l = beta * x.chosen_logratios(), beta * x.rejected_logratios()
+  return (-jax.nn.log_sigmoid(r_w) - jax.nn.log_sigmoid(-r_l)).mean(), _dpo_rewards(x, beta)
+
+
+def sppo_hard_loss(x: PairLogps, *, beta: float = 0.1):
+  """SPPO with hard win probabilities (Wu et al. 2024, eq. 4.7 with P = 1 for the winner, 0 for the loser):
+  (log pi/ref(y_w) - 1/(2 beta))^2 + (log pi/ref(y_l) + 1/(2 beta))^2."""
+  losses = (x.chosen_logratios() - 0.5 / beta) ** 2 + (x.rejected_logratios() + 0.5 / beta) ** 2
+  return losses.mean(), _dpo_rewards(x, beta)
+
+
+def apo_zero_loss(x: PairLogps, *, beta: float = 0.1):
+  """APO-zero (D'Oosterlinck et al. 2024, eq. 7): 1 - sigma(r_w) + sigma(r_l); raises chosen, lowers rejected."""
+  r_w, r_l = beta * x.chosen_logratios(), beta * x.rejected_logratios()
+  return (1 - jax.nn.sigmoid(r_w) + jax.nn.sigmoid(r_l)).mean(), _dpo_rewards(x, beta)
+
+
+def apo_down_loss(x: PairLogps, *, beta: float = 0.1):
+  """APO-down (D'Oosterlinck et al. 2024, eq. 8): sigma(r_w) + 1 - sigma(r_w - r_l); lowers both, rejected more."""
+  r_w, r_l = beta * x.chosen_logratios(), beta * x.rejected_logratios()
+  return (jax.nn.sigmoid(r_w) + 1 - jax.nn.sigmoid(r_w - r_l)).mean(), _dpo_rewards(x, beta)
+
+
+def discopop_loss(x: PairLogps, *, beta: float = 0.1, discopop_tau: float = 0.05):
+  """DiscoPOP (Chris Lu et al. 2024, eq. 5): log-ratio-modulated blend of the logistic and exponential losses,
+  (1 - sigma(z / tau)) (-log sigma(z)) + sigma(z / tau) exp(-z), z = beta h."""
+  z = beta * x.h()
+  mix = jax.nn.sigmoid(z / discopop_tau)
+  return ((1 - mix) * -jax.nn.log_sigmoid(z) + mix * jnp.exp(-z)).mean(), _dpo_rewards(x, beta)
 
 
 def hinge_loss(x: PairLogps, *, beta: float = 0.1):
@@ -318,6 +400,92 @@ class Kto(Loss):
   def __call__(self, x: UnpairedLogps):
     return kto_loss(x, beta=self.beta, desirable_weight=self.desirable_weight,
                     undesirable_weight=self.undesirable_weight)
+
+
+# the other row-separable losses of TRL 1.16's DPOTrainer (loss_type), equal to its numbers
+# (tests/algorithms/test_dpo_trl.py)
+
+@register("ipo_sum")
+@dataclasses.dataclass(frozen=True)
+class IpoSum(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return ipo_sum_loss(x, beta=self.beta)
+
+
+@register("sigmoid_norm")
+@dataclasses.dataclass(frozen=True)
+class SigmoidNorm(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return sigmoid_norm_loss(x, beta=self.beta)
+
+
+@register("exo_pair")
+@dataclasses.dataclass(frozen=True)
+class ExoPair(Loss):
+  beta: float = 0.1
+  label_smoothing: float = 1e-3  # eps of the target (1 - eps, eps); must be > 0
+
+  def __call__(self, x: PairLogps):
+    return exo_pair_loss(x, beta=self.beta, label_smoothing=self.label_smoothing)
+
+
+@register("nca_pair")
+@dataclasses.dataclass(frozen=True)
+class NcaPair(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return nca_pair_loss(x, beta=self.beta)
+
+
+@register("bco_pair")
+@dataclasses.dataclass(frozen=True)
+class BcoPair(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return bco_pair_loss(x, beta=self.beta)
+
+
+@register("sppo_hard")
+@dataclasses.dataclass(frozen=True)
+class SppoHard(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return sppo_hard_loss(x, beta=self.beta)
+
+
+@register("apo_zero")
+@dataclasses.dataclass(frozen=True)
+class ApoZero(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return apo_zero_loss(x, beta=self.beta)
+
+
+@register("apo_down")
+@dataclasses.dataclass(frozen=True)
+class ApoDown(Loss):
+  beta: float = 0.1
+
+  def __call__(self, x: PairLogps):
+    return apo_down_loss(x, beta=self.beta)
+
+
+@register("discopop")
+@dataclasses.dataclass(frozen=True)
+class Discopop(Loss):
+  beta: float = 0.1
+  discopop_tau: float = 0.05  # temperature of the log-ratio modulation
+
+  def __call__(self, x: PairLogps):
+    return discopop_loss(x, beta=self.beta, discopop_tau=self.discopop_tau)
 
 
 REFERENCE_FREE = tuple(name for name, cls in LOSSES.items() if cls.reference_free)

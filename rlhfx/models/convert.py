@@ -3,7 +3,7 @@
   config, params = from_hf("path/or/hub-id")       # config.json + *.safetensors (sharded or not)
   to_hf(config, params, "out_dir")                 # a directory transformers loads
 
-Every tensor goes through one table of `_Entry` rows per family, used in both
+Every tensor goes through one table of `Entry` rows per family, used in both
 directions, so import and export cannot drift apart. Shapes are checked against
 the shapes the rlhfx model expects, and errors name the file and the tensor.
 """
@@ -30,7 +30,7 @@ from rlhfx.models.transformer import init_params
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class Entry:
   """One HF tensor and the rlhfx parameter(s) it holds."""
 
   hf: str
@@ -39,7 +39,7 @@ class _Entry:
   n_in: int = 1  # leading input axes of our kernel (2 for the attention output projection)
 
 
-def _to_hf_tensor(entry: _Entry, ours: list) -> Any:
+def _to_hf_tensor(entry: Entry, ours: list) -> Any:
   """rlhfx arrays -> the HF tensor (works on numpy arrays and on tracers)."""
   if entry.kind == "copy":
     return ours[0]
@@ -51,7 +51,7 @@ def _to_hf_tensor(entry: _Entry, ours: list) -> Any:
   return flat.T if entry.kind == "linear" else flat
 
 
-def _from_hf_tensor(entry: _Entry, tensor: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
+def _from_hf_tensor(entry: Entry, tensor: np.ndarray, shapes: list[tuple]) -> list[np.ndarray]:
   """The HF tensor -> rlhfx arrays of the given shapes."""
   if entry.kind == "copy":
     return [tensor]
@@ -60,8 +60,9 @@ def _from_hf_tensor(entry: _Entry, tensor: np.ndarray, shapes: list[tuple]) -> l
   return [(tensor.T if entry.kind == "linear" else tensor).reshape(shapes[0])]
 
 
-def _table(cfg: ModelConfig) -> list[_Entry]:
-  E = _Entry
+def tensor_table(cfg: ModelConfig) -> list[Entry]:
+  """The HF tensors of a causal LM of `cfg` and the rlhfx parameters each holds."""
+  E = Entry
   if cfg.arch == "gpt2":
     rows = [E("wte.weight", (("embed", "embedding"),), "copy"),
             E("wpe.weight", (("pos_embed", "embedding"),), "copy"),
@@ -141,7 +142,7 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> shape, derived from the rlhfx model's own shapes."""
   shapes = _per_layer_shapes(config)
   out = {}
-  for entry in _table(config):
+  for entry in tensor_table(config):
     structs = [_get(shapes, p) for p in entry.ours]
     out[entry.hf] = jax.eval_shape(lambda *xs, e=entry: _to_hf_tensor(e, list(xs)), *structs).shape
   return out
@@ -150,7 +151,7 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------- Hugging Face directories
 
 
-def _resolve(path_or_hub_id: str | os.PathLike) -> Path:
+def resolve(path_or_hub_id: str | os.PathLike) -> Path:
   path = Path(path_or_hub_id)
   if path.is_dir():
     return path
@@ -198,7 +199,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 def hf_model_config(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None,
                     **config_overrides) -> ModelConfig:
   """The ModelConfig of a Hugging Face directory or hub id, from its config.json alone (no tensors read)."""
-  config_file = _resolve(path_or_hub_id) / "config.json"
+  config_file = resolve(path_or_hub_id) / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
   config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
@@ -211,19 +212,24 @@ def from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None
   `param_dtype` sets the parameter dtype (default: float32); other keyword arguments
   override ModelConfig fields (e.g. dtype="bfloat16" compute, scan_layers=True, remat="full").
   """
+  directory = resolve(path_or_hub_id)
+  config = hf_model_config(directory, param_dtype=param_dtype, **config_overrides)
+  rows = tensor_table(config)
+  extra = {"lm_head.weight"} if config.tie_embeddings else set()  # some tied checkpoints store a copy
+  return config, params_from_hf_tensors(config, read_tensors(directory, config, rows, also_known=extra), rows)
+
+
+def read_tensors(directory: Path, config: ModelConfig, table: list[Entry], *,
+                 also_known: set[str] = frozenset()) -> dict[str, np.ndarray]:
+  """{HF name: tensor} of every `table` row from a directory's safetensors files, shapes checked; tensors that
+  neither the table nor `also_known` names are reported in one warning."""
   from safetensors import safe_open
 
-  directory = _resolve(path_or_hub_id)
-  config = hf_model_config(directory, param_dtype=param_dtype, **config_overrides)
   located = _strip_prefix(_safetensor_files(directory), config)
-  table = _table(config)
-  wanted = {e.hf for e in table}
-  if config.tie_embeddings:
-    wanted.add("lm_head.weight")  # some tied checkpoints store a copy
+  wanted = {e.hf for e in table} | set(also_known)
   unused = [name for name in located if name not in wanted and not name.endswith(_IGNORED_SUFFIXES)]
   if unused:
     logging.warning("%s: %d tensors not used by rlhfx (e.g. %s)", directory, len(unused), unused[:3])
-
   expected = expected_hf_shapes(config)
   tensors: dict[str, np.ndarray] = {}
   handles: dict[Path, Any] = {}
@@ -237,26 +243,27 @@ def from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None
         raise CheckpointError(f"{file}: listed in the index for {stored!r} but not found")
       handles[file] = safe_open(str(file), framework="np")
     tensor = handles[file].get_tensor(stored)
-    if tuple(tensor.shape) != tuple(expected[entry.hf]):
+    want = expected.get(entry.hf)
+    if want is not None and tuple(tensor.shape) != tuple(want):
       raise CheckpointError(f"{file}: tensor {stored!r} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(expected[entry.hf])} for this config.json")
+                            f"expected {tuple(want)} for this config.json")
     tensors[entry.hf] = tensor
-  return config, _params_from_hf_tensors(config, tensors)
+  return tensors
 
 
-def to_hf(config: ModelConfig, params, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> Path:
-  """Write config.json + safetensors (sharded past `max_shard_bytes`, with an index) to `out_dir`."""
-  from safetensors.numpy import save_file
-
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  hf_config = config_to_hf(config)
+def hf_tensors(config: ModelConfig, params, table: list[Entry]) -> dict[str, np.ndarray]:
+  """{HF name: tensor} of rlhfx params (scanned or not) for every `table` row."""
   params = jax.tree.map(np.asarray, params)
   if "layers" in params:
     params = unstack_layers(params, config.n_layers)
-  tensors = {}
-  for entry in _table(config):
-    tensors[entry.hf] = np.ascontiguousarray(np.asarray(_to_hf_tensor(entry, [_get(params, p) for p in entry.ours])))
+  return {entry.hf: np.ascontiguousarray(np.asarray(_to_hf_tensor(entry, [_get(params, p) for p in entry.ours])))
+          for entry in table}
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], out: Path, max_shard_bytes: int) -> None:
+  """model.safetensors, or shards of at most `max_shard_bytes` with model.safetensors.index.json."""
+  from safetensors.numpy import save_file
+
   shards, current, size = [], {}, 0
   for name, tensor in tensors.items():
     if current and size + tensor.nbytes > max_shard_bytes:
@@ -267,24 +274,33 @@ def to_hf(config: ModelConfig, params, out_dir: str | os.PathLike, *, max_shard_
   shards.append(current)
   if len(shards) == 1:
     save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, str(out / name), metadata={"format": "pt"})
-      weight_map.update({k: name for k in shard})
-    total = sum(t.nbytes for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, str(out / name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in shard})
+  total = sum(t.nbytes for t in tensors.values())
+  (out / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def to_hf(config: ModelConfig, params, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> Path:
+  """Write config.json + safetensors (sharded past `max_shard_bytes`, with an index) to `out_dir`."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  hf_config = config_to_hf(config)
+  write_safetensors(hf_tensors(config, params, tensor_table(config)), out, max_shard_bytes)
   (out / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out
 
 
-def _params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]):
+def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], table: list[Entry]):
+  """rlhfx params (stacked when config.scan_layers) from {HF name: tensor} of `table`'s rows."""
   shapes = _per_layer_shapes(config)
   np_dtype = np.dtype(config.jnp_param_dtype)
   params: dict = {}
-  for entry in _table(config):
+  for entry in table:
     parts = _from_hf_tensor(entry, tensors[entry.hf], [_get(shapes, p).shape for p in entry.ours])
     for p, value in zip(entry.ours, parts):
       _set(params, p, np.ascontiguousarray(value.astype(np_dtype)))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhfx.models.config import ModelConfig
-from rlhfx.models.convert import CheckpointError, _params_from_hf_tensors
+from rlhfx.models.convert import CheckpointError, params_from_hf_tensors, tensor_table
 
 
 def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -73,4 +73,4 @@ def from_llama2c(path: str | os.PathLike, **config_overrides):
                h + "self_attn.v_proj.weight": arrays["wv"][i], h + "self_attn.o_proj.weight": arrays["wo"][i],
                h + "mlp.gate_proj.weight": arrays["w1"][i], h + "mlp.down_proj.weight": arrays["w2"][i],
                h + "mlp.up_proj.weight": arrays["w3"][i]})
-  return config, _params_from_hf_tensors(config, hf)
+  return config, params_from_hf_tensors(config, hf, tensor_table(config))

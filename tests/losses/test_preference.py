@@ -11,6 +11,10 @@ def _log_sigmoid(x):
   return -np.logaddexp(0.0, -x)
 
 
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
 def _inputs(seed=0, n=16):
   rng = np.random.default_rng(seed)
   a = {k: rng.normal(size=n) * 5 - 20 for k in ("pc", "pr", "rc", "rr")}
@@ -34,7 +38,30 @@ REFERENCES = {
                lambda a, beta, label_smoothing: np.mean((-(1 - label_smoothing) * _log_sigmoid(beta * _h(a))
                                                          + label_smoothing * _log_sigmoid(-beta * _h(a)))
                                                         / (1 - 2 * label_smoothing))),
-    "ipo": (dict(beta=0.5), lambda a, beta: np.mean((_h(a) - 1 / (2 * beta)) ** 2)),
+    "ipo": (dict(beta=0.5), lambda a, beta: np.mean(((a["pc"] - a["rc"]) / a["lc"] - (a["pr"] - a["rr"]) / a["lr"]
+                                                     - 1 / (2 * beta)) ** 2)),
+    "ipo_sum": (dict(beta=0.5), lambda a, beta: np.mean((_h(a) - 1 / (2 * beta)) ** 2)),
+    "sigmoid_norm": (dict(beta=0.5), lambda a, beta: np.mean(-_log_sigmoid(
+        beta * ((a["pc"] - a["rc"]) / a["lc"] - (a["pr"] - a["rr"]) / a["lr"])))),
+    "exo_pair": (dict(beta=0.3, label_smoothing=0.01),
+                 lambda a, beta, label_smoothing: np.mean(
+                     _sigmoid(beta * _h(a)) * (_log_sigmoid(beta * _h(a)) - np.log(1 - label_smoothing))
+                     + _sigmoid(-beta * _h(a)) * (_log_sigmoid(-beta * _h(a)) - np.log(label_smoothing)))),
+    "nca_pair": (dict(beta=0.3), lambda a, beta: np.mean(-_log_sigmoid(beta * (a["pc"] - a["rc"]))
+                                                          - 0.5 * _log_sigmoid(-beta * (a["pc"] - a["rc"]))
+                                                          - 0.5 * _log_sigmoid(-beta * (a["pr"] - a["rr"])))),
+    "bco_pair": (dict(beta=0.3), lambda a, beta: np.mean(-_log_sigmoid(beta * (a["pc"] - a["rc"]))
+                                                          - _log_sigmoid(-beta * (a["pr"] - a["rr"])))),
+    "sppo_hard": (dict(beta=0.3), lambda a, beta: np.mean((a["pc"] - a["rc"] - 0.5 / beta) ** 2
+                                                           + (a["pr"] - a["rr"] + 0.5 / beta) ** 2)),
+    "apo_zero": (dict(beta=0.3), lambda a, beta: np.mean(1 - _sigmoid(beta * (a["pc"] - a["rc"]))
+                                                          + _sigmoid(beta * (a["pr"] - a["rr"])))),
+    "apo_down": (dict(beta=0.3), lambda a, beta: np.mean(_sigmoid(beta * (a["pc"] - a["rc"])) + 1
+                                                          - _sigmoid(beta * _h(a)))),
+    "discopop": (dict(beta=0.05, discopop_tau=0.5),
+                 lambda a, beta, discopop_tau: np.mean(
+                     (1 - _sigmoid(beta * _h(a) / discopop_tau)) * -_log_sigmoid(beta * _h(a))
+                     + _sigmoid(beta * _h(a) / discopop_tau) * np.exp(-beta * _h(a)))),
     "hinge": (dict(beta=0.2), lambda a, beta: np.mean(np.maximum(0, 1 - beta * _h(a)))),
     "simpo": (dict(beta=2.0, gamma=0.4),
               lambda a, beta, gamma: np.mean(-_log_sigmoid(beta * a["pc"] / a["lc"] - beta * a["pr"] / a["lr"]
@@ -118,12 +145,16 @@ def test_label_smoothing_half_is_symmetric_in_the_label():
   assert P.dpo_loss(at_reference, beta=0.5, label_smoothing=0.5)[0] < loss
 
 
-def test_ipo_is_minimal_at_margin_one_over_two_beta():
+@pytest.mark.parametrize("fn, tokens", [(P.ipo_loss, 4.0), (P.ipo_sum_loss, 1.0)])
+def test_ipo_is_minimal_at_margin_one_over_two_beta(fn, tokens):
+  """IPO's minimum is at a margin of 1 / (2 beta): per token for `ipo` (4-token completions: summed margin 4x),
+  summed for `ipo_sum`."""
   beta = 0.25
   hs = np.linspace(-5, 10, 301)
-  losses = [float(P.ipo_loss(P.PairLogps(chosen_B=jnp.array([h]), rejected_B=jnp.array([0.0]),
-                                         ref_chosen_B=jnp.array([0.0]), ref_rejected_B=jnp.array([0.0])),
-                             beta=beta)[0]) for h in hs]
+  t = jnp.array([tokens])
+  losses = [float(fn(P.PairLogps(chosen_B=jnp.array([h * tokens]), rejected_B=jnp.array([0.0]),
+                                 ref_chosen_B=jnp.array([0.0]), ref_rejected_B=jnp.array([0.0]),
+                                 chosen_tokens_B=t, rejected_tokens_B=t), beta=beta)[0]) for h in hs]
   assert np.isclose(hs[int(np.argmin(losses))], 1 / (2 * beta))
 
 
