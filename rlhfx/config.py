@@ -99,6 +99,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.lora.rank = 0  # adapter rank (0 = no LoRA: train all parameters); PPO: policy and critic both get adapters
   c.lora.alpha = 16.0  # scale = alpha / rank
   c.lora.patterns = ("attn/(q|k|v|o)_proj/kernel",)  # regexes over kernel paths that get adapters
+  c.lora.init_from = ""  # a PEFT adapter directory to continue (its r and lora_alpha = rank, alpha); "" = new
 
   if algorithm in ("reward", "dpo"):
     c.data.input_format = "pairs"  # {"prompt", "chosen", "rejected"} records (dpo.loss=kto: unpaired)

@@ -10,16 +10,23 @@ from rlhfx.models import ModelConfig, lora
 
 
 def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir: Path) -> list[str]:
-  """Process 0 writes a LoRA run's adapters to <workdir>/adapters and the (merged) policy as a Hugging Face
+  """Process 0 writes a LoRA run's adapters to <workdir>/adapters (PEFT's format; GPT-2: rlhfx's) and the (merged) policy as a Hugging Face
   directory to <workdir>/hf when `config.train.export_hf`; returns summary lines naming what it wrote."""
   if jax.process_index() != 0:
     return []
   policy, lines = jax.device_get(params), []
   if lora.is_wrapped(policy):
-    lora.save(policy["lora"], workdir / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
-              patterns=tuple(config.lora.patterns))
+    if model_config.arch == "gpt2":  # fused c_attn: no per-projection adapter in PEFT's format
+      lora.save(policy["lora"], workdir / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
+                patterns=tuple(config.lora.patterns))
+      lines.append(f"LoRA adapters (rlhfx format; PEFT's has no GPT-2 q/k/v adapters): {workdir / 'adapters'}")
+    else:
+      from rlhfx.models.peft_io import save_peft
+
+      save_peft(policy["lora"], workdir / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
+                base_model=config.model.init_from)
+      lines.append(f"LoRA adapters (PEFT format: peft.PeftModel.from_pretrained(base, dir)): {workdir / 'adapters'}")
     policy = lora.merge(policy["base"], policy["lora"], scale=lora.scale(config.lora))
-    lines.append(f"LoRA adapters: {workdir / 'adapters'}")
   if config.train.export_hf:
     from rlhfx.models.convert import to_hf
 

@@ -176,19 +176,30 @@ def test_quickstart_learns_the_task(tmp_path):
 
 
 def test_lora_sft_exports_adapters_and_the_merged_model(tmp_path):
-  """--config.lora.rank for SFT: the base stays the seed's initialisation, and the exported Hugging Face model
-  is exactly base + scale * A @ B of the saved adapters."""
+  """--config.lora.rank for SFT: the base stays the seed's initialisation, the adapters are written in PEFT's
+  format, and the exported Hugging Face model is exactly base + scale * A @ B of the saved adapters; a second
+  run continues from them (lora.init_from) and, at learning rate 0, exports the same model."""
   from rlhfx.models import lora
+  from rlhfx.models.peft_io import load_peft
 
-  proc = _run(tmp_path, "--config.lora.rank=4", "--config.train.export_hf=True", "--config.optim.learning_rate=1e-2")
-  assert "LoRA adapters:" in proc.stdout
-  losses = _losses(tmp_path)
+  proc = _run(tmp_path / "a", "--config.lora.rank=4", "--config.train.export_hf=True",
+              "--config.optim.learning_rate=1e-2")
+  assert "LoRA adapters (PEFT format" in proc.stdout
+  losses = _losses(tmp_path / "a")
   assert losses[20] < losses[1]
-  adapters, adapter_config = lora.load(tmp_path / "adapters")
-  assert adapter_config["rank"] == 4 and len(adapters) == 4 * get_preset("tiny").n_layers
+  adapters, settings = load_peft(tmp_path / "a" / "adapters")
+  assert settings["rank"] == 4 and len(adapters) == 4 * get_preset("tiny").n_layers
   base = init_params(get_preset("tiny", vocab_size=259), jax.random.key(0))
-  want = lora.merge(base, adapters, scale=adapter_config["alpha"] / 4)
-  _, exported = from_hf(tmp_path / "hf")
+  want = lora.merge(base, adapters, scale=settings["alpha"] / 4)
+  _, exported = from_hf(tmp_path / "a" / "hf")
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(base)))
+  _run(tmp_path / "b", "--config.lora.rank=4", "--config.train.export_hf=True", "--config.optim.learning_rate=0",
+       "--config.train.num_steps=2", f"--config.lora.init_from={tmp_path / 'a' / 'adapters'}")
+  _, continued = from_hf(tmp_path / "b" / "hf")
+  for a, b in zip(jax.tree.leaves(continued), jax.tree.leaves(exported)):
+    np.testing.assert_array_equal(a, b)
+  proc = _run(tmp_path / "c", "--config.lora.rank=8", f"--config.lora.init_from={tmp_path / 'a' / 'adapters'}",
+              check=False)
+  assert proc.returncode == 1 and "its adapters have r=4, lora_alpha=16; set config.lora.rank=4" in proc.stderr

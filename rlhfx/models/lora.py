@@ -89,13 +89,41 @@ def scale(cfg) -> float:
   return cfg.alpha / cfg.rank if cfg.rank else 1.0
 
 
+def from_peft(base, cfg) -> dict:
+  """The adapters of the PEFT directory `config.lora.init_from`, checked against `config.lora` and the kernels."""
+  from rlhfx.models.hf_config import CheckpointError
+  from rlhfx.models.peft_io import load_peft
+
+  scanned = any(param_path(p).startswith("layers/") for p, _ in jax.tree_util.tree_leaves_with_path(base))
+  adapters, settings = load_peft(cfg.init_from, scanned=scanned)
+  if (settings["rank"], settings["alpha"]) != (cfg.rank, float(cfg.alpha)):
+    raise CheckpointError(f"config.lora.init_from={cfg.init_from!r}: its adapters have r={settings['rank']}, "
+                     f"lora_alpha={settings['alpha']:g}; set config.lora.rank={settings['rank']} and "
+                     f"config.lora.alpha={settings['alpha']:g} to continue them")
+  leaves = {param_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(base)}
+  for path, ab in adapters.items():
+    if path not in leaves:
+      raise CheckpointError(f"config.lora.init_from={cfg.init_from!r}: an adapter on {path}, which this model lacks")
+    kernel, lead = leaves[path], 1 if path.startswith("layers/") else 0
+    n_in = _input_axes(path)
+    want_a = (*kernel.shape[:lead], math.prod(kernel.shape[lead:lead + n_in]), cfg.rank)
+    want_b = (*kernel.shape[:lead], cfg.rank, math.prod(kernel.shape[lead + n_in:]))
+    if ab["a"].shape != want_a or ab["b"].shape != want_b:
+      raise CheckpointError(f"config.lora.init_from={cfg.init_from!r}: the adapter on {path} has A {ab['a'].shape}, "
+                       f"B {ab['b'].shape}; this model needs {want_a}, {want_b}")
+  return {p: {k: jnp.asarray(v, leaves[p].dtype) for k, v in ab.items()} for p, ab in adapters.items()}
+
+
 def wrap(base, cfg, seed: int) -> dict:
-  """{"base": base, "lora": adapters} with adapters per `config.lora` (A drawn from `seed`), each placed like its
-  kernel; `base` itself when config.lora.rank is 0 (no LoRA: every parameter trains). On ShapeDtypeStructs (the
-  planner) nothing is drawn or allocated."""
+  """{"base": base, "lora": adapters} with adapters per `config.lora` (A drawn from `seed`, or the PEFT adapter
+  `config.lora.init_from` to continue), each placed like its kernel; `base` itself when config.lora.rank is 0
+  (no LoRA: every parameter trains). On ShapeDtypeStructs (the planner) nothing is drawn or allocated."""
   if not cfg.rank:
     return base
-  make = lambda b: init(b, patterns=tuple(cfg.patterns), rank=cfg.rank, rng=jax.random.key(seed))  # noqa: E731
+  if cfg.get("init_from"):
+    make = lambda b: from_peft(b, cfg)  # noqa: E731
+  else:
+    make = lambda b: init(b, patterns=tuple(cfg.patterns), rank=cfg.rank, rng=jax.random.key(seed))  # noqa: E731
   if isinstance(jax.tree.leaves(base)[0], jax.ShapeDtypeStruct):  # the planner: structs, nothing allocated
     adapters = jax.eval_shape(make, base)
     return {"base": base, "lora": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
