@@ -119,14 +119,16 @@ def fingerprints(config) -> list[dict]:
     return []
   out = []
   for name in config.data.train_files:
-    file = Path(name).absolute()
-    if not file.is_file():
-      continue  # the data build names it
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 20), b""):
-        digest.update(chunk)
-    out.append({"path": str(file), "size": file.stat().st_size, "sha256": digest.hexdigest()})
+    path = Path(name).absolute()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # save_to_disk folders
+    for file in files:
+      if not file.is_file():
+        continue  # the data build names it (a hub dataset id is not fingerprinted)
+      digest = hashlib.sha256()
+      with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          digest.update(chunk)
+      out.append({"path": str(file), "size": file.stat().st_size, "sha256": digest.hexdigest()})
   return out
 
 

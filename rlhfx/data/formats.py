@@ -10,7 +10,8 @@ Kinds and their record fields (strings; chat turns as a JSON list of {"role", "c
   sft         prompt, messages, completion
 
 `prompt` holds raw text, `messages` the conversation before the completion; one
-of the two is empty. Input formats (JSONL or a JSON array, optionally gzipped):
+of the two is empty. Input formats (JSONL or a JSON array, optionally gzipped; Parquet; a
+`datasets.save_to_disk` folder; a hub dataset id "org/name[:split]"):
 
   pairs     {"prompt", "chosen", "rejected"}: strings, or TRL's conversational form
             (prompt = list of messages, chosen/rejected = [assistant message])
@@ -78,14 +79,34 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                     f"({type(e).__name__}: {e})") from None
 
 
+_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".txt")
+
+
+def is_hub_dataset(name: str) -> bool:
+  """A `data.train_files` entry that is a hub dataset id ("org/name", optionally ":split"), not a local path."""
+  path = Path(name.split(":")[0])
+  return not path.exists() and path.suffix not in _FILE_SUFFIXES and len(path.parts) <= 2 and not path.is_absolute()
+
+
 def read_records(path: str | os.PathLike, on_error: str = "raise") -> Iterator[tuple[str, Any]]:
-  """(location, record or RecordError) for each record of a JSONL or JSON-array file (gzip accepted).
+  """(location, record or RecordError) for each record of a JSONL or JSON-array file (gzip accepted), a Parquet
+  file, a folder written by `datasets.save_to_disk`, or a hub dataset id ("org/name[:split]", read through
+  `datasets.load_dataset`: the local hub cache when offline).
 
   A line that is not UTF-8 is a RecordError("undecodable"). A truncated .gz file raises DataError; with
   on_error="skip" the records before the damage are kept and the loss is one RecordError("truncated_file")."""
+  if is_hub_dataset(str(path)):
+    yield from _hub_dataset(str(path))
+    return
   path = Path(path)
   if not path.exists():
     raise DataError(f"{path}: file not found")
+  if path.is_dir():
+    yield from _saved_dataset(path)
+    return
+  if path.suffix == ".parquet":
+    yield from _parquet(path)
+    return
   if path.name.removesuffix(".gz").endswith(".json"):
     yield from _json_array(path)
     return
@@ -106,6 +127,60 @@ def read_records(path: str | os.PathLike, on_error: str = "raise") -> Iterator[t
     if on_error == "raise":
       raise
     yield str(path), RecordError("truncated_file", str(e).removeprefix(f"{path}: "))
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
+  import pyarrow.parquet as pq
+
+  try:
+    table = pq.ParquetFile(path)
+  except Exception as e:  # noqa: BLE001 (pyarrow's errors for a damaged file: one line naming it)
+    raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+  row = 0
+  for batch in table.iter_batches(batch_size=1024):
+    for record in batch.to_pylist():
+      yield f"{path}:row {row}", record
+      row += 1
+
+
+def _rows(name: str, dataset) -> Iterator[tuple[str, Any]]:
+  for i, record in enumerate(dataset):
+    yield f"{name}[{i}]", record
+
+
+def _split(name: str, datasets_by_split, split: str | None):
+  """One split of a DatasetDict: the named one, or "train"."""
+  split = split or "train"
+  if split not in datasets_by_split:
+    raise DataError(f"{name}: no split {split!r} (splits: {', '.join(datasets_by_split)}); name one as "
+                    f"'{name}:<split>'")
+  return datasets_by_split[split]
+
+
+def _saved_dataset(path: Path) -> Iterator[tuple[str, Any]]:
+  """A folder written by `datasets.save_to_disk` (a Dataset, or a DatasetDict: its "train" split)."""
+  import datasets
+
+  if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+    raise DataError(f"{path}: a folder, but not one written by datasets.save_to_disk (no dataset_info.json or "
+                    "dataset_dict.json)")
+  loaded = datasets.load_from_disk(str(path))
+  if isinstance(loaded, datasets.DatasetDict):
+    loaded = _split(str(path), loaded, None)
+  yield from _rows(str(path), loaded)
+
+
+def _hub_dataset(spec: str) -> Iterator[tuple[str, Any]]:
+  """A hub dataset id, "org/name" or "org/name:split" (default train), through the local cache when offline."""
+  import datasets
+
+  name, _, split = spec.partition(":")
+  try:
+    loaded = datasets.load_dataset(name)
+  except Exception as e:  # noqa: BLE001 (offline and not cached, unknown id, ...: one line)
+    raise DataError(f"{spec}: not a local file, and loading it as a hub dataset failed "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+  yield from _rows(spec, _split(name, loaded, split or None))
 
 
 def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
