@@ -95,6 +95,13 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.distributed.local_device_ids = ()  # devices this process uses (explicit runs; () = all)
   c.distributed.auto = True  # initialise from the environment on Cloud TPU pods and SLURM
 
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = ml_collections.ConfigDict()
+  c.logging.wandb.project = ""  # Weights & Biases project; "" = no W&B (metrics.jsonl and TensorBoard always)
+  c.logging.wandb.entity = ""  # W&B team or user; "" = your default
+  c.logging.wandb.name = ""  # run name; "" = the work directory's name (a sweep names each run's workdir)
+  c.logging.wandb.group = ""  # W&B group, e.g. a sweep's name; "" = none
+  c.logging.wandb.mode = "online"  # online | offline (synced later with `wandb sync <workdir>/wandb`) | disabled
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # adapter rank (0 = no LoRA: train all parameters); PPO: policy and critic both get adapters
   c.lora.alpha = 16.0  # scale = alpha / rank

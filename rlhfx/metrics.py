@@ -3,6 +3,7 @@
 Everything lands in the work directory:
   <workdir>/metrics.jsonl     one JSON object per logged step: {"step": n, "train/loss": ...}
   <workdir>/tensorboard/      event files: tensorboard --logdir <workdir>/tensorboard
+  <workdir>/wandb/            with config.logging.wandb.project set: a Weights & Biases run (online or offline)
 Only process 0 writes. A train loop records each step's device metrics with `StepLog.record`,
 which reads them one step late, so the host never waits on the device except to save.
 """
@@ -10,10 +11,12 @@ which reads them one step late, so the host never waits on the device except to 
 from __future__ import annotations
 
 import collections
+import html
 import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -81,21 +84,44 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class MetricsWriter:
-  """Writes metrics of a run to TensorBoard, JSONL and the console."""
+# the algorithm's own key numbers on the progress line, when its metrics have them
+PROGRESS = {"train/accuracy": "acc", "rewards/accuracies": "acc", "rewards/margins": "margin",
+            "objective/scores": "score", "objective/kl": "KL"}
 
-  def __init__(self, workdir: str | Path, *, total_steps: int, peak_flops: float | None = None):
+
+def start_wandb(workdir: Path, run_config):
+  """A Weights & Biases run per `config.logging.wandb` (None when its project is empty): named by
+  `logging.wandb.name` or the work directory's name (a sweep's runs are named by their overrides), the whole
+  config attached, resumed by id when the work directory is resumed."""
+  cfg = run_config.logging.wandb if run_config is not None and "logging" in run_config else None
+  if cfg is None or not cfg.project:
+    return None
+  import wandb
+
+  run_id = (workdir / "wandb_run_id")
+  if not run_id.exists():
+    run_id.write_text(uuid.uuid4().hex[:8])
+  return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,
+                    group=cfg.group or None, mode=cfg.mode, dir=str(workdir), id=run_id.read_text(),
+                    resume="allow", config=run_config.to_dict())
+
+
+class MetricsWriter:
+  """Writes metrics of a run to TensorBoard, JSONL, the console and, when configured, Weights & Biases."""
+
+  def __init__(self, workdir: str | Path, *, total_steps: int, peak_flops: float | None = None, run_config=None):
     self.workdir = Path(workdir)
     self.total_steps = total_steps
     self.peak_flops = peak_flops
     self.is_main = jax.process_index() == 0
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._wandb = None
     if self.is_main:
       from tensorboardX import SummaryWriter
 
       self.workdir.mkdir(parents=True, exist_ok=True)
       self._jsonl = open(self.workdir / "metrics.jsonl", "a")
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+      self._wandb = start_wandb(self.workdir, run_config)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.is_main:
@@ -106,16 +132,23 @@ class MetricsWriter:
     for k, v in clean.items():
       if math.isfinite(v):
         self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(clean, step=step)
 
   def write_text(self, step: int, name: str, text: str) -> None:
     if self.is_main:
       self._tb.add_text(name, text, step)
+      if self._wandb is not None:
+        import wandb
+
+        self._wandb.log({name: wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
 
   def progress(self, step: int, metrics: dict[str, float], loss_key: str, eta_s: float | None) -> None:
     """One console line: step, loss, tokens/s, MFU, ETA (from the steady-state step time; none before it)."""
     if not self.is_main:
       return
     parts = [f"step {step}/{self.total_steps}", f"{loss_key} {metrics.get(loss_key, float('nan')):.4f}"]
+    parts += [f"{label} {metrics[k]:.3f}" for k, label in PROGRESS.items() if k in metrics]
     if "perf/tokens_per_s" in metrics:
       parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tok/s")
     if "perf/mfu" in metrics:
@@ -129,6 +162,8 @@ class MetricsWriter:
     if self.is_main:
       self._jsonl.close()
       self._tb.close()
+      if self._wandb is not None:
+        self._wandb.finish()
 
 
 def to_host(metrics) -> dict[str, float]:
@@ -153,9 +188,10 @@ class StepLog:
   first one of the run (which includes compilation)."""
 
   def __init__(self, workdir: Path, train_config, *, flops_per_token: float, checkpointer, start_step: int,
-               loss_key: str = "train/loss", counts: Callable[[], dict] = dict):
+               loss_key: str = "train/loss", counts: Callable[[], dict] = dict, run_config=None):
     self.t = train_config
-    self.writer = MetricsWriter(workdir, total_steps=train_config.num_steps, peak_flops=peak_flops_per_device())
+    self.writer = MetricsWriter(workdir, total_steps=train_config.num_steps, peak_flops=peak_flops_per_device(),
+                                run_config=run_config)
     self.flops_per_token, self.checkpointer, self.start = flops_per_token, checkpointer, start_step
     self.loss_key, self.counts = loss_key, counts
     self.last: dict[str, float] = {}

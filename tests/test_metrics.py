@@ -24,3 +24,43 @@ def test_sequence_train_flops_matches_xla_cost_analysis(kept):
   cost = cost[0] if isinstance(cost, list) else cost
   xla_per_row = cost["flops"] / 2
   assert abs(sequence_train_flops(config, 128, kept=kept) / xla_per_row - 1) < 0.1
+
+
+def _wandb_log(workdir):
+  """The bytes of a W&B offline run's log (its records are protobufs, whose strings are stored as they are)."""
+  [log] = list((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
+  return log.read_bytes()
+
+
+def test_wandb_offline_run_named_by_the_workdir_with_metrics_samples_and_config(tmp_path, monkeypatch, capsys):
+  from rlhfx import metrics
+  from rlhfx.config import base_config
+
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = base_config("dpo")
+  config.logging.wandb.update(project="rlhfx-tests", mode="offline")
+  workdir = tmp_path / "dpo_beta0.3"
+  writer = metrics.MetricsWriter(workdir, total_steps=4, run_config=config)
+  writer.write(1, {"train/loss": 0.6931, "rewards/accuracies": 0.25})
+  writer.write_text(1, "samples", "prompt <b> -> completion")
+  writer.progress(1, {"train/loss": 0.6931, "rewards/accuracies": 0.25, "rewards/margins": 0.125}, "train/loss",
+                  None)
+  writer.close()
+  run_id = (workdir / "wandb_run_id").read_text()
+  log = _wandb_log(workdir)
+  assert b"rlhfx-tests" in log and b"dpo_beta0.3" in log and b"train/loss" in log and b"0.6931" in log
+  assert b"sigmoid" in log  # the whole config (dpo.loss) is attached
+  assert list((workdir / "wandb").glob(f"offline-run-*-{run_id}/files/media/html/samples_1_*.html"))
+  assert "step 1/4 | train/loss 0.6931 | acc 0.250 | margin 0.125" in capsys.readouterr().out
+  # a resumed run continues the same W&B run id
+  metrics.MetricsWriter(workdir, total_steps=4, run_config=config).close()
+  assert (workdir / "wandb_run_id").read_text() == run_id
+  assert len(list((workdir / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+
+
+def test_no_wandb_without_a_project(tmp_path):
+  from rlhfx import metrics
+  from rlhfx.config import base_config
+
+  metrics.MetricsWriter(tmp_path, total_steps=1, run_config=base_config("sft")).close()
+  assert not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_run_id").exists()

@@ -227,6 +227,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
       return {f"eval/{k}": float(np.mean([o[k] for o in full])) for k in (full[0] if full else {})}
 
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
+                          run_config=config,
                           flops_per_token=metrics.sequence_train_flops(
                               model_config, max(config.data.buckets),
                               kept=kwargs["window"] + 1 if kwargs["window"] else None) / max(config.data.buckets))

@@ -244,6 +244,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
     samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
+                          run_config=config,
                           flops_per_token=metrics.iteration_flops(model_config, max(config.data.buckets),
                                                                   sampling.max_new_tokens, config.ppo.epochs,
                                                                   critic is not None))

@@ -108,6 +108,7 @@ def train(config, workdir: str) -> dict[str, float]:
       return accuracy(rewards_of(state, data.eval)) if data.eval is not None else {}
 
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
+                          run_config=config,
                           flops_per_token=metrics.sequence_train_flops(
                               model_config, max(config.data.buckets), kept=1, lm_head=False) / max(config.data.buckets))
     before = log.write(start, evaluate(state) if start == 0 else {})

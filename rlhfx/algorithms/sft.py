@@ -116,6 +116,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
     accuracy_before = accuracy(state) if config.data.builtin and data.eval is not None and start == 0 else None
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
+                          run_config=config,
                           flops_per_token=metrics.train_flops_per_token(model_config, max(config.data.buckets)))
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
