@@ -68,6 +68,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 50  # save every N steps (and at the end, and on SIGTERM)
   c.train.keep_checkpoints = 3  # complete checkpoints kept
   c.train.async_checkpoints = True  # write checkpoints in the background
+  c.train.eval_samples = 4  # SFT/DPO: greedy completions of this many held-out prompts at each evaluation
+  c.train.eval_sample_tokens = 32  # their length limit (new tokens)
   c.train.export_hf = True  # write the final model as a Hugging Face directory: <workdir>/hf (reward: reward_model/hf)
   c.train.resume = "check"  # check: a rerun must match the workdir's config and inputs | new_config: accept them
 

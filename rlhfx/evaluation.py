@@ -57,3 +57,32 @@ def heldout_rollouts(eval_fn: Callable, score: Callable, batches: Iterable[dict]
   return {"eval/scores": float(scores.mean()), "eval/scores_sem": float(scores.std() / max(len(scores), 1) ** .5),
           "eval/kl": float(kls.mean()), "eval/completion_length": float(np.concatenate(lengths).mean()),
           "eval/prompts": len(scores)}
+
+
+def heldout_samples(params, model_config, source, tokenizer, *, n: int, max_new_tokens: int,
+                    reference: str) -> list[dict]:
+  """Greedy completions of the first `n` held-out prompts (their chat template when they have messages):
+  [{"prompt", "completion", "reference"}], `reference` naming the source's field to show beside (SFT's completion,
+  DPO's chosen). Every process runs the program; the texts are the same on each."""
+  import functools
+  import json
+
+  from rlhfx import sampling
+  from rlhfx.data.tokenize import encode_prompt
+
+  examples = [source[i] for i in range(min(n, len(source)))]
+  if not examples:
+    return []
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+  keep = max(model_config.max_seq_len - max_new_tokens, 1)  # a prompt keeps its end, like training's truncation
+  prompts = [encode_prompt(tokenizer, text(e["prompt"]), json.loads(text(e["messages"]) or "[]"))[-keep:]
+             for e in examples]
+  tokens, mask = sampling.pad_prompts(prompts, tokenizer.pad_token_id or 0)
+  generate = jax.jit(functools.partial(sampling.generate, config=model_config, max_new_tokens=max_new_tokens,
+                                       temperature=0.0, eos_id=tokenizer.eos_token_id,
+                                       pad_id=tokenizer.pad_token_id or 0))
+  result = jax.device_get(generate(params, prompt_BxP=tokens, prompt_mask_BxP=mask, rng=jax.random.key(0)))
+  return [{"prompt": tokenizer.decode(p, skip_special_tokens=True),
+           "completion": tokenizer.decode(row[row_mask], skip_special_tokens=True),
+           "reference": text(e[reference])}
+          for e, p, row, row_mask in zip(examples, prompts, np.asarray(result.tokens_BxC), np.asarray(result.mask_BxC))]

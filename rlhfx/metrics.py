@@ -246,6 +246,18 @@ class StepLog:
       logging.info("step %d: %s", step, metrics)
     return metrics
 
+  def samples(self, step: int, samples: list[dict]) -> None:
+    """Held-out samples of an evaluation: appended to <workdir>/samples.jsonl (with the step) and written to
+    TensorBoard (and W&B) as text."""
+    if not samples or not self.writer.is_main:
+      return
+    with open(self.writer.workdir / "samples.jsonl", "a") as f:
+      for sample in samples:
+        f.write(json.dumps({"step": step, **sample}) + "\n")
+    self.writer.write_text(step, "eval/samples", "\n\n".join(
+        f"**prompt** {s['prompt']}\n\n**completion** {s['completion']}\n\n**reference** {s['reference']}"
+        for s in samples))
+
   def close(self) -> None:
     self.flush()
     self.writer.close()

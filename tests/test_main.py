@@ -173,6 +173,13 @@ def test_quickstart_learns_the_task(tmp_path):
   before, after = summary.split("exact-match accuracy on held-out prompts ")[1].split("\n")[0].split(" -> ")
   assert int(after.rstrip("%")) >= 80 > int(before.rstrip("%"))
   assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+  # held-out samples at each evaluation: the last ones are the references (the task is learnt), the first not
+  samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+  steps = sorted({s["step"] for s in samples})
+  assert len(steps) >= 2 and all(len([s for s in samples if s["step"] == k]) == 4 for k in steps)
+  last = [s for s in samples if s["step"] == steps[-1]]
+  assert sum(s["completion"] == s["reference"] for s in last) >= 3
+  assert all(s["prompt"].startswith("reverse: ") for s in last)
 
 
 def test_lora_sft_exports_adapters_and_the_merged_model(tmp_path):

@@ -118,6 +118,13 @@ def train(config, workdir: str) -> dict[str, float]:
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
                           run_config=config,
                           flops_per_token=metrics.train_flops_per_token(model_config, max(config.data.buckets)))
+    def sample(step: int, state) -> None:
+      """Greedy completions of a few held-out prompts, beside their references (samples.jsonl, TensorBoard)."""
+      if t.eval_samples and data.eval is not None:
+        log.samples(step, evaluation.heldout_samples(
+            lora.effective(state.params, lora_scale), model_config, data.eval, data.tokenizer, n=t.eval_samples,
+            max_new_tokens=t.eval_sample_tokens, reference="completion"))
+
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
     with checkpoint.Preemption() as preemption, checkpointer, log:
@@ -133,6 +140,7 @@ def train(config, workdir: str) -> dict[str, float]:
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
+          sample(step, state)
   if preemption.requested:
     raise checkpoint.Preempted(step, checkpointer.directory)
   final = {**log.last, **after}
