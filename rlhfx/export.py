@@ -10,8 +10,9 @@ from rlhfx.models import ModelConfig, lora
 
 
 def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir: Path) -> list[str]:
-  """Process 0 writes a LoRA run's adapters to <workdir>/adapters (PEFT's format; GPT-2: rlhfx's) and the (merged) policy as a Hugging Face
-  directory to <workdir>/hf when `config.train.export_hf`; returns summary lines naming what it wrote."""
+  """Process 0 writes a LoRA run's adapters to <workdir>/adapters (PEFT's format; GPT-2: rlhfx's) and the (merged)
+  policy as a Hugging Face directory to <workdir>/hf when `config.train.export_hf`; returns summary lines naming
+  what it wrote."""
   if jax.process_index() != 0:
     return []
   policy, lines = jax.device_get(params), []

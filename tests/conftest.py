@@ -93,6 +93,23 @@ def _forward(config, params, tokens, mask):
   return Transformer(config).apply({"params": params}, tokens, mask)
 
 
+def assert_same_files(ours, theirs, json_keys, config_name):
+  """Two directories hold the same safetensors (names, shapes, values to the bit) and agree on `json_keys` of
+  their `config_name` JSON files; `ours` and `theirs` are (directory, safetensors file name)."""
+  import json
+
+  import safetensors.numpy
+
+  ours_dir, theirs_dir = ours[0], theirs[0]
+  a, b = (safetensors.numpy.load_file(d / f) for d, f in (ours, theirs))
+  assert sorted(a) == sorted(b)
+  for name in b:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  config_a, config_b = (json.loads((d / config_name).read_text()) for d in (ours_dir, theirs_dir))
+  for key in json_keys:
+    assert config_a[key] == config_b[key], key
+
+
 def forward(config, params, tokens, mask=None):
   """Jitted full forward -> numpy float32 logits (tests compare against these)."""
   tokens = np.asarray(tokens, np.int32)

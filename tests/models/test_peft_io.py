@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from conftest import GOLDENS, forward
+from conftest import GOLDENS, assert_same_files, forward
 from rlhfx.models import lora
 from rlhfx.models.convert import from_hf
 from rlhfx.models.peft_io import hf_module, load_peft, save_peft
@@ -32,14 +32,10 @@ def test_a_peft_adapter_gives_peft_logits():
 def test_saving_writes_peft_key_layout_and_values(tmp_path):
   adapters, settings = load_peft(PEFT_DIR)
   out = save_peft(adapters, tmp_path / "adapters", rank=settings["rank"], alpha=settings["alpha"])
-  theirs = safetensors.numpy.load_file(PEFT_DIR / "adapter_model.safetensors")
-  ours = safetensors.numpy.load_file(out / "adapter_model.safetensors")
-  assert sorted(ours) == sorted(theirs)
-  for name in theirs:
-    np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+  assert_same_files((out, "adapter_model.safetensors"), (PEFT_DIR, "adapter_model.safetensors"),
+                    ("peft_type", "task_type", "r", "lora_alpha", "bias", "fan_in_fan_out", "use_rslora", "use_dora"),
+                    "adapter_config.json")
   c_theirs, c_ours = (json.loads((d / "adapter_config.json").read_text()) for d in (PEFT_DIR, out))
-  for key in ("peft_type", "task_type", "r", "lora_alpha", "bias", "fan_in_fan_out", "use_rslora", "use_dora"):
-    assert c_ours[key] == c_theirs[key], key
   assert sorted(c_ours["target_modules"]) == sorted(c_theirs["target_modules"])
 
 

@@ -8,9 +8,8 @@ import json
 import jax
 import numpy as np
 import pytest
-import safetensors.numpy
 
-from conftest import GOLDENS
+from conftest import GOLDENS, assert_same_files
 from rlhfx.models.heads import ScoreModel
 from rlhfx.models.hf_config import CheckpointError
 from rlhfx.models.score_hf import is_score_model, score_model_from_hf, score_model_to_hf
@@ -39,14 +38,8 @@ def test_export_writes_the_tensors_and_config_transformers_wrote(family, tmp_pat
   directory = GOLDENS / f"reward_{family}"
   config, params = score_model_from_hf(directory)
   out = score_model_to_hf(config, params, tmp_path / "rm", pad_token_id=0)
-  theirs = safetensors.numpy.load_file(directory / "model.safetensors")
-  ours = safetensors.numpy.load_file(out / "model.safetensors")
-  assert sorted(ours) == sorted(theirs)
-  for name in theirs:
-    np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
-  hf_theirs, hf_ours = (json.loads((d / "config.json").read_text()) for d in (directory, out))
-  for key in ("architectures", "id2label", "pad_token_id", "model_type", "vocab_size"):
-    assert hf_ours[key] == hf_theirs[key], key
+  assert_same_files((out, "model.safetensors"), (directory, "model.safetensors"),
+                    ("architectures", "id2label", "pad_token_id", "model_type", "vocab_size"), "config.json")
   assert is_score_model(out) and not is_score_model(GOLDENS / family)
   config2, params2 = score_model_from_hf(out)
   np.testing.assert_array_equal(_scores(config2, params2, np.load(directory / "expected.npz")),
