@@ -10,6 +10,8 @@ process.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -59,14 +61,20 @@ def heldout_rollouts(eval_fn: Callable, score: Callable, batches: Iterable[dict]
           "eval/prompts": len(scores)}
 
 
+@functools.lru_cache(maxsize=8)
+def _greedy(model_config, max_new_tokens: int, eos_id: int | None, pad_id: int) -> Callable:
+  """The jitted greedy sampler of a model (one per settings: every evaluation of a run reuses its program)."""
+  from rlhfx import sampling
+
+  return jax.jit(functools.partial(sampling.generate, config=model_config, max_new_tokens=max_new_tokens,
+                                   temperature=0.0, eos_id=eos_id, pad_id=pad_id))
+
+
 def heldout_samples(params, model_config, source, tokenizer, *, n: int, max_new_tokens: int,
                     reference: str) -> list[dict]:
   """Greedy completions of the first `n` held-out prompts (their chat template when they have messages):
   [{"prompt", "completion", "reference"}], `reference` naming the source's field to show beside (SFT's completion,
   DPO's chosen). Every process runs the program; the texts are the same on each."""
-  import functools
-  import json
-
   from rlhfx import sampling
   from rlhfx.data.tokenize import encode_prompt
 
@@ -77,12 +85,20 @@ def heldout_samples(params, model_config, source, tokenizer, *, n: int, max_new_
   keep = max(model_config.max_seq_len - max_new_tokens, 1)  # a prompt keeps its end, like training's truncation
   prompts = [encode_prompt(tokenizer, text(e["prompt"]), json.loads(text(e["messages"]) or "[]"))[-keep:]
              for e in examples]
-  tokens, mask = sampling.pad_prompts(prompts, tokenizer.pad_token_id or 0)
-  generate = jax.jit(functools.partial(sampling.generate, config=model_config, max_new_tokens=max_new_tokens,
-                                       temperature=0.0, eos_id=tokenizer.eos_token_id,
-                                       pad_id=tokenizer.pad_token_id or 0))
+  pad_id = tokenizer.pad_token_id or 0
+  tokens, mask = sampling.pad_prompts(prompts, pad_id)
+  generate = _greedy(model_config, max_new_tokens, tokenizer.eos_token_id, pad_id)
   result = jax.device_get(generate(params, prompt_BxP=tokens, prompt_mask_BxP=mask, rng=jax.random.key(0)))
   return [{"prompt": tokenizer.decode(p, skip_special_tokens=True),
            "completion": tokenizer.decode(row[row_mask], skip_special_tokens=True),
            "reference": text(e[reference])}
           for e, p, row, row_mask in zip(examples, prompts, np.asarray(result.tokens_BxC), np.asarray(result.mask_BxC))]
+
+
+def log_heldout_samples(log, step: int, config, params, model_config, data, *, reference: str) -> None:
+  """`config.train.eval_samples` held-out samples written by `log.samples` (metrics.StepLog): SFT and DPO call this
+  at each evaluation."""
+  t = config.train
+  if t.eval_samples and data.eval is not None:
+    log.samples(step, heldout_samples(params, model_config, data.eval, data.tokenizer, n=t.eval_samples,
+                                      max_new_tokens=t.eval_sample_tokens, reference=reference))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -42,8 +43,6 @@ def export_reward_model_hf(config, model_config: ModelConfig, params, tokenizer,
   `directory` when `config.train.export_hf`; returns summary lines naming what it wrote or why it did not."""
   if jax.process_index() != 0 or not config.train.export_hf:
     return []
-  import json
-
   from rlhfx.models.score_hf import score_model_to_hf
 
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id

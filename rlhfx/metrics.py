@@ -93,12 +93,12 @@ def start_wandb(workdir: Path, run_config):
   """A Weights & Biases run per `config.logging.wandb` (None when its project is empty): named by
   `logging.wandb.name` or the work directory's name (a sweep's runs are named by their overrides), the whole
   config attached, resumed by id when the work directory is resumed."""
-  cfg = run_config.logging.wandb if run_config is not None and "logging" in run_config else None
-  if cfg is None or not cfg.project:
+  if run_config is None or not run_config.logging.wandb.project:
     return None
+  cfg = run_config.logging.wandb
   import wandb
 
-  run_id = (workdir / "wandb_run_id")
+  run_id = workdir / "wandb_run_id"
   if not run_id.exists():
     run_id.write_text(uuid.uuid4().hex[:8])
   return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,

@@ -88,11 +88,9 @@ def reward_model_config(path: str | Path, attention: str | None = None) -> Model
   with."""
   kind, where = _source(path)
   if kind == "hf":
-    from rlhfx.models.convert import resolve
-    from rlhfx.models.hf_config import config_from_hf
+    from rlhfx.models.score_hf import score_model_config
 
-    config_file = resolve(where) / "config.json"
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    config = score_model_config(where)
   else:
     config = ModelConfig(**json.loads((where / "model_config.json").read_text()))
   return config if attention is None else config.replace(attention=attention)

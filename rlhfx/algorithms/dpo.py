@@ -231,14 +231,6 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
                           flops_per_token=metrics.sequence_train_flops(
                               model_config, max(config.data.buckets),
                               kept=kwargs["window"] + 1 if kwargs["window"] else None) / max(config.data.buckets))
-    def sample(step: int, state) -> None:
-      """Greedy completions of a few held-out prompts, beside the chosen reply (samples.jsonl, TensorBoard)."""
-      if t.eval_samples and data.eval is not None:
-        log.samples(step, evaluation.heldout_samples(
-            lora.effective(state.params, kwargs["lora_scale"]), model_config, data.eval, data.tokenizer,
-            n=t.eval_samples, max_new_tokens=t.eval_sample_tokens,
-            reference="completion" if getattr(loss, "unpaired", False) else "chosen"))
-
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
     with checkpoint.Preemption() as preemption, checkpointer, log:
@@ -255,7 +247,9 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
-          sample(step, state)
+          evaluation.log_heldout_samples(log, step, config, lora.effective(state.params, kwargs["lora_scale"]),
+                                         model_config, data,
+                                         reference="completion" if getattr(loss, "unpaired", False) else "chosen")
   if preemption.requested:
     raise checkpoint.Preempted(step, checkpointer.directory)
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)

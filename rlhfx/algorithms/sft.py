@@ -10,10 +10,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, sampling, setup, sharding
+from rlhfx import checkpoint, evaluation, export, metrics, setup, sharding
 from rlhfx.data import prepare
 from rlhfx.logprobs import row_logps
 from rlhfx.losses.common import padding_share, target_mask
@@ -68,18 +67,9 @@ def eval_step(params, batch: dict[str, Array], **kwargs) -> dict[str, Array]:
 
 def exact_match(params, model_config: ModelConfig, source, tokenizer, n: int = 64) -> float:
   """Share of eval prompts whose greedy completion equals the reference (built-in tasks)."""
-  examples = [source[i] for i in range(min(n, len(source)))]
-  prompts = [tokenizer.encode(e["prompt"].decode(), add_special_tokens=False) for e in examples]
-  bos = tokenizer.bos_token_id
-  prompts = [[bos] + p if bos is not None and bos != tokenizer.eos_token_id else p for p in prompts]
-  tokens, mask = sampling.pad_prompts(prompts, tokenizer.pad_token_id or 0)
-  result = sampling.generate(jax.device_get(params), model_config, tokens, mask, jax.random.key(0),
-                             max_new_tokens=12, temperature=0.0, eos_id=tokenizer.eos_token_id,
-                             pad_id=tokenizer.pad_token_id or 0)
-  hits = 0
-  for e, row, row_mask in zip(examples, np.asarray(result.tokens_BxC), np.asarray(result.mask_BxC)):
-    hits += tokenizer.decode(row[row_mask], skip_special_tokens=True) == e["completion"].decode()
-  return hits / len(examples)
+  samples = evaluation.heldout_samples(params, model_config, source, tokenizer, n=n, max_new_tokens=12,
+                                       reference="completion")
+  return sum(s["completion"] == s["reference"] for s in samples) / len(samples)
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -118,13 +108,6 @@ def train(config, workdir: str) -> dict[str, float]:
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
                           run_config=config,
                           flops_per_token=metrics.train_flops_per_token(model_config, max(config.data.buckets)))
-    def sample(step: int, state) -> None:
-      """Greedy completions of a few held-out prompts, beside their references (samples.jsonl, TensorBoard)."""
-      if t.eval_samples and data.eval is not None:
-        log.samples(step, evaluation.heldout_samples(
-            lora.effective(state.params, lora_scale), model_config, data.eval, data.tokenizer, n=t.eval_samples,
-            max_new_tokens=t.eval_sample_tokens, reference="completion"))
-
     before = log.write(start, evaluate(state) if start == 0 else {})
     after, step = {}, start
     with checkpoint.Preemption() as preemption, checkpointer, log:
@@ -140,7 +123,8 @@ def train(config, workdir: str) -> dict[str, float]:
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
-          sample(step, state)
+          evaluation.log_heldout_samples(log, step, config, lora.effective(state.params, lora_scale), model_config,
+                                         data, reference="completion")
   if preemption.requested:
     raise checkpoint.Preempted(step, checkpointer.directory)
   final = {**log.last, **after}

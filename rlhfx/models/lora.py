@@ -36,6 +36,14 @@ def _input_axes(path: str) -> int:
   return 2 if path.endswith("o_proj/kernel") else 1
 
 
+def _dims(path: str, kernel) -> tuple[tuple[int, ...], int, int]:
+  """(layer axes, d_in, d_out) of an adapted kernel: A is [*layers, d_in, r], B [*layers, r, d_out]."""
+  lead = 1 if path.startswith("layers/") else 0
+  n_in = _input_axes(path)
+  return (tuple(kernel.shape[:lead]), math.prod(kernel.shape[lead:lead + n_in]),
+          math.prod(kernel.shape[lead + n_in:]))
+
+
 def targets(params, patterns: Sequence[str]) -> list[str]:
   compiled = [re.compile(p) for p in patterns]
   found = [param_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
@@ -51,11 +59,7 @@ def init(params, *, patterns: Sequence[str], rank: int, rng: jax.Array) -> dict[
   adapters = {}
   for i, path in enumerate(targets(params, patterns)):
     kernel = leaves[path]
-    lead = 1 if path.startswith("layers/") else 0
-    n_in = _input_axes(path)
-    d_in = math.prod(kernel.shape[lead:lead + n_in])
-    d_out = math.prod(kernel.shape[lead + n_in:])
-    batch = kernel.shape[:lead]
+    batch, d_in, d_out = _dims(path, kernel)
     a = jax.random.normal(jax.random.fold_in(rng, i), (*batch, d_in, rank), jnp.float32) / math.sqrt(d_in)
     adapters[path] = {"a": a.astype(kernel.dtype), "b": jnp.zeros((*batch, rank, d_out), kernel.dtype)}
   return adapters
@@ -104,10 +108,8 @@ def from_peft(base, cfg) -> dict:
   for path, ab in adapters.items():
     if path not in leaves:
       raise CheckpointError(f"config.lora.init_from={cfg.init_from!r}: an adapter on {path}, which this model lacks")
-    kernel, lead = leaves[path], 1 if path.startswith("layers/") else 0
-    n_in = _input_axes(path)
-    want_a = (*kernel.shape[:lead], math.prod(kernel.shape[lead:lead + n_in]), cfg.rank)
-    want_b = (*kernel.shape[:lead], cfg.rank, math.prod(kernel.shape[lead + n_in:]))
+    batch, d_in, d_out = _dims(path, leaves[path])
+    want_a, want_b = (*batch, d_in, cfg.rank), (*batch, cfg.rank, d_out)
     if ab["a"].shape != want_a or ab["b"].shape != want_b:
       raise CheckpointError(f"config.lora.init_from={cfg.init_from!r}: the adapter on {path} has A {ab['a'].shape}, "
                        f"B {ab['b'].shape}; this model needs {want_a}, {want_b}")

@@ -40,10 +40,9 @@ def is_score_model(path_or_hub_id: str | os.PathLike) -> bool:
       "architectures") or [])
 
 
-def score_model_from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None, **config_overrides):
-  """(ModelConfig, {"backbone", "score"}) from a `*ForSequenceClassification` directory or hub id with one label."""
-  directory = convert.resolve(path_or_hub_id)
-  config_file = directory / "config.json"
+def score_model_config(path_or_hub_id: str | os.PathLike, **config_overrides) -> ModelConfig:
+  """The ModelConfig of a `*ForSequenceClassification` directory or hub id with one label (config.json alone)."""
+  config_file = convert.resolve(path_or_hub_id) / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"{config_file}: missing; a Hugging Face reward model directory needs config.json")
   hf = json.loads(config_file.read_text())
@@ -54,7 +53,13 @@ def score_model_from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str |
   labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
   if labels != 1:
     raise CheckpointError(f"{config_file}: {labels} labels; a reward model has num_labels=1 (one score)")
-  config = config_from_hf(hf, str(config_file)).replace(param_dtype=param_dtype or "float32", **config_overrides)
+  return config_from_hf(hf, str(config_file)).replace(**{"param_dtype": "float32", **config_overrides})
+
+
+def score_model_from_hf(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None, **config_overrides):
+  """(ModelConfig, {"backbone", "score"}) from a `*ForSequenceClassification` directory or hub id with one label."""
+  directory = convert.resolve(path_or_hub_id)
+  config = score_model_config(directory, param_dtype=param_dtype or "float32", **config_overrides)
   table = _backbone_table(config)
   score = convert.Entry(hf="score.weight", ours=(("score", "kernel"),), kind="linear")
   tensors = convert.read_tensors(directory, config, table + [score], also_known={"lm_head.weight"})
