@@ -175,7 +175,7 @@ class Evaluator:
       s = rollout.SamplingSettings(self.model_config, max_new_tokens=v.max_new_tokens, group_size=n,
                                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
       r = rollout.rollout(policy, self.batch, jax.random.key(seed), s)
-      scores_B = rollout.scores(r, self.reward_params, self.scorer)
+      scores_B = rollout.scores(r, self.reward_params, self.scorer)[0]
       logps = rollout.completion_stats(model, policy, r, temperature=1.0)[0]
       ref = rollout.completion_stats(model, self.reference, r, temperature=1.0)[0]
       return r, scores_B, rollout.sequence_kl(logps, ref, r.mask_BxC)

@@ -8,7 +8,7 @@
 16 prompts x 8 samples x (512 prompt + 512 sampled tokens) per iteration, one fused program;
 the policy is trained (float32 parameters and Adam moments, FSDP), the reference and the
 reward model are frozen in bfloat16. A verifiable reward instead of the reward model:
---config.scoring.model= --config.scoring.function=module:function.
+--config.scoring.model= --config.scoring.functions="('module:function',)".
 """
 
 import pathlib

@@ -4,7 +4,7 @@
 
 The policy is a small random byte-level model; prompts are the built-in "reverse: abcd ="
 task's prompts; the score of a completion is the share of its bytes in a-z
-(`scoring.function = "fraction:abc...z"`, computed inside the compiled iteration).
+(`scoring.functions = ("fraction:abc...z",)`, computed inside the compiled iteration).
 A random policy starts near 26/256 = 10%; the KL penalty keeps the policy near the
 reference while the score rises.
 """

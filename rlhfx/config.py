@@ -42,7 +42,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.model.lm_head_chunk = 0  # positions per LM-head chunk when taking log-probs (0 = all at once)
 
   c.data = ml_collections.ConfigDict()
-  c.data.builtin = ""  # a task generated in code instead of files: "reverse" (rlhfx.data.synthetic)
+  c.data.builtin = ""  # a task generated in code instead of files: reverse | arithmetic (rlhfx.data.synthetic)
   c.data.train_files = ()  # input files: JSONL or JSON arrays, optionally .gz
   c.data.input_format = "sft"  # pairs | hh | sharegpt | unpaired | prompts | sft (rlhfx.data.builders)
   c.data.eval_fraction = 0.05  # share of examples in the eval split (by content hash)
@@ -137,8 +137,10 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0  # 1 = no nucleus filter
     c.rollout.group_size = 1 if algorithm == "ppo" else 8  # completions sampled per prompt
     c.scoring = ml_collections.ConfigDict()
-    c.scoring.model = ""  # reward run workdir (or its reward_model/ folder); "" = use scoring.function
-    c.scoring.function = ""  # "fraction:<chars>" | "module:function" (rlhfx.rewards); "" = use scoring.model
+    c.scoring.model = ""  # reward run workdir / reward_model folder / HF *ForSequenceClassification dir or hub id
+    c.scoring.functions = ()  # reward functions (rlhfx.reward_functions): math_answer, think_format, regex:<pattern>,
+    #                           fraction:<chars>, module:function; their weighted sum is the score (+ the model's)
+    c.scoring.weights = ()  # one weight per function; () = 1 each
     c.scoring.normalize = True  # reward model scores -> (r - mean) / std with the reward run's statistics
     c.scoring.missing_eos_penalty = 0.0  # subtracted from the score of a completion cut before EOS
   if algorithm == "ppo":
@@ -227,7 +229,7 @@ def use_letters_task(config) -> None:
   config.data.max_length = 40  # prompt + completion bytes
   config.data.max_prompt_length = 24  # prompt bytes
   config.data.buckets = (24,)  # one prompt shape, one compilation
-  config.scoring.function = "fraction:" + string.ascii_lowercase  # share of completion bytes in a-z
+  config.scoring.functions = ("fraction:" + string.ascii_lowercase,)  # share of completion bytes in a-z
   config.rollout.max_new_tokens = 16  # completion bytes
   config.train.num_steps = 60  # iterations
   config.train.log_every = 5  # console and metrics

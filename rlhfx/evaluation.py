@@ -10,6 +10,7 @@ process.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 from typing import Callable, Iterable, Iterator
@@ -40,25 +41,32 @@ def outputs(fn: Callable, batches: Iterable[dict], mesh) -> Iterator[tuple[dict,
 
 def heldout_rollouts(eval_fn: Callable, score: Callable, batches: Iterable[dict], mesh, *, seed: int,
                      eos_id: int | None, missing_eos_penalty: float) -> dict[str, float]:
-  """Mean score (with its standard error) and KL(policy || reference) of one sample per held-out prompt.
+  """Mean score (with its standard error), each reward function's eval/rewards/* and KL(policy || reference) of
+  one sample per held-out prompt.
 
-  `eval_fn(global batch, rng) -> (rollout, kl_B)` (rlhfx.rollout.eval_rollout, jitted), `score(rollout) ->
-  scores_B`; batch i samples with a key fixed by the seed and i, so every evaluation of a run sees the same draws.
+  `eval_fn(global batch, rng) -> (rollout, kl_B)` (rlhfx.rollout.eval_rollout, jitted), `score(rollout, ids_B) ->
+  (scores_B, parts)` (rlhfx.rollout.scoring; the batches keep their `example_id_B`); batch i samples with a key
+  fixed by the seed and i, so every evaluation of a run sees the same draws.
   """
+  from rlhfx import reward_functions
   from rlhfx.rollout import finish_scores
 
-  scores, kls, lengths = [], [], []
+  scores, kls, lengths, parts = [], [], [], collections.defaultdict(list)
   for i, local in enumerate(batches):
-    valid_B = local.pop("valid_B")
+    valid_B, ids_B = local.pop("valid_B"), local.pop("example_id_B", None)
     r, kl_B = eval_fn(sharding.global_batch(local, mesh), jax.random.fold_in(jax.random.PRNGKey(seed + 1), i))
-    scores_B = finish_scores(score(r), r, eos_id, missing_eos_penalty)[0]
-    host = gather((scores_B, kl_B, r.mask_BxC.sum(-1)))
+    scores_B, parts_B = score(r, ids_B)
+    scores_B = finish_scores(scores_B, r, eos_id, missing_eos_penalty)[0]
+    host = gather((scores_B, kl_B, r.mask_BxC.sum(-1), parts_B))
     valid_B = gather(valid_B) if jax.process_count() > 1 else valid_B
     scores.append(host[0][valid_B]), kls.append(host[1][valid_B]), lengths.append(host[2][valid_B])
+    for name, part_B in host[3].items():
+      parts[name].append(np.asarray(part_B)[valid_B])
   scores, kls = np.concatenate(scores), np.concatenate(kls)
+  rewards = reward_functions.metrics({k: np.concatenate(v) for k, v in parts.items()}, prefix="eval/rewards")
   return {"eval/scores": float(scores.mean()), "eval/scores_sem": float(scores.std() / max(len(scores), 1) ** .5),
           "eval/kl": float(kls.mean()), "eval/completion_length": float(np.concatenate(lengths).mean()),
-          "eval/prompts": len(scores)}
+          "eval/prompts": len(scores), **{k: float(v) for k, v in rewards.items()}}
 
 
 @functools.lru_cache(maxsize=8)

@@ -130,7 +130,7 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
 def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   """PPO and GRPO: the fused iteration (in-graph scoring), or rollout, scoring and update as three programs
   (`train.time_phases`, or a host reward function)."""
-  from rlhfx import rewards, rollout
+  from rlhfx import reward_functions, rewards, rollout
   from rlhfx.algorithms import grpo, ppo
 
   model = Transformer(model_config)
@@ -147,13 +147,10 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
       rm_config = model_config
     scorer = rollout.Scorer(module=ScoreModel(rm_config), missing_eos_penalty=sc.missing_eos_penalty)
     reward_params = abstract_params(scorer.module, runtime)
-  elif sc.function.startswith("fraction:"):  # a table lookup per token; the planner needs no tokenizer for it
-    scorer = rollout.Scorer(fn=lambda p, pm, t, m: m.sum(-1).astype(jnp.float32),
-                            missing_eos_penalty=sc.missing_eos_penalty)
   else:
-    fn = rewards.load_reward_function(sc.function, tokenizer=None)
-    scorer = (rollout.Scorer(fn=fn, missing_eos_penalty=sc.missing_eos_penalty) if rewards.is_traceable(fn)
-              else rollout.Scorer(host_fn=fn, missing_eos_penalty=sc.missing_eos_penalty))
+    scorer = rollout.Scorer(missing_eos_penalty=sc.missing_eos_penalty)
+  # reward functions: fraction:<chars> is planned as a per-token sum (no tokenizer), text functions run on the host
+  scorer = dataclasses.replace(scorer, functions=reward_functions.load(sc.functions, sc.weights, tokenizer=None))
   # the model's own special tokens stand in for the tokenizer's: the planner loads no tokenizer
   token_ids = types.SimpleNamespace(eos_token_id=model_config.eos_token_id, pad_token_id=model_config.pad_token_id)
   sampling = rollout.SamplingSettings.from_config(config, model_config, token_ids)

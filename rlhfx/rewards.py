@@ -6,39 +6,27 @@
                           Hugging Face `*ForSequenceClassification` reward model with one
                           label (a directory or hub id; rlhfx.models.score_hf), whose scores
                           are used as they are unless a reward_stats.json lies beside it.
-`config.scoring.function` a reward function instead:
-   "fraction:<chars>"     the share of completion tokens made only of these characters
-                          (built in, computed on token ids inside the compiled iteration);
-   "module:function"      a Python function. Marked `@on_tokens` it receives
-                          (prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC) as JAX arrays
-                          and runs inside the compiled iteration; otherwise it receives
-                          (prompts: list[str], completions: list[str]) and returns a float
-                          per completion, called on the host between the rollout and the
-                          update (verifiable rewards: unit tests, exact answers).
+`config.scoring.functions` reward functions with `config.scoring.weights` instead (or as
+                          well: their weighted sum is added to the model's score): built-in
+                          ones (math answers, formats) or yours, in the graph or on the host
+                          with the prompt data's columns (rlhfx.reward_functions).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from rlhfx import reward_functions
 from rlhfx.config import ConfigError
 from rlhfx.models import ModelConfig
 
 EXPORT_DIR = "reward_model"
-
-
-def on_tokens(fn: Callable) -> Callable:
-  """Mark a reward function as traceable: fn(prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC) -> scores_B."""
-  fn.on_tokens = True
-  return fn
 
 
 # ----------------------------------------------------------------------------- reward models
@@ -120,71 +108,24 @@ def load_reward_model(path: str | Path, target) -> RewardModel:
   return RewardModel(config=config, params=params, mean=float(stats["mean"]), std=float(stats["std"]))
 
 
-# ----------------------------------------------------------------------------- reward functions
+# ----------------------------------------------------------------------------- scorers
 
 
-def character_fraction(chars: str, tokenizer) -> Callable:
-  """Reward: the share of completion tokens that decode to a non-empty string of `chars` only."""
-  table_V = np.zeros(len(tokenizer), bool)
-  allowed = set(chars)
-  for token_id in range(len(tokenizer)):
-    text = tokenizer.decode([token_id])
-    table_V[token_id] = bool(text) and set(text) <= allowed
-  table = jnp.asarray(table_V)
-
-  @on_tokens
-  def reward(prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC):
-    del prompt_BxP, prompt_mask_BxP
-    hits_B = jnp.sum(table[tokens_BxC] & mask_BxC, axis=-1)
-    return hits_B / jnp.maximum(mask_BxC.sum(-1), 1)
-
-  return reward
-
-
-def load_reward_function(spec: str, tokenizer) -> Callable:
-  """A reward function from its config spec (see the module docstring)."""
-  if spec.startswith("fraction:"):
-    chars = spec.removeprefix("fraction:")
-    if not chars:
-      raise ConfigError("config.scoring.function='fraction:' needs characters after the colon")
-    return character_fraction(chars, tokenizer)
-  module, _, name = spec.partition(":")
-  if not name:
-    raise ConfigError(f"config.scoring.function={spec!r}: expected 'fraction:<chars>' or 'module:function'")
-  try:
-    return getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
-    raise ConfigError(f"config.scoring.function={spec!r}: cannot import it ({e})") from e
-
-
-def is_traceable(fn: Callable) -> bool:
-  return bool(getattr(fn, "on_tokens", False))
-
-
-def host_scores(fn: Callable, tokenizer, prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC) -> np.ndarray:
-  """Decode prompts and completions and call a text reward function; returns scores_B float32."""
-  prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC = (np.asarray(x) for x in jax.device_get(
-      (prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC)))
-  prompts = [tokenizer.decode(p[m], skip_special_tokens=True) for p, m in zip(prompt_BxP, prompt_mask_BxP)]
-  completions = [tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(tokens_BxC, mask_BxC)]
-  scores = np.asarray(fn(prompts, completions), np.float32)
-  if scores.shape != (len(completions),):
-    raise ValueError(f"reward function {getattr(fn, '__name__', fn)} returned shape {scores.shape}; expected "
-                     f"one float per completion ({len(completions)},)")
-  return scores
-
-
-def make_scorer(config, tokenizer, runtime, attention: str = "xla"):
-  """(rollout.Scorer, the reward model's params or None) from config.scoring."""
+def make_scorer(config, tokenizer, runtime, attention: str = "xla", columns: Sequence[str] | None = None):
+  """(rollout.Scorer, the reward model's params or None) from config.scoring; `columns` (the prompt data's extra
+  columns) are checked against what the text functions need."""
   from rlhfx.models.heads import ScoreModel
   from rlhfx.models.load import abstract_params
   from rlhfx.rollout import Scorer
 
   sc = config.scoring
-  common = dict(missing_eos_penalty=sc.missing_eos_penalty)
-  if sc.function:
-    fn = load_reward_function(sc.function, tokenizer)
-    return (Scorer(fn=fn, **common) if is_traceable(fn) else Scorer(host_fn=fn, **common)), None
+  functions = reward_functions.load(sc.functions, sc.weights, tokenizer)
+  if columns is not None:
+    reward_functions.check_columns(functions, columns, ", ".join(map(str, config.data.train_files))
+                                   or f"data.builtin={config.data.builtin}")
+  common = dict(functions=functions, missing_eos_penalty=sc.missing_eos_penalty)
+  if not sc.model:
+    return Scorer(**common), None
   rm_config = reward_model_config(sc.model, attention)
   if rm_config.vocab_size < len(tokenizer):
     raise ConfigError(f"config.scoring.model: the reward model's vocab_size {rm_config.vocab_size} is smaller than "
@@ -195,11 +136,56 @@ def make_scorer(config, tokenizer, runtime, attention: str = "xla"):
   return Scorer(module=module, mean=mean, std=max(std, 1e-6), **common), rm.params
 
 
-def score_on_host(scorer, tokenizer, r, mesh) -> jax.Array:
-  """scores_B of a rollout from a host (text) reward function, as a global array split like the batch."""
+def _text_inputs(tokenizer, r, ids_B, source) -> tuple[list, list, list[list[int]], dict[str, list]]:
+  """(prompts, completions, completion_ids, columns) of a host rollout, as text functions receive them: the
+  prompt rows of `source` at `ids_B` when given (their text or messages, and their extra columns), else the
+  decoded prompt tokens."""
+  completion_ids = [t[m].tolist() for t, m in zip(np.asarray(r.tokens_BxC), np.asarray(r.mask_BxC))]
+  texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
+  if ids_B is None:
+    prompts = [tokenizer.decode(p[m], skip_special_tokens=True)
+               for p, m in zip(np.asarray(r.prompt_BxP), np.asarray(r.prompt_mask_BxP))]
+    return prompts, texts, completion_ids, {}
+  rows = [prompt_row(source, int(i)) for i in ids_B]
+  prompts = [row["messages"] or row["prompt"] for row in rows]
+  completions = [[{"role": "assistant", "content": text}] if row["messages"] else text
+                 for row, text in zip(rows, texts)]
+  names = sorted({name for row in rows for name in row["columns"]})
+  columns = {name: [row["columns"].get(name) for row in rows] for name in names}
+  return prompts, completions, completion_ids, columns
+
+
+def prompt_row(source, index: int) -> dict:
+  """{"prompt": text, "messages": list (empty when the prompt is text), "columns": the record's other fields}."""
+  record = source[index]
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+  extra = text(record.get("extra", b""))
+  return {"prompt": text(record["prompt"]), "messages": json.loads(text(record["messages"]) or "[]"),
+          "columns": json.loads(extra) if extra else {}}
+
+
+def prompt_columns(source) -> list[str]:
+  """The extra columns of a prompt dataset (those of its first record)."""
+  return sorted(prompt_row(source, 0)["columns"]) if source is not None and len(source) else []
+
+
+def score_on_host(scorer, tokenizer, r, in_graph: tuple, mesh, *, ids_B=None, source=None):
+  """(scores_B as a global array split like the batch, per-function scores): the in-graph part (reward model and
+  traceable functions: `in_graph` = (scores_B, parts)) plus each text function's weighted scores on the decoded
+  rollout. `ids_B` are this process's prompt ids (rows of `source`), one per prompt of the batch."""
   from rlhfx import sharding
   from rlhfx.evaluation import gather
 
-  r = gather(r)
-  scores_B = host_scores(scorer.host_fn, tokenizer, r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC)
-  return jax.make_array_from_callback(scores_B.shape, sharding.batch_sharding(mesh, 1), lambda idx: scores_B[idx])
+  r, (graph_B, graph_parts) = gather(r), gather(in_graph)
+  if ids_B is not None:  # the prompts' ids, each repeated for its group of samples
+    ids_B = gather(np.asarray(ids_B))
+    ids_B = np.repeat(ids_B, r.tokens_BxC.shape[0] // len(ids_B))
+  prompts, completions, completion_ids, columns = _text_inputs(tokenizer, r, ids_B, source)
+  text_parts = {f.name: reward_functions.call(f, prompts=prompts, completions=completions,
+                                              completion_ids=completion_ids, columns=columns)
+                for f in scorer.functions if not f.on_tokens}
+  scores_B = (np.asarray(graph_B, np.float32) + reward_functions.weighted_sum(text_parts, scorer.functions)).astype(
+      np.float32)
+  parts = {**{k: np.asarray(v) for k, v in graph_parts.items()}, **text_parts}
+  return jax.make_array_from_callback(scores_B.shape, sharding.batch_sharding(mesh, 1),
+                                      lambda idx: scores_B[idx]), parts

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import sampling
+from rlhfx import reward_functions, sampling
 from rlhfx.logprobs import target_logps
 from rlhfx.models import ModelConfig, Transformer, lora
 from rlhfx.models.heads import ScoreModel
+from rlhfx.reward_functions import RewardFunction
 from rlhfx.train_state import accumulate_gradients
 
 Array = jax.Array
@@ -111,29 +112,32 @@ def completion_values(score_model: ScoreModel, params, r: Rollout) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-  """How completions are scored (static): a reward model (its params travel as a frozen argument), a traceable
-  reward function, or a host text function (`host_fn`, called between rollout and update)."""
+  """How completions are scored (static): a reward model (its params travel as a frozen argument) and/or reward
+  functions (rlhfx.reward_functions), whose weighted sum is added. Text functions run on the host between rollout
+  and update (rlhfx.rewards.score_on_host); the rest runs in the graph."""
 
   module: ScoreModel | None = None
   mean: float = 0.0  # reward-model score normalisation
   std: float = 1.0
-  fn: Callable | None = None  # traceable: (prompt_BxP, prompt_mask_BxP, tokens_BxC, mask_BxC) -> scores_B
-  host_fn: Callable | None = None  # (prompts: list[str], completions: list[str]) -> list[float]
+  functions: tuple[RewardFunction, ...] = ()
   missing_eos_penalty: float = 0.0
 
   @property
   def in_graph(self) -> bool:
-    return self.host_fn is None
+    return all(f.on_tokens for f in self.functions)
 
 
-def scores(r: Rollout, reward_params, scorer: Scorer) -> Array:
-  """scores_B in-graph: the reward model's (normalised) score at the last real token, or the reward function."""
+def scores(r: Rollout, reward_params, scorer: Scorer) -> tuple[Array, dict[str, Array]]:
+  """(scores_B, {name: scores_B} of each traceable reward function) computed in the graph: the reward model's
+  normalised score at the last real token plus the traceable functions' weighted scores (text functions are
+  added on the host)."""
+  total_B = jnp.zeros(r.tokens_BxC.shape[:1], jnp.float32)
   if scorer.module is not None:
     raw_B = scorer.module.apply({"params": reward_params}, r.sequence_BxT, r.sequence_mask_BxT)
-    return (raw_B - scorer.mean) / scorer.std
-  if scorer.fn is not None:
-    return scorer.fn(r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC).astype(jnp.float32)
-  raise ValueError("this scorer runs on the host (a text reward function): use rlhfx.rewards.score_on_host")
+    total_B = (raw_B - scorer.mean) / scorer.std
+  parts = {f.name: f.fn(r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC).astype(jnp.float32)
+           for f in scorer.functions if f.on_tokens}
+  return total_B + reward_functions.weighted_sum(parts, scorer.functions), parts
 
 
 def finish_scores(scores_B: Array, r: Rollout, eos_id: int | None, missing_eos_penalty: float) -> tuple[Array, Array]:
@@ -190,7 +194,7 @@ class Programs:
 
   fused: Callable  # (state, batch, frozen) -> (state, metrics, rollout, scores_B): in-graph scoring
   rollout: Callable  # (state, batch) -> rollout
-  score: Callable  # (rollout, reward params) -> scores_B
+  score: Callable  # (rollout, reward params) -> (scores_B, parts): the in-graph scoring
   update: Callable  # (state, rollout, scores_B, frozen) -> (state, metrics)
 
   @classmethod
@@ -205,34 +209,47 @@ class Programs:
                               donate_argnums=0))
 
 
+def fused_iteration(update_step: Callable, state, r: Rollout, frozen: dict, scorer: Scorer):
+  """An algorithm's `iteration` after its rollout: in-graph scoring, then the update; (state, metrics with
+  rewards/*, r, scores_B)."""
+  scores_B, parts = scores(r, frozen["reward"], scorer)
+  state, step_metrics = update_step(state, r, scores_B, frozen)
+  return state, {**step_metrics, **reward_functions.metrics(parts)}, r, scores_B
+
+
 def run_phases(programs: Programs, state, batch: dict[str, Array], frozen: dict, score: Callable):
-  """(state, metrics + time/*_s, rollout, scores_B): rollout, `score(rollout)` (a program or host scoring) and
-  update one after the other, each timed."""
+  """(state, metrics + rewards/* + time/*_s, rollout, scores_B): rollout, `score(rollout) -> (scores_B, parts)`
+  (the scoring program, or it and host scoring) and update one after the other, each timed."""
   t0 = time.perf_counter()
   r = jax.block_until_ready(programs.rollout(state, batch))
   t1 = time.perf_counter()
-  scores_B = jax.block_until_ready(score(r))
+  scores_B, parts = jax.block_until_ready(score(r))
   t2 = time.perf_counter()
   state, metrics = jax.block_until_ready(programs.update(state, r, scores_B, frozen))
   times = {"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": time.perf_counter() - t2}
-  return state, {**metrics, **times}, r, scores_B
+  return state, {**metrics, **reward_functions.metrics(parts), **times}, r, scores_B
 
 
-def scoring(programs: Programs, scorer: Scorer, reward_params, tokenizer, mesh) -> Callable:
-  """rollout -> scores_B: the scoring program, or a host reward function on the decoded text."""
+def scoring(programs: Programs, scorer: Scorer, reward_params, tokenizer, mesh, source=None) -> Callable:
+  """(rollout, this process's prompt ids or None) -> (scores_B, parts): the scoring program, and the text reward
+  functions on the host with the columns of `source`'s prompt rows."""
   if scorer.in_graph:
-    return lambda r: programs.score(r, reward_params)
+    return lambda r, ids_B=None: programs.score(r, reward_params)
   from rlhfx.rewards import score_on_host
 
-  return lambda r: score_on_host(scorer, tokenizer, r, mesh)
+  return lambda r, ids_B=None: score_on_host(scorer, tokenizer, r, programs.score(r, reward_params), mesh,
+                                             ids_B=ids_B, source=source)
 
 
-def run_iteration(programs: Programs, state, batch: dict[str, Array], frozen: dict, score: Callable, *,
-                  phased: bool):
-  """(state, metrics, rollout, scores_B) of one iteration: the fused program, or the timed phases."""
+def run_iteration(programs: Programs, state, batch: dict, frozen: dict, score: Callable, mesh, *, phased: bool):
+  """(state, metrics, rollout, scores_B) of one iteration on this process's host `batch` (its `example_id_B` go
+  to host scoring): the fused program, or the timed phases."""
+  from rlhfx import sharding
+
+  global_batch = sharding.global_batch({k: v for k, v in batch.items() if k != "example_id_B"}, mesh)
   if not phased:
-    return programs.fused(state, batch, frozen)
-  return run_phases(programs, state, batch, frozen, score)
+    return programs.fused(state, global_batch, frozen)
+  return run_phases(programs, state, global_batch, frozen, lambda r: score(r, batch.get("example_id_B")))
 
 
 def tokens(batch: dict, s: SamplingSettings) -> int:

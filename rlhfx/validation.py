@@ -14,6 +14,7 @@ import re
 
 from ml_collections import ConfigDict
 
+from rlhfx import reward_functions
 from rlhfx.config import ALGORITHMS, ConfigError, base_config
 from rlhfx.data.formats import PARSERS
 from rlhfx.losses import policy, preference
@@ -179,10 +180,14 @@ def _combination_problems(config) -> list[str]:
                  "weights; use 'lora_base' (or 'precomputed')")
   if a in ("ppo", "grpo"):
     sc = config.scoring
-    if bool(sc.model) == bool(sc.function):
-      out.append("set exactly one of config.scoring.model (a reward run) and config.scoring.function")
-    if sc.function and not (sc.function.startswith("fraction:") or ":" in sc.function):
-      out.append(f"config.scoring.function={sc.function!r}: expected 'fraction:<chars>' or 'module:function'")
+    if not (sc.model or sc.functions):
+      out.append("set config.scoring.model (a reward model) or config.scoring.functions (reward functions), or both")
+    if sc.weights and len(sc.weights) != len(sc.functions):
+      out.append(f"config.scoring.weights has {len(sc.weights)} entries for {len(sc.functions)} scoring.functions")
+    for i, spec in enumerate(sc.functions):
+      if not (spec in reward_functions.BUILTIN or ":" in spec):
+        out.append(f"config.scoring.functions[{i}]={spec!r}: expected one of {sorted(reward_functions.BUILTIN)}, "
+                   "'regex:<pattern>', 'fraction:<chars>' or 'module:function'")
     group = config.rollout.group_size
     if a == "grpo" and group < 2:
       out.append(f"config.rollout.group_size={group}: group advantages need >= 2 samples per prompt")

@@ -87,7 +87,7 @@ def test_phased_iteration_equals_the_fused_program(ppo_one_device, tmp_path):
 
 def test_grpo_with_a_python_text_reward(tmp_path):
   """A host reward function (verifiable-reward style) is called between rollout and update."""
-  _run("configs/grpo_letters.py:tiny", tmp_path, "--config.scoring.function=tests.text_rewards:vowel_share",
+  _run("configs/grpo_letters.py:tiny", tmp_path, "--config.scoring.functions=('tests.text_rewards:vowel_share',)",
        "--config.train.num_steps=3", "--config.train.log_every=1", "--config.train.eval_every=0",
        "--config.train.log_samples_every=3")
   samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -120,3 +120,26 @@ def test_ppo_from_a_trained_reward_model(tmp_path, shared_data):
   assert train[1]["objective/kl"] == 0.0 and np.isfinite(train[2]["loss/value_avg"])
   assert all(train[i]["time/scoring_s"] > 0 for i in (1, 2))  # the reward model scored as its own program
   assert stats["std"] > 0 and stats["count"] == 32
+
+
+def test_grpo_with_weighted_reward_functions_and_dataset_columns(tmp_path):
+  """configs/grpo_math.py:tiny with a third function that checks its `answer` column against its own prompt (the
+  run fails if a row's column reaches another row's completion) and returns None for some: the logged score is the
+  weighted sum of the functions' means over the completions they applied to, in training and on held-out prompts."""
+  weights = {"math_answer": 1.0, "think_format": 0.2, "checked_answer": 0.5}
+  _run("configs/grpo_math.py:tiny", tmp_path,
+       "--config.scoring.functions=('math_answer', 'think_format', 'tests.text_rewards:checked_answer')",
+       "--config.scoring.weights=(1.0, 0.2, 0.5)", "--config.train.num_steps=4", "--config.train.eval_every=4",
+       "--config.train.checkpoint_every=4")
+  train, evals = _train(tmp_path), _evals(tmp_path)
+  assert sorted(train) == [1, 2, 3, 4] and sorted(evals) == [0, 4]
+  for prefix, records, total in (("rewards", train.values(), "objective/scores"),
+                                 ("eval/rewards", evals.values(), "eval/scores")):
+    for record in records:
+      parts = {name: record[f"{prefix}/{name}/mean"] * record[f"{prefix}/{name}/applicable"] for name in weights}
+      assert record[total] == pytest.approx(sum(weights[k] * v for k, v in parts.items()), abs=1e-5)
+      assert record[f"{prefix}/math_answer/applicable"] == 1.0
+  applicable = [r[f"{p}/checked_answer/applicable"] for p, rs in (("rewards", train), ("eval/rewards", evals))
+                for r in rs.values()]
+  assert min(applicable) < 1 and max(applicable) > 0  # None for the negative answers
+  assert any(r["rewards/checked_answer/mean"] > 0 for r in train.values())

@@ -42,7 +42,7 @@ def _wrong_kind(config, path: str):
 def _valid(algorithm: str):
   config = base_config(algorithm)
   if algorithm in ("ppo", "grpo"):
-    config.scoring.function = "fraction:abc"
+    config.scoring.functions = ("fraction:abc",)
   return config
 
 
@@ -119,9 +119,15 @@ def test_unknown_algorithm_and_combinations():
   config.rollout.group_size = 1
   assert validation.problems(config) == ["config.rollout.group_size=1: group advantages need >= 2 samples per prompt"]
   config = _valid("ppo")
-  config.scoring.model = "/some/run"  # both a model and a function
+  config.scoring.functions = ()  # neither a model nor a function
   assert validation.problems(config) == [
-      "set exactly one of config.scoring.model (a reward run) and config.scoring.function"]
+      "set config.scoring.model (a reward model) or config.scoring.functions (reward functions), or both"]
+  config.scoring.functions = ("math_answer", "nonsense")
+  config.scoring.weights = (1.0,)
+  assert validation.problems(config) == [
+      "config.scoring.weights has 1 entries for 2 scoring.functions",
+      "config.scoring.functions[1]='nonsense': expected one of ['math_answer', 'think_format'], 'regex:<pattern>', "
+      "'fraction:<chars>' or 'module:function'"]
   config = _valid("sft")
   config.data.input_format = "pairs"
   assert validation.problems(config) == [

@@ -133,9 +133,8 @@ def update_step(state: GRPOState, r: Rollout, scores_B: Array, frozen: dict, s: 
 
 def iteration(state: GRPOState, batch: dict[str, Array], frozen: dict, s: Settings):
   """Rollout, in-graph scoring and update: (new state, metrics, the rollout, its scores_B)."""
-  r = rollout_step(state, batch, s)
-  scores_B = rollout.scores(r, frozen["reward"], s.scorer)
-  return (*update_step(state, r, scores_B, frozen, s), r, scores_B)
+  return rollout.fused_iteration(functools.partial(update_step, s=s), state, rollout_step(state, batch, s), frozen,
+                                 s.scorer)
 
 
 def jit_programs(s: Settings, shardings) -> rollout.Programs:
@@ -155,7 +154,8 @@ def train(config, workdir: str) -> dict[str, float]:
     # the held-out KL is measured against the initial policy even when beta = 0
     reference = load.frozen_copy(params, model_config.jnp_dtype)
     params = lora.wrap(params, config.lora, config.seed + 1)
-    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime, model_config.attention)
+    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime, model_config.attention,
+                                                rewards.prompt_columns(data.train))
     if reward_params is not None:  # the frozen scorer is kept in its compute dtype
       reward_params = load.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
     optimizer = make_optimizer(config.optim, t.num_steps * config.grpo.epochs * config.grpo.minibatches, params,
@@ -167,7 +167,8 @@ def train(config, workdir: str) -> dict[str, float]:
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
     checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter, frozen=frozen)
     programs = jit_programs(s, shardings)
-    score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh)
+    score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.train)
+    eval_score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.eval)
     eval_fn = jax.jit(functools.partial(rollout.eval_rollout, model=model, chunk_size=s.chunk_size,
                                         s=dataclasses.replace(sampling, group_size=1), lora_scale=s.lora_scale))
 
@@ -175,8 +176,8 @@ def train(config, workdir: str) -> dict[str, float]:
       if data.eval is None:
         return {}
       return evaluation.heldout_rollouts(
-          lambda b, rng: eval_fn(state.params, b, reference, rng), score,
-          prepare.full_batches(config, data, data.eval, limit=t.eval_batches), mesh, seed=config.seed,
+          lambda b, rng: eval_fn(state.params, b, reference, rng), eval_score,
+          prepare.full_batches(config, data, data.eval, limit=t.eval_batches, keep_ids=True), mesh, seed=config.seed,
           eos_id=sampling.eos_id, missing_eos_penalty=scorer.missing_eos_penalty)
 
     samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
@@ -189,9 +190,8 @@ def train(config, workdir: str) -> dict[str, float]:
     with checkpoint.Preemption() as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
-        state, step_metrics, r, scores_B = rollout.run_iteration(
-            programs, state, sharding.global_batch(prepare.drop_ids(batch), mesh), frozen, score,
-            phased=t.time_phases or not scorer.in_graph)
+        state, step_metrics, r, scores_B = rollout.run_iteration(programs, state, batch, frozen, score, mesh,
+                                                                 phased=t.time_phases or not scorer.in_graph)
         log.record(step, step_metrics, tokens=rollout.tokens(batch, sampling))
         samples.record(step, r, scores_B)
         stop = preemption.reached(step)

@@ -6,7 +6,8 @@ Kinds and their record fields (strings; chat turns as a JSON list of {"role", "c
 
   preference  prompt, messages, chosen, rejected
   unpaired    prompt, messages, completion, label      (KTO)
-  prompts     prompt, messages                          (PPO / GRPO)
+  prompts     prompt, messages, extra                   (PPO / GRPO; extra: the record's other fields as a
+                                                         JSON object, e.g. a gold answer for reward functions)
   sft         prompt, messages, completion
 
 `prompt` holds raw text, `messages` the conversation before the completion; one
@@ -18,7 +19,7 @@ of the two is empty. Input formats (JSONL or a JSON array, optionally gzipped; P
   hh        Anthropic HH {"chosen", "rejected"} transcripts, split at the last shared "\\n\\nAssistant:"
   sharegpt  {"conversations": [{"from", "value"}...], "chosen": {...}, "rejected": {...}, "system"?}
   unpaired  {"prompt", "completion", "label"}
-  prompts   {"prompt"} or {"messages"}
+  prompts   {"prompt"} or {"messages"}, and any other fields (kept in `extra` for reward functions)
   sft       {"prompt", "completion"} or {"messages"} (the last message is the assistant reply)
   hh_chosen Anthropic HH transcripts as SFT data: the prompt and the chosen reply
   hh_prompts Anthropic HH transcripts as RL prompts: the conversation up to the last "\n\nAssistant:"
@@ -43,7 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 KINDS = {
     "preference": ("prompt", "messages", "chosen", "rejected"),
     "unpaired": ("prompt", "messages", "completion", "label"),
-    "prompts": ("prompt", "messages"),
+    "prompts": ("prompt", "messages", "extra"),
     "sft": ("prompt", "messages", "completion"),
 }
 HH_MARKER = "\n\nAssistant:"
@@ -277,7 +278,7 @@ def _hh_chosen(record):
 
 def _hh_prompts(record):
   example = _hh(record)
-  return dict(prompt=example["prompt"], messages="")
+  return dict(prompt=example["prompt"], messages="", extra="")
 
 
 def _sharegpt(record):
@@ -307,7 +308,18 @@ def _prompts(record):
     prompt, messages = _prompt(record)
   if not (prompt.strip() or messages):
     raise RecordError("empty_prompt", "field 'prompt' is empty")
-  return dict(prompt=prompt, messages=messages)
+  extra = {k: v for k, v in record.items() if k not in ("prompt", "messages")} if isinstance(record, dict) else {}
+  try:
+    return dict(prompt=prompt, messages=messages, extra=json.dumps(extra, default=_plain) if extra else "")
+  except TypeError as e:
+    raise RecordError("wrong_type", f"a field is not JSON-like ({e})") from None
+
+
+def _plain(value):
+  """JSON for the NumPy values that Parquet and `datasets` rows hold."""
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _sft(record):
@@ -335,6 +347,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], dict]]] = {
 
 def is_eval(example: dict, eval_fraction: float, seed: int = 0) -> bool:
   """Deterministic split by content hash: the same example lands in the same split whatever the file order."""
+  example = {k: v for k, v in example.items() if k != "extra"}  # a prompt's split is by the prompt alone
   digest = hashlib.sha256((str(seed) + json.dumps(example, sort_keys=True)).encode()).digest()
   return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 

@@ -1,6 +1,9 @@
 """Tasks generated in code, for the quickstart and tests: no downloaded files needed.
 
-reverse: prompt "reverse: abcd =" -> completion " dcba" (3-6 lowercase letters).
+reverse:    prompt "reverse: abcd =" -> completion " dcba" (3-6 lowercase letters).
+arithmetic: prompt "What is 12 + 7? Think inside <think></think>, then answer inside
+            <answer></answer>." with the gold `answer` "19" (sums and differences of numbers
+            below 100): prompts for verifiable rewards (configs/grpo_math.py).
 A byte-level tokenizer ("builtin:bytes") reads them: <pad>=0, <s>=1, </s>=2, bytes 3..258.
 """
 
@@ -12,7 +15,6 @@ import string
 from pathlib import Path
 
 BYTE_VOCAB = 259
-TASKS = ("reverse",)
 
 
 def reverse_examples(n: int, seed: int = 0) -> list[dict]:
@@ -24,13 +26,28 @@ def reverse_examples(n: int, seed: int = 0) -> list[dict]:
   return out
 
 
+ARITHMETIC_FORMAT = "Think inside <think></think>, then answer inside <answer></answer>."
+
+
+def arithmetic_examples(n: int, seed: int = 0) -> list[dict]:
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    a, b, op = rng.randrange(100), rng.randrange(100), rng.choice("+-")
+    out.append({"prompt": f"What is {a} {op} {b}? {ARITHMETIC_FORMAT}", "answer": str(a + b if op == "+" else a - b)})
+  return out
+
+
+TASKS = {"reverse": reverse_examples, "arithmetic": arithmetic_examples}
+
+
 def write_task(name: str, path: str | Path, n: int = 4000, seed: int = 0) -> Path:
-  """Write `n` examples of a built-in task as SFT JSONL."""
+  """Write `n` examples of a built-in task as JSONL."""
   if name not in TASKS:
-    raise ValueError(f"config.data.builtin={name!r}; built-in tasks: {TASKS}")
+    raise ValueError(f"config.data.builtin={name!r}; built-in tasks: {tuple(TASKS)}")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("\n".join(json.dumps(e) for e in reverse_examples(n, seed)) + "\n")
+  path.write_text("\n".join(json.dumps(e) for e in TASKS[name](n, seed)) + "\n")
   return path
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from rlhfx import rewards, rollout
+from rlhfx import reward_functions, rollout
+from rlhfx.reward_functions import RewardFunction
 from rlhfx.algorithms import grpo, ppo
 from rlhfx.data.synthetic import byte_tokenizer
 from rlhfx.models import Transformer, get_preset, init_params
@@ -123,6 +124,10 @@ def test_rollout_logps_match_a_forward_pass(ppo_setup):
   np.testing.assert_allclose(np.where(r.mask_BxC, logps, 0), r.sample_logps_BxC, atol=2e-5)
 
 
+def _scorer(fn) -> rollout.Scorer:
+  return rollout.Scorer(functions=(RewardFunction("fraction", fn),))
+
+
 def test_missing_eos_penalty_and_stop_token():
   tokens = jnp.array([[5, 6, EOS, 0], [5, 6, 7, 8]])
   mask = jnp.array([[True, True, True, False], [True, True, True, True]])
@@ -140,8 +145,8 @@ def test_value_head_on_the_policy():
   # a set that a random byte model hits often: with every score 0 and KL 0 at the first iteration, every
   # return is 0 and a zero value head gets no gradient ("abc" alone left 32 sampled tokens scoreless by chance)
   chars = string.ascii_letters + string.digits
-  fn = rewards.character_fraction(chars, byte_tokenizer())
-  s = ppo.Settings(model=Transformer(CFG), critic=None, scorer=rollout.Scorer(fn=fn), sampling=_sampling(),
+  fn = reward_functions.character_fraction(chars, byte_tokenizer())
+  s = ppo.Settings(model=Transformer(CFG), critic=None, scorer=_scorer(fn), sampling=_sampling(),
                    optimizer=optimizer, epochs=1, minibatches=1)
   state = ppo.PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                        kl_coef=jnp.float32(0.05))
@@ -161,8 +166,8 @@ def test_value_head_on_the_policy():
 def test_grpo_iteration(beta):
   policy = init_params(CFG, jax.random.key(0))
   optimizer = optax.adam(1e-3)
-  fn = rewards.character_fraction("abcdefghijklmnopqrstuvwxyz", byte_tokenizer())
-  s = grpo.Settings(model=Transformer(CFG), scorer=rollout.Scorer(fn=fn), sampling=_sampling(group_size=4),
+  fn = reward_functions.character_fraction("abcdefghijklmnopqrstuvwxyz", byte_tokenizer())
+  s = grpo.Settings(model=Transformer(CFG), scorer=_scorer(fn), sampling=_sampling(group_size=4),
                     optimizer=optimizer, beta=beta)
   params = _copy(policy)
   state = jax.device_put(grpo.GRPOState(step=jnp.zeros((), jnp.int32), params=params,
@@ -245,8 +250,8 @@ def test_lora_grpo_moves_only_adapters():
   params = lora.wrap(policy, cfg, 1)
   optim = _optim("grpo")
   optimizer = make_optimizer(optim, 10, params, frozen=lora.frozen(cfg))
-  fn = rewards.character_fraction("abcdefghijklmnopqrstuvwxyz", byte_tokenizer())
-  s = grpo.Settings(model=Transformer(CFG), scorer=rollout.Scorer(fn=fn), sampling=_sampling(group_size=4),
+  fn = reward_functions.character_fraction("abcdefghijklmnopqrstuvwxyz", byte_tokenizer())
+  s = grpo.Settings(model=Transformer(CFG), scorer=_scorer(fn), sampling=_sampling(group_size=4),
                     optimizer=optimizer, beta=0.1, lora_scale=lora.scale(cfg))
   state = grpo.init_state(params, optimizer=optimizer)
   before = _copy(params)
@@ -290,7 +295,7 @@ def test_combined_minibatch_losses_equal_numpy_with_every_knob(aggregation):
   params = {"policy": policy, "value": value}
   r = rollout.rollout(policy, _prompts(), jax.random.key(3), _sampling())
   m = np.asarray(r.mask_BxC)
-  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=rollout.Scorer(fn=lambda *a: 0.0),
+  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=rollout.Scorer(),
                    sampling=_sampling(), optimizer=optax.sgd(0.0), clip_eps=0.2, dual_clip=3.0, value_clip=0.1,
                    vf_coef=0.7, entropy_coef=0.05, kl_in="loss", kl_estimator="k3", aggregation=aggregation)
   logps, ent, values = (np.asarray(x, np.float64) for x in ppo.policy_and_values(params, r, s, entropy=True))
@@ -312,7 +317,7 @@ def test_combined_minibatch_losses_equal_numpy_with_every_knob(aggregation):
                              [pg, vf, entropy, clipfrac], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(metrics["approxkl"], np.where(m, 0.5 * (logps - old) ** 2, 0).sum() / m.sum(), rtol=1e-5)
 
-  g = grpo.Settings(model=Transformer(CFG), scorer=rollout.Scorer(fn=lambda *a: 0.0), sampling=_sampling(),
+  g = grpo.Settings(model=Transformer(CFG), scorer=rollout.Scorer(), sampling=_sampling(),
                     optimizer=optax.sgd(0.0), clip_eps=0.2, clip_eps_high=0.28, beta=0.04, aggregation=aggregation)
   adv_B = rng.normal(0, 1, shape[0])
   gmb = {"rollout": r, "old_logps_BxC": mb["old_logps_BxC"], "ref_logps_BxC": mb["ref_logps_BxC"],
@@ -352,7 +357,7 @@ def test_ppo_update_with_whitened_rewards_equals_numpy():
                                          * 0.1})
   params = {"policy": policy, "value": value}
   optimizer = optax.sgd(0.0)
-  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=rollout.Scorer(fn=lambda *a: 0.0),
+  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=rollout.Scorer(),
                    sampling=_sampling(), optimizer=optimizer, epochs=1, minibatches=1, gamma=0.9, lam=0.8,
                    whiten_rewards=True)
   state = ppo.init_state(params, optimizer=optimizer, kl_coef=0.2)
