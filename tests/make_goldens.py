@@ -5,7 +5,7 @@ runs. In a separate virtualenv:
 
   python3 -m venv /tmp/venv-torch
   /tmp/venv-torch/bin/pip install torch==2.13.0 'transformers>=5' safetensors numpy
-  /tmp/venv-torch/bin/python tests/make_goldens.py
+  /tmp/venv-torch/bin/python tests/make_goldens.py [name ...]    # all, or only these
 
 Each golden is a directory with config.json + model.safetensors (save_pretrained)
 and expected.npz holding `tokens`, `mask` and `logits` from transformers' own
@@ -13,6 +13,8 @@ forward pass, fp32, eager attention.
 """
 
 import pathlib
+import sys
+import zlib
 
 import numpy as np
 import torch
@@ -37,13 +39,35 @@ MODELS = {
                                       num_key_value_heads=2, head_dim=24),
     # A window shorter than the sequence, so the sliding-window mask matters.
     "mistral": transformers.MistralConfig(**COMMON, **LLAMA_LIKE, num_key_value_heads=1, sliding_window=5),
+    # Gemma: (1 + w) norms, embeddings x sqrt(d), GeGLU, tied embeddings, head_dim != d / heads.
+    "gemma": transformers.GemmaConfig(**{**COMMON, "tie_word_embeddings": True}, **LLAMA_LIKE, num_key_value_heads=1,
+                                      head_dim=24),
+    # Gemma 2: post-norms, sliding and full layers (window 5), query_pre_attn_scalar, and soft-caps small enough
+    # to bend these scores and logits.
+    "gemma2": transformers.Gemma2Config(
+        **{**COMMON, "tie_word_embeddings": True}, **{**LLAMA_LIKE, "num_hidden_layers": 3}, num_key_value_heads=2,
+        head_dim=24, query_pre_attn_scalar=32, sliding_window=5, attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # Gemma 3: q/k norms, sliding layers with their own rope theta, linear rope scaling on the full layer.
+    "gemma3": transformers.Gemma3TextConfig(
+        **{**COMMON, "tie_word_embeddings": True}, **{**LLAMA_LIKE, "num_hidden_layers": 3}, num_key_value_heads=2,
+        head_dim=24, query_pre_attn_scalar=24, sliding_window=5,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
 }
+SEEDED_BY_NAME = ("gemma", "gemma2", "gemma3")  # added later: each seeded by its name, made alone by name
 
 
-def main():
+def main(names):
   torch.manual_seed(0)
   gen = np.random.default_rng(0)
   for name, config in MODELS.items():
+    if name in SEEDED_BY_NAME:
+      torch.manual_seed(zlib.crc32(name.encode()))
+      gen = np.random.default_rng(zlib.crc32(name.encode()))
+    if names and name not in names:
+      continue
     config._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # random init is small; widen it so errors would show
@@ -65,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -14,7 +14,7 @@ from rlhfx.models.llama2c import from_llama2c
 PROMPTS = [[5, 17, 3, 9, 44], [60, 1], [7, 7, 12, 90, 33, 4, 8]]
 
 
-@pytest.fixture(scope="module", params=["gpt2", "mistral"])
+@pytest.fixture(scope="module", params=["gpt2", "mistral", "gemma3"])
 def model(request):
   return from_hf(GOLDENS / request.param)
 

@@ -90,8 +90,13 @@ def tensor_table(cfg: ModelConfig) -> list[Entry]:
     rows.append(E("lm_head.weight", (("lm_head", "kernel"),), "linear"))
   for i in range(cfg.n_layers):
     h, l = f"model.layers.{i}.", f"layer_{i}"
-    rows += [E(h + "input_layernorm.weight", ((l, "attn_norm", "scale"),), "copy"),
-             E(h + "post_attention_layernorm.weight", ((l, "mlp_norm", "scale"),), "copy")]
+    rows.append(E(h + "input_layernorm.weight", ((l, "attn_norm", "scale"),), "copy"))
+    if cfg.post_norms:  # Gemma 2/3: HF's post_attention_layernorm is the attention output's norm
+      rows += [E(h + "post_attention_layernorm.weight", ((l, "attn_post_norm", "scale"),), "copy"),
+               E(h + "pre_feedforward_layernorm.weight", ((l, "mlp_norm", "scale"),), "copy"),
+               E(h + "post_feedforward_layernorm.weight", ((l, "mlp_post_norm", "scale"),), "copy")]
+    else:
+      rows.append(E(h + "post_attention_layernorm.weight", ((l, "mlp_norm", "scale"),), "copy"))
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
       n_in = 2 if proj == "o_proj" else 1
       rows.append(E(h + f"self_attn.{proj}.weight", ((l, "attn", proj, "kernel"),), "linear", n_in))

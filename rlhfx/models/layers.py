@@ -31,7 +31,7 @@ def _zeros(axes):
 
 
 class Norm(nn.Module):
-  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+  """LayerNorm or RMSNorm over the last axis, computed in float32 (Gemma's: times 1 + w)."""
 
   config: ModelConfig
   axis_name: str = "embed"
@@ -44,6 +44,9 @@ class Norm(nn.Module):
     if cfg.norm == "layernorm":
       x32 = x32 - x32.mean(-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_offset:  # Gemma: y x (1 + w) in float32, then cast; the weights start at 0
+      scale = self.param("scale", _zeros((self.axis_name,)), (dim,), cfg.jnp_param_dtype)
+      return (y * (cfg.norm_offset + scale.astype(jnp.float32))).astype(cfg.jnp_dtype)
     scale = self.param("scale", _ones((self.axis_name,)), (dim,), cfg.jnp_param_dtype)
     y = y.astype(cfg.jnp_dtype) * scale.astype(cfg.jnp_dtype)
     if cfg.norm == "layernorm":
@@ -51,11 +54,13 @@ class Norm(nn.Module):
     return y
 
 
-def rope_frequencies(config: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [H/2] of rotary embeddings, with linear or Llama-3 scaling."""
+def rope_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+  """Inverse frequencies [H/2] of rotary embeddings, with linear or Llama-3 scaling; `local`: a Gemma 3 sliding
+  layer's (rope_local_theta, unscaled)."""
   dim = config.dim_per_head
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-  scaling = config.rope_scaling_dict
+  theta = config.rope_local_theta if local else config.rope_theta
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  scaling = {} if local else config.rope_scaling_dict
   if scaling.get("rope_type") == "linear":
     inv_freq = inv_freq / scaling["factor"]
   elif scaling.get("rope_type") == "llama3":
@@ -135,7 +140,7 @@ def write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH):
   return cache_k[layer], cache_v[layer], (cache_k, cache_v)
 
 
-def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float):
+def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float, softcap: float | None = None):
   """Softmax attention with head-major keys and values (the KV cache's layout), for training and decoding.
 
   Grouped query heads attend to their key/value head as one [G*T, S] block. The mask enters as an additive
@@ -143,7 +148,8 @@ def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float):
   the value product: exp(scores - max) @ v / sum(exp), which divides [T, H] rather than [T, S] and saves
   a pass over the probabilities forward and backward. A query with no visible key (padding before a row's
   first token) is zeroed, so it gets the mean of all values, as with jax.nn.dot_product_attention, and
-  passes no gradient to queries or keys through the bias. GPT-2-small attention forward + backward on this CPU:
+  passes no gradient to queries or keys through the bias. With `softcap` c the scaled scores become
+  c tanh(scores / c) before the mask (Gemma 2). GPT-2-small attention forward + backward on this CPU:
   88-99 ms with `jax.nn.dot_product_attention`, 35-56 ms this way (BENCHMARKS.md).
   """
   b, t, n, h = q_BxTxNxH.shape
@@ -154,6 +160,8 @@ def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float):
   q_BxKxGTxH = q_BxTxNxH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
   scores_BxKxGTxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGTxH, k_BxKxSxH.astype(q_BxTxNxH.dtype),
                                preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    scores_BxKxGTxS = softcap * jnp.tanh(scores_BxKxGTxS / softcap)
   bias_Bx1x1xTxS = jnp.where(mask_BxTxS, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
   scores_BxKxGxTxS = scores_BxKxGTxS.reshape(b, k, g, t, s) + bias_Bx1x1xTxS
   weights_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - jax.lax.stop_gradient(scores_BxKxGxTxS.max(-1, keepdims=True)))

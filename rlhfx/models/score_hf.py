@@ -23,7 +23,8 @@ from rlhfx.models.hf_config import CheckpointError, config_from_hf, config_to_hf
 
 CLASSES = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
            "mistral": "MistralForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
-           "qwen3": "Qwen3ForSequenceClassification"}
+           "qwen3": "Qwen3ForSequenceClassification", "gemma": "GemmaForSequenceClassification",
+           "gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification"}
 
 
 def _backbone_table(config: ModelConfig):

@@ -1,4 +1,4 @@
-"""One Linen decoder family for GPT-2, Llama 2/3, Qwen2/3, Mistral and SmolLM.
+"""One Linen decoder family for GPT-2, Llama 2/3, Qwen2/3, Mistral, SmolLM and Gemma 1/2/3.
 
 Key of shape letters: B batch, T query length, S key/cache length, D model width,
 N query heads, K key/value heads, H head dim, F MLP width, V vocab, L layers.
@@ -12,6 +12,10 @@ Usage:
 real tokens before each one, so left-padded prompts see the same positions as
 unpadded ones. With a `Cache`, the new keys and values are written at
 `cache.index` and attention covers every filled slot before the query's slot.
+
+Gemma 2/3 mix sliding-window and full-attention layers (`config.layer_types`): every
+layer gets both masks and picks its own (statically when unrolled; by a scanned flag
+under `scan_layers`), and Gemma 3's sliding layers rotate with their own rope theta.
 """
 
 from __future__ import annotations
@@ -57,10 +61,12 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, attn_mask_BxQxS, segments_BxT, layer_cache, index, select_BxQ=None):
+  def __call__(self, x_BxTxD, positions_BxT, attn_mask_BxQxS, segments_BxT, layer_cache, index, select_BxQ=None,
+               sliding=False):
     """With `select_BxQ`, queries (and the output) are only at those positions of each row; keys and
     values still cover all T (attn_mask_BxQxS is then the mask of the selected rows). A whole sequence
-    without a cache runs the fused kernel `config.attention` (rlhfx.models.kernels) on `segments_BxT`."""
+    without a cache runs the fused kernel `config.attention` (rlhfx.models.kernels) on `segments_BxT`.
+    `sliding` (a bool, or a traced one under nn.scan) picks Gemma 3's local rope frequencies."""
     cfg = self.config
     n, k, h = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
     xq_BxQxD, q_positions_BxQ = x_BxTxD, positions_BxT
@@ -77,29 +83,37 @@ class Attention(nn.Module):
       q_BxTxNxH = Norm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
       k_BxTxKxH = Norm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
     if cfg.positions == "rope":
-      inv_freq = rope_frequencies(cfg)
-      q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxQ, inv_freq)
-      k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+      def rotate(inv_freq):
+        return apply_rope(q_BxTxNxH, q_positions_BxQ, inv_freq), apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+
+      if cfg.rope_local_theta is None or sliding is False:
+        q_BxTxNxH, k_BxTxKxH = rotate(rope_frequencies(cfg))
+      elif sliding is True:
+        q_BxTxNxH, k_BxTxKxH = rotate(rope_frequencies(cfg, local=True))
+      else:  # one scanned layer for both kinds
+        q_BxTxNxH, k_BxTxKxH = jax.tree.map(lambda local, full: jnp.where(sliding, local, full),
+                                            rotate(rope_frequencies(cfg, local=True)), rotate(rope_frequencies(cfg)))
     q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
                                       "activation_head_dim"))
+    scale = cfg.query_scale or 1.0 / math.sqrt(h)
     fused = kernels.fits(cfg.attention, x_BxTxD.shape[1], q_BxTxNxH.dtype, h) and layer_cache is None and (
-        select_BxQ is None and cfg.sliding_window is None)
+        select_BxQ is None and cfg.sliding_window is None and cfg.attn_softcap is None)
     if fused:
       out_BxTxNxH, new_cache = kernels.attention(cfg.attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT,
-                                                 1.0 / math.sqrt(h)), None
+                                                 scale), None
     else:
       if layer_cache is not None:
         k_BxKxSxH, v_BxKxSxH, new_cache = write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
       else:
         k_BxKxSxH, v_BxKxSxH, new_cache = k_BxTxKxH.swapaxes(1, 2), v_BxTxKxH.swapaxes(1, 2), None
-      out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, attn_mask_BxQxS, 1.0 / math.sqrt(h))
+      out_BxTxNxH = attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, attn_mask_BxQxS, scale, cfg.attn_softcap)
     out_BxTxD = _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), ("embed",), cfg.out_bias,
                        "o_proj")(out_BxTxNxH)
     return out_BxTxD, new_cache
 
 
 class Mlp(nn.Module):
-  """SwiGLU (Llama family) or GELU-tanh (GPT-2) feed-forward block."""
+  """SwiGLU (Llama family), GeGLU with tanh GELU (Gemma) or GELU-tanh (GPT-2) feed-forward block."""
 
   config: ModelConfig
 
@@ -107,9 +121,9 @@ class Mlp(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.config
     up = _dense(cfg, cfg.ff_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "up_proj")(x_BxTxD)
-    if cfg.mlp == "swiglu":
+    if cfg.mlp in ("swiglu", "geglu"):
       gate = _dense(cfg, cfg.ff_dim, -1, ("embed", "mlp"), ("mlp",), cfg.mlp_bias, "gate_proj")(x_BxTxD)
-      h_BxTxF = nn.silu(gate) * up
+      h_BxTxF = (nn.silu(gate) if cfg.mlp == "swiglu" else nn.gelu(gate, approximate=True)) * up
     else:
       h_BxTxF = nn.gelu(up, approximate=True)
     h_BxTxF = constrain(h_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
@@ -117,24 +131,38 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); with post_norms (Gemma 2/3)
+  x + norm(attn(norm(x))), then + norm(mlp(norm(.)))."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer_cache, positions_BxT, attn_mask_BxTxS, segments_BxT, index, select_BxQ=None):
-    """With `select_BxQ` the block's output is only at those positions (x_BxQxD; see Attention)."""
+  def __call__(self, x_BxTxD, layer_cache, positions_BxT, masks, segments_BxT, index, sliding, select_BxQ=None):
+    """`masks` = (full, sliding or None) [B, T, S] attention masks; `sliding` says which this layer uses (a bool,
+    or a traced one under nn.scan). With `select_BxQ` the block's output is only at those positions (x_BxQxD; see
+    Attention)."""
     cfg = self.config
-    attn_mask_BxQxS = attn_mask_BxTxS
+    full_BxTxS, window_BxTxS = masks
+    if window_BxTxS is None or sliding is False:
+      attn_mask_BxQxS = full_BxTxS
+    elif sliding is True:
+      attn_mask_BxQxS = window_BxTxS
+    else:
+      attn_mask_BxQxS = jnp.where(sliding, window_BxTxS, full_BxTxS)
     if select_BxQ is not None:
-      attn_mask_BxQxS = jnp.take_along_axis(attn_mask_BxTxS, select_BxQ[..., None], axis=1)
+      attn_mask_BxQxS = jnp.take_along_axis(attn_mask_BxQxS, select_BxQ[..., None], axis=1)
     attn_out, new_cache = Attention(cfg, name="attn")(
         Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, attn_mask_BxQxS, segments_BxT, layer_cache, index,
-        select_BxQ)
+        select_BxQ, sliding)
+    if cfg.post_norms:
+      attn_out = Norm(cfg, name="attn_post_norm")(attn_out)
     if select_BxQ is not None:
       x_BxTxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
     x_BxTxD = x_BxTxD + attn_out
-    x_BxTxD = x_BxTxD + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
+    mlp_out = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
+    if cfg.post_norms:
+      mlp_out = Norm(cfg, name="mlp_post_norm")(mlp_out)
+    x_BxTxD = x_BxTxD + mlp_out
     x_BxTxD = constrain(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BxTxD, new_cache
 
@@ -173,7 +201,7 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
       self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
@@ -214,20 +242,27 @@ class Transformer(nn.Module):
       seen_B = cache.mask_BxS.sum(-1, dtype=jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.maximum(seen_B[:, None] + jnp.cumsum(mask_BxT, -1, dtype=jnp.int32) - 1, 0)
-    attn_mask_BxTxS = attention_mask(index + jnp.arange(length), kv_mask_BxS, cfg.sliding_window)
+    slots_T = index + jnp.arange(length)
+    masks = [attention_mask(slots_T, kv_mask_BxS, None),  # full attention, and the sliding window's
+             None if cfg.sliding_window is None else attention_mask(slots_T, kv_mask_BxS, cfg.sliding_window)]
     if segments_BxT is None:
       segments_BxT = mask_BxT.astype(jnp.int32)
     else:  # packed rows: the dense mask of the XLA path, like the kernels' segment ids
-      attn_mask_BxTxS &= segments_BxT[:, :, None] == segments_BxT[:, None, :]
+      same_BxTxS = segments_BxT[:, :, None] == segments_BxT[:, None, :]
+      masks = [None if m is None else m & same_BxTxS for m in masks]
+    masks = tuple(masks)
+    sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
 
     x_BxTxD = self.embed(tokens_BxT)
+    if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the weights' dtype as in HF
+      x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), cfg.jnp_param_dtype).astype(x_BxTxD.dtype)
     if cfg.positions == "learned":
       x_BxTxD = x_BxTxD + self.pos_embed(positions_BxT)
     x_BxTxD = constrain(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
     kv = None if cache is None else (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH)
     if cfg.scan_layers:
-      x_BxTxD, new_kv = self.layers(x_BxTxD, kv, positions_BxT, attn_mask_BxTxS, segments_BxT, index)
+      x_BxTxD, new_kv = self.layers(x_BxTxD, kv, positions_BxT, masks, segments_BxT, index, jnp.asarray(sliding))
       if select_BxQ is not None:
         x_BxTxD = jnp.take_along_axis(x_BxTxD, select_BxQ[..., None], axis=1)
     else:
@@ -235,7 +270,7 @@ class Transformer(nn.Module):
       for i, layer in enumerate(self.layers):
         layer_kv = None if kv is None else (*new_kv, i)  # the stacked cache, written at layer i
         last = select_BxQ if i == len(self.layers) - 1 else None
-        x_BxTxD, layer_new = layer(x_BxTxD, layer_kv, positions_BxT, attn_mask_BxTxS, segments_BxT, index, last)
+        x_BxTxD, layer_new = layer(x_BxTxD, layer_kv, positions_BxT, masks, segments_BxT, index, sliding[i], last)
         new_kv = new_kv if kv is None else layer_new
     hidden_BxTxD = self.final_norm(x_BxTxD)
     if cache is not None:
@@ -243,13 +278,16 @@ class Transformer(nn.Module):
     return hidden_BxTxD, cache
 
   def unembed(self, hidden_BxTxD):
-    """Final hidden states -> float32 logits (tied or separate LM head)."""
+    """Final hidden states -> float32 logits (tied or separate LM head; soft-capped for Gemma 2)."""
     if self.config.tie_embeddings:  # as one 2-D matmul, like Dense
       d = hidden_BxTxD.shape[-1]
       logits = self.embed.attend(hidden_BxTxD.reshape(-1, d)).reshape(*hidden_BxTxD.shape[:-1], -1)
     else:
       logits = self.lm_head(hidden_BxTxD)
-    return constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+    logits = logits.astype(jnp.float32)
+    if self.config.logit_softcap is not None:  # Gemma 2
+      logits = self.config.logit_softcap * jnp.tanh(logits / self.config.logit_softcap)
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def init_params(config: ModelConfig, rng: Array):

@@ -15,8 +15,9 @@ from rlhfx.models.transformer import attention
 TOKENS = np.array([[5, 17, 3, 9, 44, 2, 71, 8], [60, 1, 7, 7, 12, 90, 33, 4]], np.int32)
 
 
-def _numpy_attention(q, k, v, mask, scale):
-  """Textbook softmax attention per (row, query head), in float64; a query that sees no key averages all values."""
+def _numpy_attention(q, k, v, mask, scale, softcap=None):
+  """Textbook softmax attention per (row, query head), in float64; a query that sees no key averages all values;
+  `softcap` c: scores -> c tanh(scores / c) (Gemma 2)."""
   b, t, n, h = q.shape
   kv_heads = k.shape[1]
   out = np.zeros((b, t, n, h))
@@ -24,6 +25,8 @@ def _numpy_attention(q, k, v, mask, scale):
     for head in range(n):
       kv = head // (n // kv_heads)
       scores = q[i, :, head].astype(np.float64) @ k[i, kv].T.astype(np.float64) * scale
+      if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
       scores = np.where(mask[i], scores, -np.inf)
       scores[~mask[i].any(-1)] = 0.0
       probs = np.exp(scores - scores.max(-1, keepdims=True))
@@ -55,7 +58,17 @@ def test_attention_matches_numpy_and_jax_gradients(heads, kv_heads):
     np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_soft_capped_attention_matches_numpy():
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(1, 6, 4, 8)).astype(np.float32) * 3  # large scores, so the cap bends them
+  k, v = (rng.normal(size=(1, 2, 6, 8)).astype(np.float32) for _ in range(2))
+  mask = np.tril(np.ones((6, 6), bool))[None]
+  got = attention(q, k, v, mask, 0.25, softcap=1.5)
+  np.testing.assert_allclose(got, _numpy_attention(q, k, v, mask, 0.25, softcap=1.5), rtol=1e-5, atol=1e-6)
+  assert np.abs(got - _numpy_attention(q, k, v, mask, 0.25)).max() > 0.05
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "gemma2", "gemma3"])
 def test_scan_and_remat_do_not_change_logits_or_grads(family):
   config, params = from_hf(GOLDENS / family)
 
@@ -163,9 +176,13 @@ def test_presets_parameter_count(name):
 
 
 def test_known_parameter_counts():
-  # published sizes: GPT-2 124M (124,439,808), Qwen3-0.6B 596M (596,049,920 incl. tied embeddings)
-  assert get_preset("gpt2").num_params() == 124_439_808
-  assert get_preset("qwen3-0.6b").num_params() == 596_049_920
+  # published sizes (the checkpoints' tensor element counts, tied embeddings once): GPT-2 124M, Qwen3-0.6B,
+  # Llama 3.1/3.2, Gemma 2 and Gemma 3 1B
+  published = {"gpt2": 124_439_808, "qwen3-0.6b": 596_049_920, "llama3.2-1b": 1_235_814_400,
+               "llama3.2-3b": 3_212_749_824, "llama3.1-8b": 8_030_261_248, "llama3.1-70b": 70_553_706_496,
+               "gemma2-2b": 2_614_341_888, "gemma2-9b": 9_241_705_984, "gemma2-27b": 27_227_128_320,
+               "gemma3-1b": 999_885_952}
+  assert {name: get_preset(name).num_params() for name in published} == published
 
 
 def test_config_errors_name_the_field():
