@@ -1,6 +1,6 @@
 """The DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, sec. 6.1) in miniature, on CPU.
 
-  python benchmarks/sentiment_study.py --out-dir /tmp/study              # full: reward vs KL, PNG + table
+  python benchmarks/sentiment_study.py --out-dir /tmp/study              # full: reward vs KL, PNG + tables
   python benchmarks/sentiment_study.py --variant quick --out-dir /tmp/q  # the test suite's smaller run
 
 Real artifacts from ../shared/data, none made by this project:
@@ -9,15 +9,19 @@ Real artifacts from ../shared/data, none made by this project:
            on the 1,000 labelled IMDb sentences (UCI Sentiment Labelled Sentences), each pair one
            positive and one negative sentence; held-out pairwise accuracy is reported;
   prompts = story openings ("One day, Lily went to the park."), disjoint train / eval sets.
-Methods, each at several KL budgets:
+Methods:
   best-of-N  N samples of the reference, keep the highest-scoring (KL = log N - (N-1)/N);
-  PPO        rlhfx.algorithms.ppo against the reward model, one run per KL coefficient;
+  PPO        rlhfx.algorithms.ppo against the reward model, one run per (KL coefficient, learning rate);
   DPO        rlhfx.algorithms.dpo on pairs of reference samples ranked by the reward model,
-             one run per beta.
-Every policy is evaluated the same way: `--eval-samples` samples for each eval prompt (fixed
-seeds), mean normalised reward-model score, and KL(policy || reference) estimated from the
-same samples (sum over tokens of log pi - log pi_ref, averaged). Writes results.json,
-study.md (table) and study.png (reward against KL, one curve per method) to --out-dir.
+             one run per (beta, learning rate).
+Every PPO and DPO run is evaluated at `eval_points` checkpoints along training (its policy restored
+from the run's Orbax checkpoint), so each traces a curve from the reference (KL 0). Every policy is
+evaluated the same way: `eval_samples` samples for each eval prompt (fixed seeds), at temperature 1,
+mean normalised reward-model score, and KL(policy || reference) estimated from the same samples as the
+mean over completions of the sum over their sampled tokens of log pi - log pi_ref (the k1 estimator of
+the sequence-level KL, unbiased under samples of pi; `rlhfx.rollout.sequence_kl`). Writes results.json
+(every point), study.md (the points and each method's reward at matched KL, read from its upper
+envelope) and study.png (all points, each method's envelope, best-of-N) to --out-dir.
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ DATA = ROOT.parent / "shared" / "data"
 @dataclasses.dataclass(frozen=True)
 class Variant:
   rm_steps: int = 300
-  ppo_kl_coefs: tuple = (0.5, 0.2, 0.05)
+  ppo_runs: tuple = ((0.5, 3e-4), (0.2, 3e-4), (0.05, 3e-4), (0.2, 1e-4), (0.2, 3e-5), (0.2, 1e-5))  # (kl_coef, lr)
   ppo_iterations: int = 80
-  dpo_betas: tuple = (1.0, 0.3, 0.1)
+  dpo_runs: tuple = ((1.0, 3e-4), (0.3, 3e-4), (0.1, 3e-4), (0.3, 1e-4), (0.3, 3e-5))  # (beta, learning rate)
   dpo_steps: int = 150
-  best_of: tuple = (1, 2, 4, 8, 16)
+  eval_points: int = 8  # checkpoints evaluated along each run, besides its start (the reference)
+  best_of: tuple = (1, 2, 4, 8, 16, 64, 256)
   eval_prompts: int = 64
   eval_samples: int = 4
   dpo_samples: int = 4  # reference samples per train prompt ranked into pairs
@@ -51,8 +56,11 @@ class Variant:
 
 
 VARIANTS = {"full": Variant(),
-            "quick": Variant(rm_steps=80, ppo_kl_coefs=(0.2,), ppo_iterations=16, dpo_betas=(0.3,), dpo_steps=30,
-                             best_of=(1, 4), eval_samples=4, dpo_samples=2)}
+            # a learning rate of 0 checks the accounting: its checkpoints are the reference, KL 0, the same reward
+            "quick": Variant(rm_steps=80, ppo_runs=((0.2, 3e-4), (0.2, 0.0)), ppo_iterations=16,
+                             dpo_runs=((0.3, 3e-4), (0.3, 0.0)), dpo_steps=30, eval_points=2, best_of=(1, 4),
+                             eval_samples=4, dpo_samples=2)}
+MATCHED_KL = (1.0, 2.0, 4.0, 8.0)  # nats: where the table reads each method's envelope
 
 STARTS = ["Once upon a time,", "One day,", "Yesterday,", "In the morning,", "After lunch,", "Last summer,"]
 CHARACTERS = ["Lily", "Tim", "Sue", "Ben", "Max", "Anna", "a little dog", "a small bird", "the old man", "Mia"]
@@ -98,6 +106,12 @@ def common(config, *, steps: int, batch: int) -> None:
   config.train.eval_every = 0
 
 
+def along_training(config, points: int) -> None:
+  """Checkpoint `points` times, evenly, and keep them all (each is a point of the run's curve)."""
+  config.train.checkpoint_every = max(1, config.train.num_steps // points)
+  config.train.keep_checkpoints = points + 1
+
+
 def reward_config(pairs_file, steps):
   from rlhfx.config import base_config
 
@@ -112,30 +126,32 @@ def reward_config(pairs_file, steps):
   return c
 
 
-def ppo_config(prompts_file, rm_dir, kl_coef, v: Variant):
+def ppo_config(prompts_file, rm_dir, kl_coef, learning_rate, v: Variant):
   from rlhfx.config import base_config
 
   c = base_config("ppo")
   common(c, steps=v.ppo_iterations, batch=32)
+  along_training(c, v.eval_points)
   c.data.train_files, c.data.eval_fraction = (str(prompts_file),), 0.0
   c.data.max_length, c.data.max_prompt_length, c.data.buckets = 64, 24, (24,)
   c.scoring.model = str(rm_dir)
   c.rollout.max_new_tokens = v.max_new_tokens
   c.train.log_samples_every = 0
-  c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-4, 0, "constant"
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = learning_rate, 0, "constant"
   c.ppo.kl_coef, c.ppo.epochs, c.ppo.minibatches = kl_coef, 4, 2
   return c
 
 
-def dpo_config(pairs_file, beta, v: Variant):
+def dpo_config(pairs_file, beta, learning_rate, v: Variant):
   from rlhfx.config import base_config
 
   c = base_config("dpo")
   common(c, steps=v.dpo_steps, batch=16)
+  along_training(c, v.eval_points)
   c.data.train_files, c.data.input_format, c.data.eval_fraction = (str(pairs_file),), "pairs", 0.0
   c.data.max_length, c.data.max_prompt_length, c.data.buckets = 64, 24, (64,)
   c.dpo.beta = beta
-  c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = 3e-4, 10, "constant"
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = learning_rate, 10, "constant"
   return c
 
 
@@ -197,10 +213,14 @@ class Evaluator:
             "negative_kl_share": float(np.mean(kl < 0))}
 
   def best_of_n(self, ns) -> list[dict]:
-    """Best-of-N of reference samples: reward of the top-scoring of N; KL = log N - (N-1)/N (Stiennon et al.)."""
+    """Best-of-N of reference samples: reward of the top-scoring of N; KL = log N - (N-1)/N (Stiennon et al.).
+    Sampled in chunks of at most 64 per prompt (the KV cache of N = 256 x 4 samples at once would not fit)."""
+    import numpy as np
 
     n_max = max(ns)
-    _, scores, _ = self.samples(self.reference, n_max * self.v.eval_samples, seed=2)
+    total, chunk = n_max * self.v.eval_samples, min(n_max * self.v.eval_samples, 64)
+    scores = np.concatenate([self.samples(self.reference, chunk, seed=100 + i)[1].reshape(len(self.prompts), chunk)
+                             for i in range(total // chunk)], axis=1)
     scores_PxKxN = scores.reshape(len(self.prompts), self.v.eval_samples, n_max)
     out = []
     for n in ns:
@@ -235,10 +255,40 @@ class Evaluator:
     return pairs
 
 
-def trained_policy(workdir: pathlib.Path):
-  from rlhfx.models.convert import from_hf
+def checkpointed_policies(workdir: pathlib.Path, method: str) -> list[tuple[int, dict]]:
+  """(step, policy params) of every checkpoint a run kept, restored from Orbax without a target."""
+  import orbax.checkpoint as ocp
 
-  return from_hf(workdir / "hf")[1]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  out = []
+  with ocp.StandardCheckpointer() as ckpt:
+    for step in steps:
+      state = ckpt.restore(workdir / "checkpoints" / str(step) / "state")
+      out.append((step, state["params"]["policy"] if method == "ppo" else state["params"]))
+  return out
+
+
+def curve(evaluator, workdir: pathlib.Path, method: str, setting: dict, reference: dict) -> list[dict]:
+  """The run's points: step 0 (the reference, evaluated once for all runs) and each kept checkpoint."""
+  points = [{"method": method, **setting, "step": 0, **reference}]
+  for step, policy in checkpointed_policies(workdir, method):
+    points.append({"method": method, **setting, "step": step, **evaluator.evaluate(policy)})
+  return points
+
+
+def envelope(points: list[dict]) -> list[dict]:
+  """The upper envelope of (KL, reward): the points no other point beats with less or equal KL, by KL."""
+  out = []
+  for p in sorted(points, key=lambda p: (p["kl"], -p["reward"])):
+    if not out or p["reward"] > out[-1]["reward"]:
+      out.append(p)
+  return out
+
+
+def at_kl(points: list[dict], kl: float) -> dict | None:
+  """The envelope's best point with KL <= `kl` (None when no point is that close to the reference)."""
+  inside = [p for p in envelope(points) if p["kl"] <= kl]
+  return inside[-1] if inside else None
 
 
 def run(variant: str, out: pathlib.Path) -> dict:
@@ -266,20 +316,20 @@ def run(variant: str, out: pathlib.Path) -> dict:
 
   prompts_file = write_jsonl(out / "inputs" / "train_prompts.jsonl", [{"prompt": p} for p in train_prompts])
   t0 = time.perf_counter()
-  for kl_coef in v.ppo_kl_coefs:
-    workdir = out / f"ppo_kl{kl_coef}"
-    ppo.train(ppo_config(prompts_file, rm_dir, kl_coef, v), workdir)
-    results["ppo"].append({"kl_coef": kl_coef, **evaluator.evaluate(trained_policy(workdir))})
+  for kl_coef, lr in v.ppo_runs:
+    workdir = out / f"ppo_kl{kl_coef}_lr{lr}"
+    ppo.train(ppo_config(prompts_file, rm_dir, kl_coef, lr, v), workdir)
+    results["ppo"] += curve(evaluator, workdir, "ppo", {"kl_coef": kl_coef, "lr": lr}, results["reference"])
   timings["ppo_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   pairs = evaluator.ranked_pairs(train_prompts, v.dpo_samples)
   pairs_file = write_jsonl(out / "inputs" / "ranked_pairs.jsonl", pairs)
   results["dpo_pairs"] = len(pairs)
-  for beta in v.dpo_betas:
-    workdir = out / f"dpo_beta{beta}"
-    dpo.train(dpo_config(pairs_file, beta, v), workdir)
-    results["dpo"].append({"beta": beta, **evaluator.evaluate(trained_policy(workdir))})
+  for beta, lr in v.dpo_runs:
+    workdir = out / f"dpo_beta{beta}_lr{lr}"
+    dpo.train(dpo_config(pairs_file, beta, lr, v), workdir)
+    results["dpo"] += curve(evaluator, workdir, "dpo", {"beta": beta, "lr": lr}, results["reference"])
   timings["dpo_s"] = time.perf_counter() - t0
   timings["total_s"] = time.perf_counter() - t_start
   results["timings"] = timings
@@ -289,22 +339,39 @@ def run(variant: str, out: pathlib.Path) -> dict:
   return results
 
 
+def matched_kl(results: dict) -> dict[str, dict[float, dict | None]]:
+  """Each method's envelope point at KL <= 1, 2, 4, 8 nats (best-of-N: its largest N within the budget)."""
+  best_of = [{**b, "kl_sem": 0.0} for b in results["best_of_n"]]
+  return {name: {k: at_kl(points, k) for k in MATCHED_KL}
+          for name, points in (("best-of-N", best_of), ("PPO", results["ppo"]), ("DPO", results["dpo"]))}
+
+
 def table(results: dict) -> str:
   rm = results["reward_model"]
   lines = [f"Reward model: held-out pairwise accuracy {rm['eval/accuracy']:.1%} "
            f"(95% interval {rm['eval/accuracy_low95']:.1%}-{rm['eval/accuracy_high95']:.1%}, "
            f"{int(rm['eval/pairs'])} IMDb pairs).", "",
-           "| method | setting | reward (normalised RM score) | KL(policy \\|\\| reference), nats |",
-           "|---|---|---|---|"]
+           "Reward at matched KL, read from each method's upper envelope (the best point with KL(policy || "
+           "reference) at most the budget; its KL in brackets):", "",
+           "| method | " + " | ".join(f"KL <= {k:g}" for k in MATCHED_KL) + " |",
+           "|---|" + "---|" * len(MATCHED_KL)]
+  for name, row in matched_kl(results).items():
+    cells = [f"{p['reward']:.3f} ± {p['reward_sem']:.3f} ({p['kl']:.2f})" if p else "no point" for p in row.values()]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "Every point (KL: mean over completions of the summed log pi - log pi_ref of their sampled tokens, "
+            "± its standard error; best-of-N: exact):", "",
+            "| method | setting | step | reward (normalised RM score) | KL(policy \\|\\| reference), nats |",
+            "|---|---|---|---|---|"]
   for b in results["best_of_n"]:
-    lines.append(f"| best-of-N | N = {b['n']} | {b['reward']:.3f} ± {b['reward_sem']:.3f} | {b['kl']:.2f} (exact) |")
+    lines.append(f"| best-of-N | N = {b['n']} | | {b['reward']:.3f} ± {b['reward_sem']:.3f} | {b['kl']:.2f} (exact) |")
   for name, key in (("PPO", "kl_coef"), ("DPO", "beta")):
     for r in results[name.lower()]:
-      lines.append(f"| {name} | {key} = {r[key]} | {r['reward']:.3f} ± {r['reward_sem']:.3f} | "
-                   f"{r['kl']:.2f} ± {r['kl_sem']:.2f} |")
+      lines.append(f"| {name} | {key} = {r[key]}, lr = {r['lr']:g} | {r['step']} | {r['reward']:.3f} ± "
+                   f"{r['reward_sem']:.3f} | {r['kl']:.2f} ± {r['kl_sem']:.2f} |")
   t = results["timings"]
   lines += ["", f"Wall time on this machine: {t['total_s'] / 60:.1f} min (reward model {t['reward_model_s']:.0f} s, "
-            f"PPO {t['ppo_s']:.0f} s, DPO {t['dpo_s']:.0f} s incl. ranking {results.get('dpo_pairs', 0)} pairs)."]
+            f"PPO {t['ppo_s']:.0f} s, DPO {t['dpo_s']:.0f} s incl. ranking {results.get('dpo_pairs', 0)} pairs and "
+            "evaluating the checkpoints)."]
   return "\n".join(lines) + "\n"
 
 
@@ -317,16 +384,22 @@ def plot(results: dict, path: pathlib.Path) -> None:
   except ImportError:
     print("matplotlib is not installed: no PNG", file=sys.stderr)
     return
-  fig, ax = plt.subplots(figsize=(6, 4.2))
-  curves = {"best-of-N": results["best_of_n"], "PPO": results["ppo"], "DPO": results["dpo"]}
-  for (name, points), marker in zip(curves.items(), "osD"):
-    points = sorted(points, key=lambda p: p["kl"])
-    ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], yerr=[p["reward_sem"] for p in points],
-                marker=marker, capsize=3, label=name)
+  fig, ax = plt.subplots(figsize=(7, 4.8))
+  best_of = sorted(results["best_of_n"], key=lambda p: p["kl"])
+  ax.errorbar([p["kl"] for p in best_of], [p["reward"] for p in best_of], yerr=[p["reward_sem"] for p in best_of],
+              marker="o", capsize=3, color="black", label="best-of-N")
+  for name, color in (("ppo", "tab:blue"), ("dpo", "tab:red")):
+    points = results[name]
+    ax.scatter([p["kl"] for p in points], [p["reward"] for p in points], s=12, alpha=0.45, color=color,
+               label=f"{name.upper()} checkpoints (all runs)")
+    hull = envelope(points)
+    ax.step([p["kl"] for p in hull], [p["reward"] for p in hull], where="post", color=color,
+            label=f"{name.upper()} envelope")
+  ax.set_xscale("symlog", linthresh=1.0)
   ax.set_xlabel("KL(policy || reference), nats per completion")
   ax.set_ylabel("reward (normalised reward-model score)")
   ax.set_title("Controlled sentiment on stories260K (IMDb reward model)")
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 

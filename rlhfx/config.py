@@ -157,6 +157,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.ppo.kl_coef = 0.05  # KL(policy || reference) coefficient (initial value when adaptive)
     c.ppo.kl_estimator = "k1"  # k1 | k2 | k3 (rlhfx.losses.policy.kl_estimate)
     c.ppo.kl_in = "reward"  # reward (per-token penalty, Ziegler et al.) | loss (a loss term)
+    c.ppo.kl_penalty = "token"  # with kl_in=reward: token (on each token) | sequence (summed, on the last token)
     c.ppo.kl_target = 0.0  # > 0: adaptive coefficient steering KL (nats/sequence) to this target
     c.ppo.kl_horizon = 10000  # adaptive controller horizon (samples)
     c.ppo.whiten_advantages = True  # advantages -> zero mean, unit variance over the rollout

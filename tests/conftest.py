@@ -35,7 +35,9 @@ def _share_compiled_programs() -> None:
   """
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     folder = tempfile.mkdtemp(prefix="rlhfx-tests-xla-cache-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    # removed by the process that made it (pytest-xdist's workers inherit the folder and leave it alone)
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    owner = os.getpid()
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -55,6 +57,8 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
   if config.getoption("--runslow") or os.environ.get("CI"):
+    # the long tests first, so that pytest-xdist's workers (-n 2) do not end on one of them while the other idles
+    items.sort(key=lambda item: "slow" not in item.keywords)
     return
   skip = pytest.mark.skip(reason="slow (minutes): runs in CI (CI=true) or with --runslow")
   for item in items:

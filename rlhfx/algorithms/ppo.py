@@ -75,6 +75,7 @@ class Settings:
   lam: float = 0.95
   kl_estimator: str = "k1"
   kl_in: str = "reward"
+  kl_penalty: str = "token"  # token: -kl_coef x KL on each token; sequence: the summed KL on the last token
   kl_target: float = 0.0
   kl_horizon: int = 10000
   whiten_advantages: bool = True
@@ -89,7 +90,7 @@ class Settings:
     return cls(seed=config.seed, epochs=p.epochs, minibatches=p.minibatches,
                grad_accum_steps=config.train.grad_accum_steps, clip_eps=p.clip_eps, dual_clip=p.dual_clip or None,
                value_clip=p.value_clip or None, vf_coef=p.vf_coef, entropy_coef=p.entropy_coef, gamma=p.gamma,
-               lam=p.lam, kl_estimator=p.kl_estimator, kl_in=p.kl_in, kl_target=p.kl_target,
+               lam=p.lam, kl_estimator=p.kl_estimator, kl_in=p.kl_in, kl_penalty=p.kl_penalty, kl_target=p.kl_target,
                kl_horizon=p.kl_horizon, whiten_advantages=p.whiten_advantages, whiten_rewards=p.whiten_rewards,
                aggregation=p.aggregation, lora_scale=lora.scale(config.lora),
                chunk_size=config.model.lm_head_chunk or None, **modules)
@@ -146,7 +147,8 @@ def update_step(state: PPOState, r: Rollout, scores_B: Array, frozen: dict, s: S
                                            chunk_size=s.chunk_size)[0]
   kl_BxC = L.kl_estimate(old_logps_BxC, ref_logps_BxC, s.kl_estimator)
   reward_kl_coef = state.kl_coef if s.kl_in == "reward" else 0.0
-  rewards_BxC, non_score_BxC = L.kl_penalized_rewards(scores_B, kl_BxC, mask_BxC, kl_coef=reward_kl_coef)
+  rewards_BxC, non_score_BxC = L.kl_penalized_rewards(scores_B, kl_BxC, mask_BxC, kl_coef=reward_kl_coef,
+                                                      per_sequence=s.kl_penalty == "sequence")
   if s.whiten_rewards:
     rewards_BxC = L.whiten(rewards_BxC, mask_BxC, shift_mean=False)
   advantages_BxC, returns_BxC = L.gae(rewards_BxC, old_values_BxC, mask_BxC, gamma=s.gamma, lam=s.lam)

@@ -44,12 +44,15 @@ def kl_estimate(logps_BxC: Array, ref_logps_BxC: Array, estimator: str = "k1") -
   raise ValueError(f"KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
-def kl_penalized_rewards(scores_B: Array, kl_BxC: Array, mask_BxC: Array, *, kl_coef) -> tuple[Array, Array]:
-  """(rewards_BxC, non_score_rewards_BxC): -kl_coef * KL on every token, plus the score on each row's last
-  real token (Ziegler et al. 2019)."""
-  non_score_BxC = jnp.where(mask_BxC, -kl_coef * kl_BxC, 0.0)
+def kl_penalized_rewards(scores_B: Array, kl_BxC: Array, mask_BxC: Array, *, kl_coef,
+                         per_sequence: bool = False) -> tuple[Array, Array]:
+  """(rewards_BxC, non_score_rewards_BxC): -kl_coef * KL on every token (or, `per_sequence`, the row's summed KL
+  on its last real token alone), plus the score on each row's last real token (Ziegler et al. 2019)."""
   last_B = jnp.maximum(mask_BxC.sum(-1) - 1, 0)
   at_last_BxC = jnp.arange(mask_BxC.shape[1])[None, :] == last_B[:, None]
+  non_score_BxC = jnp.where(mask_BxC, -kl_coef * kl_BxC, 0.0)
+  if per_sequence:
+    non_score_BxC = jnp.where(at_last_BxC & mask_BxC, non_score_BxC.sum(-1, keepdims=True), 0.0)
   rewards_BxC = non_score_BxC + jnp.where(at_last_BxC & mask_BxC, scores_B[:, None], 0.0)
   return rewards_BxC, non_score_BxC
 

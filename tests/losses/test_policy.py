@@ -83,6 +83,15 @@ def test_kl_penalized_rewards():
   for i, n in enumerate(mask.sum(-1)):
     want[i, n - 1] += scores[i]
   np.testing.assert_allclose(rewards, want, atol=1e-6)
+  # per sequence: the row's summed penalty on its last real token, the same total
+  rewards, non_score = L.kl_penalized_rewards(jnp.asarray(scores), jnp.asarray(kl), jnp.asarray(mask), kl_coef=0.3,
+                                              per_sequence=True)
+  want = np.zeros(mask.shape)
+  for i, n in enumerate(mask.sum(-1)):
+    want[i, n - 1] = -0.3 * kl[i, :n].sum()
+  np.testing.assert_allclose(non_score, want, atol=1e-5)
+  want[np.arange(len(scores)), mask.sum(-1) - 1] += scores
+  np.testing.assert_allclose(rewards, want, atol=1e-5)
 
 
 def test_adaptive_kl_moves_toward_target():
