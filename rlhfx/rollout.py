@@ -245,8 +245,9 @@ def run_iteration(programs: Programs, state, batch: dict, frozen: dict, score: C
   """(state, metrics, rollout, scores_B) of one iteration on this process's host `batch` (its `example_id_B` go
   to host scoring): the fused program, or the timed phases."""
   from rlhfx import sharding
+  from rlhfx.data.prepare import drop_ids
 
-  global_batch = sharding.global_batch({k: v for k, v in batch.items() if k != "example_id_B"}, mesh)
+  global_batch = sharding.global_batch(drop_ids(batch), mesh)
   if not phased:
     return programs.fused(state, global_batch, frozen)
   return run_phases(programs, state, global_batch, frozen, lambda r: score(r, batch.get("example_id_B")))
