@@ -134,6 +134,12 @@ def character_fraction(chars: str, tokenizer) -> Callable:
 
 
 BUILTIN = {"math_answer": math_answer, "think_format": think_format}
+SPECS = f"one of {sorted(BUILTIN)}, 'regex:<pattern>', 'fraction:<chars>' or 'module:function'"
+
+
+def is_spec(spec: str) -> bool:
+  """Whether `spec` has the form of a reward function spec (what it names is checked when it is loaded)."""
+  return spec in BUILTIN or ":" in spec
 
 
 # ----------------------------------------------------------------------------- loading and calling
@@ -157,9 +163,8 @@ def load_function(spec: str, tokenizer, field: str = "config.scoring.functions")
       return regex_match(rest)
     except re.error as e:
       raise ConfigError(f"{field}: {spec!r} is not a valid regular expression ({e})") from None
-  if not rest:
-    raise ConfigError(f"{field}: {spec!r} is not a reward function; expected one of {sorted(BUILTIN)}, "
-                      "'regex:<pattern>', 'fraction:<chars>' or 'module:function'")
+  if not is_spec(spec):
+    raise ConfigError(f"{field}: {spec!r} is not a reward function; expected {SPECS}")
   try:
     return getattr(importlib.import_module(kind), rest)
   except (ImportError, AttributeError) as e:
@@ -215,22 +220,20 @@ def call(f: RewardFunction, *, prompts: list, completions: list, completion_ids:
 
 
 def weighted_sum(parts: dict[str, Any], functions: Sequence[RewardFunction]):
-  """sum_f weight_f x scores_f, a function's NaN (None) adding nothing: jnp or np by the inputs."""
-  xp = np if all(isinstance(v, np.ndarray) for v in parts.values()) else jnp
+  """sum_f weight_f x scores_f, a function's NaN (None) adding nothing (0 when there are no parts)."""
   weights = {f.name: f.weight for f in functions}
-  return sum(xp.where(xp.isnan(v), 0.0, weights[k] * v) for k, v in parts.items())
+  return sum(jnp.where(jnp.isnan(v), 0.0, weights[k] * v) for k, v in parts.items())
 
 
 def metrics(parts: dict[str, Any], prefix: str = "rewards") -> dict[str, Any]:
   """<prefix>/<name>/mean and /std over the completions a function applied to, and /applicable (their share;
   mean and std are 0 when it applied to none)."""
-  xp = np if all(isinstance(v, np.ndarray) for v in parts.values()) else jnp
   out = {}
   for name, scores_B in parts.items():
-    applies_B = ~xp.isnan(scores_B)
+    applies_B = ~jnp.isnan(scores_B)
     count = applies_B.sum()
-    mean = xp.where(applies_B, scores_B, 0.0).sum() / xp.maximum(count, 1)
-    var = xp.where(applies_B, (scores_B - mean) ** 2, 0.0).sum() / xp.maximum(count, 1)
-    out.update({f"{prefix}/{name}/mean": mean, f"{prefix}/{name}/std": xp.sqrt(var),
+    mean = jnp.where(applies_B, scores_B, 0.0).sum() / jnp.maximum(count, 1)
+    var = jnp.where(applies_B, (scores_B - mean) ** 2, 0.0).sum() / jnp.maximum(count, 1)
+    out.update({f"{prefix}/{name}/mean": mean, f"{prefix}/{name}/std": jnp.sqrt(var),
                 f"{prefix}/{name}/applicable": count / scores_B.shape[0]})
   return out

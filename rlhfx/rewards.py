@@ -136,17 +136,16 @@ def make_scorer(config, tokenizer, runtime, attention: str = "xla", columns: Seq
   return Scorer(module=module, mean=mean, std=max(std, 1e-6), **common), rm.params
 
 
-def _text_inputs(tokenizer, r, ids_B, source) -> tuple[list, list, list[list[int]], dict[str, list]]:
-  """(prompts, completions, completion_ids, columns) of a host rollout, as text functions receive them: the
-  prompt rows of `source` at `ids_B` when given (their text or messages, and their extra columns), else the
+def _text_inputs(tokenizer, r, rows: list[dict] | None) -> tuple[list, list, list[list[int]], dict[str, list]]:
+  """(prompts, completions, completion_ids, columns) of a host rollout, as text functions receive them: from each
+  completion's prompt row (`prompt_row`: its text or messages, and its extra columns) when given, else from the
   decoded prompt tokens."""
   completion_ids = [t[m].tolist() for t, m in zip(np.asarray(r.tokens_BxC), np.asarray(r.mask_BxC))]
   texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
-  if ids_B is None:
+  if rows is None:
     prompts = [tokenizer.decode(p[m], skip_special_tokens=True)
                for p, m in zip(np.asarray(r.prompt_BxP), np.asarray(r.prompt_mask_BxP))]
     return prompts, texts, completion_ids, {}
-  rows = [prompt_row(source, int(i)) for i in ids_B]
   prompts = [row["messages"] or row["prompt"] for row in rows]
   completions = [[{"role": "assistant", "content": text}] if row["messages"] else text
                  for row, text in zip(rows, texts)]
@@ -169,23 +168,29 @@ def prompt_columns(source) -> list[str]:
   return sorted(prompt_row(source, 0)["columns"]) if source is not None and len(source) else []
 
 
-def score_on_host(scorer, tokenizer, r, in_graph: tuple, mesh, *, ids_B=None, source=None):
-  """(scores_B as a global array split like the batch, per-function scores): the in-graph part (reward model and
-  traceable functions: `in_graph` = (scores_B, parts)) plus each text function's weighted scores on the decoded
-  rollout. `ids_B` are this process's prompt ids (rows of `source`), one per prompt of the batch."""
+def score_on_host(scorer, tokenizer, r, mesh, *, in_graph: tuple | None = None, prompt_ids=None, source=None):
+  """(scores_B, {name: scores_B}), global arrays split like the batch, as the in-graph scoring returns them: the
+  in-graph part (`in_graph` = (scores_B, parts) of the reward model and traceable functions; None when the scorer
+  has neither) plus each text function's weighted scores on the decoded rollout. `prompt_ids` are this process's
+  prompts' rows of `source`, one per prompt of the batch (each read once, then repeated for its group)."""
   from rlhfx import sharding
   from rlhfx.evaluation import gather
 
-  r, (graph_B, graph_parts) = gather(r), gather(in_graph)
-  if ids_B is not None:  # the prompts' ids, each repeated for its group of samples
-    ids_B = gather(np.asarray(ids_B))
-    ids_B = np.repeat(ids_B, r.tokens_BxC.shape[0] // len(ids_B))
-  prompts, completions, completion_ids, columns = _text_inputs(tokenizer, r, ids_B, source)
+  r = gather(r)
+  rows = None
+  if prompt_ids is not None:
+    ids_P = gather(np.asarray(prompt_ids))
+    rows = [row for i in ids_P for row in [prompt_row(source, int(i))] * (r.tokens_BxC.shape[0] // len(ids_P))]
+  prompts, completions, completion_ids, columns = _text_inputs(tokenizer, r, rows)
   text_parts = {f.name: reward_functions.call(f, prompts=prompts, completions=completions,
                                               completion_ids=completion_ids, columns=columns)
                 for f in scorer.functions if not f.on_tokens}
-  scores_B = (np.asarray(graph_B, np.float32) + reward_functions.weighted_sum(text_parts, scorer.functions)).astype(
-      np.float32)
-  parts = {**{k: np.asarray(v) for k, v in graph_parts.items()}, **text_parts}
-  return jax.make_array_from_callback(scores_B.shape, sharding.batch_sharding(mesh, 1),
-                                      lambda idx: scores_B[idx]), parts
+  scores_B = np.asarray(reward_functions.weighted_sum(text_parts, scorer.functions), np.float32)
+  scores_B = scores_B + (np.asarray(gather(in_graph[0]), np.float32) if in_graph is not None else 0.0)
+
+  def put(x_B):
+    x_B = np.broadcast_to(x_B, r.tokens_BxC.shape[:1])
+    return jax.make_array_from_callback(x_B.shape, sharding.batch_sharding(mesh, 1), lambda idx: x_B[idx])
+
+  return put(scores_B), {**(in_graph[1] if in_graph is not None else {}),
+                         **{k: put(v) for k, v in text_parts.items()}}

@@ -124,7 +124,13 @@ class Scorer:
 
   @property
   def in_graph(self) -> bool:
+    """Whether all of the scoring runs in the graph (no text function)."""
     return all(f.on_tokens for f in self.functions)
+
+  @property
+  def has_graph_part(self) -> bool:
+    """Whether any of it does (a reward model or a traceable function)."""
+    return self.module is not None or any(f.on_tokens for f in self.functions)
 
 
 def scores(r: Rollout, reward_params, scorer: Scorer) -> tuple[Array, dict[str, Array]]:
@@ -237,8 +243,9 @@ def scoring(programs: Programs, scorer: Scorer, reward_params, tokenizer, mesh, 
     return lambda r, ids_B=None: programs.score(r, reward_params)
   from rlhfx.rewards import score_on_host
 
-  return lambda r, ids_B=None: score_on_host(scorer, tokenizer, r, programs.score(r, reward_params), mesh,
-                                             ids_B=ids_B, source=source)
+  return lambda r, ids_B=None: score_on_host(
+      scorer, tokenizer, r, mesh, in_graph=programs.score(r, reward_params) if scorer.has_graph_part else None,
+      prompt_ids=ids_B, source=source)
 
 
 def run_iteration(programs: Programs, state, batch: dict, frozen: dict, score: Callable, mesh, *, phased: bool):

@@ -186,9 +186,8 @@ def _combination_problems(config) -> list[str]:
     if sc.weights and len(sc.weights) != len(sc.functions):
       out.append(f"config.scoring.weights has {len(sc.weights)} entries for {len(sc.functions)} scoring.functions")
     for i, spec in enumerate(sc.functions):
-      if not (spec in reward_functions.BUILTIN or ":" in spec):
-        out.append(f"config.scoring.functions[{i}]={spec!r}: expected one of {sorted(reward_functions.BUILTIN)}, "
-                   "'regex:<pattern>', 'fraction:<chars>' or 'module:function'")
+      if not reward_functions.is_spec(spec):
+        out.append(f"config.scoring.functions[{i}]={spec!r}: expected {reward_functions.SPECS}")
     group = config.rollout.group_size
     if a == "grpo" and group < 2:
       out.append(f"config.rollout.group_size={group}: group advantages need >= 2 samples per prompt")

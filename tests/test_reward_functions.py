@@ -3,6 +3,7 @@ and the prompt data's extra columns."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,14 +72,14 @@ def test_weighted_sum_skips_none_and_metrics_count_only_applicable_completions()
   parts = {"math_answer": np.array([1.0, np.nan, 0.0, np.nan], np.float32),
            "think_format": np.array([1.0, 1.0, 0.0, 0.0], np.float32)}
   np.testing.assert_allclose(R.weighted_sum(parts, functions), [1.25, 0.25, 0.0, 0.0])
-  m = R.metrics(parts)
+  m = {k: float(v) for k, v in R.metrics(parts).items()}
   assert m["rewards/math_answer/mean"] == pytest.approx(0.5)  # over the 2 completions it applied to
   assert m["rewards/math_answer/std"] == pytest.approx(0.5)
   assert m["rewards/math_answer/applicable"] == pytest.approx(0.5)
   assert m["rewards/think_format/mean"] == pytest.approx(0.5)
   none = R.metrics({"math_answer": np.full(3, np.nan, np.float32)})
   assert none["rewards/math_answer/mean"] == 0.0 and none["rewards/math_answer/applicable"] == 0.0  # never NaN
-  jm = R.metrics({k: jnp.asarray(v) for k, v in parts.items()})  # the same in the graph
+  jm = jax.jit(R.metrics)({k: jnp.asarray(v) for k, v in parts.items()})  # the same in the graph
   assert {k: float(v) for k, v in jm.items()} == pytest.approx(m)
 
 
@@ -132,8 +133,8 @@ def test_host_scoring_passes_each_completion_its_prompt_row(tmp_path):
                       tokens_BxC=completion, mask_BxC=np.ones((4, 2), bool), sample_logps_BxC=np.zeros((4, 2)))
   scorer = rollout.Scorer(functions=(R.RewardFunction("record", record, 2.0),))
   mesh = sharding.make_mesh({"data": 1})
-  scores_B, parts = rewards.score_on_host(scorer, tokenizer, r, (np.full(4, 0.5, np.float32), {}), mesh, ids_B=ids,
-                                          source=source)
+  scores_B, parts = rewards.score_on_host(scorer, tokenizer, r, mesh, in_graph=(np.full(4, 0.5, np.float32), {}),
+                                          prompt_ids=ids, source=source)
   prompts, completions, answer = calls[0]
   assert answer == ["2", "2", "1", "1"]
   assert prompts == [messages, messages, "one", "one"]
