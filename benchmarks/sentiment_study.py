@@ -126,7 +126,7 @@ def reward_config(pairs_file, steps):
   return c
 
 
-def ppo_config(prompts_file, rm_dir, kl_coef, learning_rate, v: Variant):
+def ppo_config(prompts_file, rm_dir, kl_coef, learning_rate, v: Variant, **ppo_changes):
   from rlhfx.config import base_config
 
   c = base_config("ppo")
@@ -139,6 +139,7 @@ def ppo_config(prompts_file, rm_dir, kl_coef, learning_rate, v: Variant):
   c.train.log_samples_every = 0
   c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = learning_rate, 0, "constant"
   c.ppo.kl_coef, c.ppo.epochs, c.ppo.minibatches = kl_coef, 4, 2
+  c.ppo.update(ppo_changes)  # an ablation's change (benchmarks/study_ablation.py)
   return c
 
 
@@ -339,11 +340,19 @@ def run(variant: str, out: pathlib.Path) -> dict:
   return results
 
 
-def matched_kl(results: dict) -> dict[str, dict[float, dict | None]]:
-  """Each method's envelope point at KL <= 1, 2, 4, 8 nats (best-of-N: its largest N within the budget)."""
-  best_of = [{**b, "kl_sem": 0.0} for b in results["best_of_n"]]
-  return {name: {k: at_kl(points, k) for k in MATCHED_KL}
-          for name, points in (("best-of-N", best_of), ("PPO", results["ppo"]), ("DPO", results["dpo"]))}
+def best_of_points(results: dict) -> list[dict]:
+  """Best-of-N's points as a curve (exact KL: no standard error)."""
+  return [{**b, "kl_sem": 0.0} for b in results["best_of_n"]]
+
+
+def matched_kl_table(curves: dict[str, list[dict]], label: str = "method") -> list[str]:
+  """Markdown rows: each curve's envelope point at KL <= 1, 2, 4, 8 nats, its KL in brackets."""
+  lines = [f"| {label} | " + " | ".join(f"KL <= {k:g}" for k in MATCHED_KL) + " |", "|---|" + "---|" * len(MATCHED_KL)]
+  for name, points in curves.items():
+    cells = [f"{p['reward']:.3f} ± {p['reward_sem']:.3f} ({p['kl']:.2f})" if p else "no point"
+             for p in (at_kl(points, k) for k in MATCHED_KL)]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def table(results: dict) -> str:
@@ -352,12 +361,8 @@ def table(results: dict) -> str:
            f"(95% interval {rm['eval/accuracy_low95']:.1%}-{rm['eval/accuracy_high95']:.1%}, "
            f"{int(rm['eval/pairs'])} IMDb pairs).", "",
            "Reward at matched KL, read from each method's upper envelope (the best point with KL(policy || "
-           "reference) at most the budget; its KL in brackets):", "",
-           "| method | " + " | ".join(f"KL <= {k:g}" for k in MATCHED_KL) + " |",
-           "|---|" + "---|" * len(MATCHED_KL)]
-  for name, row in matched_kl(results).items():
-    cells = [f"{p['reward']:.3f} ± {p['reward_sem']:.3f} ({p['kl']:.2f})" if p else "no point" for p in row.values()]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+           "reference) at most the budget; its KL in brackets):", ""]
+  lines += matched_kl_table({"best-of-N": best_of_points(results), "PPO": results["ppo"], "DPO": results["dpo"]})
   lines += ["", "Every point (KL: mean over completions of the summed log pi - log pi_ref of their sampled tokens, "
             "± its standard error; best-of-N: exact):", "",
             "| method | setting | step | reward (normalised RM score) | KL(policy \\|\\| reference), nats |",

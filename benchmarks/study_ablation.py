@@ -48,11 +48,8 @@ def run(study_dir: pathlib.Path, out: pathlib.Path, kl_coef: float, lr: float) -
   results = {"kl_coef": kl_coef, "lr": lr, "reference": reference, "arms": {}, "timings": {}}
   for arm, changes in ARMS.items():
     t0 = time.perf_counter()
-    config = study.ppo_config(prompts_file, rm_dir, kl_coef, lr, v)
-    for key, value in changes.items():
-      config.ppo[key] = value
     workdir = out / arm
-    ppo.train(config, workdir)
+    ppo.train(study.ppo_config(prompts_file, rm_dir, kl_coef, lr, v, **changes), workdir)
     results["arms"][arm] = study.curve(evaluator, workdir, "ppo", {"arm": arm, "kl_coef": kl_coef, "lr": lr},
                                        reference)
     results["timings"][arm] = time.perf_counter() - t0
@@ -65,19 +62,12 @@ def run(study_dir: pathlib.Path, out: pathlib.Path, kl_coef: float, lr: float) -
 
 def table(results: dict) -> str:
   lines = [f"PPO ablations at kl_coef = {results['kl_coef']}, lr = {results['lr']:g}: reward at matched KL from each "
-           "arm's envelope (its KL in brackets).", "",
-           "| arm | " + " | ".join(f"KL <= {k:g}" for k in study.MATCHED_KL) + " | last checkpoint |",
-           "|---|" + "---|" * (len(study.MATCHED_KL) + 1)]
-  rows = {"best-of-N": [{**b, "kl_sem": 0.0} for b in results["best_of_n"]], **results["arms"]}
-  for arm, points in rows.items():
-    cells = []
-    for k in study.MATCHED_KL:
-      p = study.at_kl(points, k)
-      cells.append(f"{p['reward']:.3f} ± {p['reward_sem']:.3f} ({p['kl']:.2f})" if p else "no point")
-    last = max(points, key=lambda p: p.get("step", 0)) if arm != "best-of-N" else None
-    cells.append(f"{last['reward']:.3f} at KL {last['kl']:.2f} (step {last['step']})" if last else "")
-    lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-  lines += ["", "Wall time per arm: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items()) + "."]
+           "arm's envelope (its KL in brackets).", ""]
+  lines += study.matched_kl_table({"best-of-N": study.best_of_points(results), **results["arms"]}, label="arm")
+  last = {arm: max(points, key=lambda p: p["step"]) for arm, points in results["arms"].items()}
+  lines += ["", "Last checkpoints: " + "; ".join(f"{arm} {p['reward']:.3f} at KL {p['kl']:.2f} (step {p['step']})"
+                                                for arm, p in last.items()) + ".",
+            "", "Wall time per arm: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items()) + "."]
   return "\n".join(lines) + "\n"
 
 
