@@ -114,6 +114,12 @@ class ModelConfig:
                                                 self.layer_types[layer] == "sliding_attention")
 
   @property
+  def mixed_attention(self) -> bool:
+    """Whether some layers slide and others attend to everything (Gemma 2/3): only then does a layer's kind vary
+    at run time (one scanned layer for all)."""
+    return len({self.is_sliding(i) for i in range(self.n_layers)}) > 1
+
+  @property
   def rope_scaling_dict(self) -> dict[str, Any]:
     return dict(self.rope_scaling or ())
 

@@ -74,9 +74,9 @@ def _gemma_config(hf: dict, family: str, source: str, common: dict) -> ModelConf
       theta, scaling = _rope({"rope_theta": 1000000.0, **hf})
   else:
     theta, scaling = _rope(hf)
-  n_layers = hf["num_hidden_layers"]
+  n_layers, gemma1 = hf["num_hidden_layers"], family == "gemma"
   layer_types, window = None, None
-  if family != "gemma":
+  if not gemma1:
     pattern = 2 if family == "gemma2" else hf.get("sliding_window_pattern", 6)
     layer_types = tuple(hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                                                   for i in range(n_layers)])
@@ -89,10 +89,8 @@ def _gemma_config(hf: dict, family: str, source: str, common: dict) -> ModelConf
       rope_theta=theta, rope_scaling=scaling, qkv_bias=bool(hf.get("attention_bias", False)),
       out_bias=bool(hf.get("attention_bias", False)), qk_norm=family == "gemma3_text", sliding_window=window,
       layer_types=layer_types, rope_local_theta=local_theta, norm_offset=1.0, embed_scale=True,
-      post_norms=family != "gemma",
-      query_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5 if family != "gemma" else None,
-      attn_softcap=hf.get("attn_logit_softcapping") if family != "gemma" else None,
-      logit_softcap=hf.get("final_logit_softcapping") if family != "gemma" else None,
+      post_norms=not gemma1, query_scale=None if gemma1 else hf.get("query_pre_attn_scalar", 256) ** -0.5,
+      attn_softcap=hf.get("attn_logit_softcapping"), logit_softcap=hf.get("final_logit_softcapping"),
       tie_embeddings=bool(hf.get("tie_word_embeddings", True)), **common)
 
 

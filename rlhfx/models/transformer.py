@@ -83,16 +83,11 @@ class Attention(nn.Module):
       q_BxTxNxH = Norm(cfg, "head_dim", name="q_norm")(q_BxTxNxH)
       k_BxTxKxH = Norm(cfg, "head_dim", name="k_norm")(k_BxTxKxH)
     if cfg.positions == "rope":
-      def rotate(inv_freq):
-        return apply_rope(q_BxTxNxH, q_positions_BxQ, inv_freq), apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
-
-      if cfg.rope_local_theta is None or sliding is False:
-        q_BxTxNxH, k_BxTxKxH = rotate(rope_frequencies(cfg))
-      elif sliding is True:
-        q_BxTxNxH, k_BxTxKxH = rotate(rope_frequencies(cfg, local=True))
-      else:  # one scanned layer for both kinds
-        q_BxTxNxH, k_BxTxKxH = jax.tree.map(lambda local, full: jnp.where(sliding, local, full),
-                                            rotate(rope_frequencies(cfg, local=True)), rotate(rope_frequencies(cfg)))
+      inv_freq = rope_frequencies(cfg)
+      if cfg.rope_local_theta is not None:  # Gemma 3: the sliding layers' own frequencies
+        inv_freq = per_kind(sliding, lambda: rope_frequencies(cfg, local=True), lambda: inv_freq)
+      q_BxTxNxH = apply_rope(q_BxTxNxH, q_positions_BxQ, inv_freq)
+      k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
     q_BxTxNxH = constrain(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads",
                                       "activation_head_dim"))
     scale = cfg.query_scale or 1.0 / math.sqrt(h)
@@ -138,17 +133,14 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, layer_cache, positions_BxT, masks, segments_BxT, index, sliding, select_BxQ=None):
-    """`masks` = (full, sliding or None) [B, T, S] attention masks; `sliding` says which this layer uses (a bool,
-    or a traced one under nn.scan). With `select_BxQ` the block's output is only at those positions (x_BxQxD; see
-    Attention)."""
+    """`masks` = the (full, sliding-window) [B, T, S] attention masks, None where no layer uses one; `sliding` says
+    which this layer uses (see per_kind). With `select_BxQ` the block's output is only at those positions (x_BxQxD;
+    see Attention)."""
     cfg = self.config
+    if not cfg.mixed_attention:  # every layer alike: decided here, whatever the scan passed
+      sliding = cfg.is_sliding(0)
     full_BxTxS, window_BxTxS = masks
-    if window_BxTxS is None or sliding is False:
-      attn_mask_BxQxS = full_BxTxS
-    elif sliding is True:
-      attn_mask_BxQxS = window_BxTxS
-    else:
-      attn_mask_BxQxS = jnp.where(sliding, window_BxTxS, full_BxTxS)
+    attn_mask_BxQxS = per_kind(sliding, lambda: window_BxTxS, lambda: full_BxTxS)
     if select_BxQ is not None:
       attn_mask_BxQxS = jnp.take_along_axis(attn_mask_BxQxS, select_BxQ[..., None], axis=1)
     attn_out, new_cache = Attention(cfg, name="attn")(
@@ -165,6 +157,14 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + mlp_out
     x_BxTxD = constrain(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BxTxD, new_cache
+
+
+def per_kind(sliding, when_sliding, otherwise):
+  """A layer's value by its attention kind: `sliding` is a Python bool (only that branch is built) or, for the one
+  scanned layer of a model that mixes kinds, a traced bool (both built, selected elementwise)."""
+  if isinstance(sliding, bool):
+    return when_sliding() if sliding else otherwise()
+  return jax.tree.map(lambda a, b: jnp.where(sliding, a, b), when_sliding(), otherwise())
 
 
 _REMAT_POLICIES = {
@@ -197,7 +197,9 @@ class Transformer(nn.Module):
                                 param_dtype=cfg.jnp_param_dtype, embedding_init=_init(("length", "embed"), 0.01))
     block = Block
     if cfg.remat != "none":
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+      # unrolled, a layer's kind (argument 7, self being 0) stays a Python bool: only its own mask and rope are built
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                       static_argnums=() if cfg.scan_layers else (7,))
     if cfg.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layers,
@@ -243,15 +245,15 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.maximum(seen_B[:, None] + jnp.cumsum(mask_BxT, -1, dtype=jnp.int32) - 1, 0)
     slots_T = index + jnp.arange(length)
-    masks = [attention_mask(slots_T, kv_mask_BxS, None),  # full attention, and the sliding window's
-             None if cfg.sliding_window is None else attention_mask(slots_T, kv_mask_BxS, cfg.sliding_window)]
+    sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
+    masks = [attention_mask(slots_T, kv_mask_BxS, None) if not all(sliding) else None,  # full attention's and
+             attention_mask(slots_T, kv_mask_BxS, cfg.sliding_window) if any(sliding) else None]  # the window's
     if segments_BxT is None:
       segments_BxT = mask_BxT.astype(jnp.int32)
     else:  # packed rows: the dense mask of the XLA path, like the kernels' segment ids
       same_BxTxS = segments_BxT[:, :, None] == segments_BxT[:, None, :]
       masks = [None if m is None else m & same_BxTxS for m in masks]
     masks = tuple(masks)
-    sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
 
     x_BxTxD = self.embed(tokens_BxT)
     if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the weights' dtype as in HF
