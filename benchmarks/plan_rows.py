@@ -61,10 +61,10 @@ def defects_put_back(replicated_moments: bool = True):
 
 
 def summary(report: dict) -> dict:
-  return {"fits": report["fits"], "roofline_s": report["roofline_s"], "programs": [
+  return {"fits": report["fits"], "estimate_s": report["estimate_s"], "programs": [
       {"name": p["name"], "fits": p["fits"], "error": p["error"],
        "gib_per_chip": {k: round(v / 2**30, 3) for k, v in {**p["parts_per_chip"], **p["bytes_per_chip"]}.items()},
-       "flops_per_chip": p["flops"], "collectives": p["collectives"], "roofline_s": p["roofline_s"],
+       "flops_per_chip": p["flops"], "collectives": p["collectives"], "estimate_s": p["estimate_s"], "collective_bytes": p["collective_bytes"],
        "compile_s": round(p["compile_s"], 1)} for p in report["programs"]]}
 
 

@@ -9,10 +9,14 @@ on a mesh over the slice's devices (`rlhfx.topology`) and compiled by the TPU co
 aliased to a donated argument, temporaries, and their total against the chip's HBM; from
 the trees themselves: how the arguments split into parameters, optimizer state, frozen
 trees and batch (both are printed when they disagree by more than 10%). FLOPs come from
-the model's shape (the compiler's cost analysis counts a loop's body once); collectives
-are counted in the compiled program's text, a loop body once. The step-time figure is a
-roofline lower bound from the chip's published peak FLOP/s (counting the forward that full
-rematerialisation runs again) and HBM bandwidth: an estimate, not a measurement.
+the model's shape (the compiler's cost analysis counts a loop's body once).
+
+The time per call is an estimate, not a measurement (`rlhfx.hlo`): the compiled program is
+split into its loop bodies, each run as often as its loops' trip counts say (layers,
+decode steps, micro-batches, epochs), and each body costs the largest of its FLOPs at the
+chip's peak, its HBM bytes at the chip's bandwidth and its collective bytes at the chip's
+inter-chip bandwidth. A rollout also gets its time per generated token, tokens/s per chip
+and the collective bytes inside its decode loop per token.
 """
 
 from __future__ import annotations
@@ -28,18 +32,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhfx import programs, sharding, topology, validation
+from rlhfx import hlo, programs, sharding, topology, validation
 from rlhfx.config import ConfigError
 from rlhfx.models import load
 
 GiB = 2**30
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
-_OP = re.compile(r"=\s*(\(.*?\)|[a-z]+[0-9]*\[[0-9,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-
-
 def per_chip_bytes(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs (or arrays) with NamedShardings (the largest shard)."""
   total = 0
@@ -47,23 +44,6 @@ def per_chip_bytes(tree) -> int:
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
     total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
   return total
-
-
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
-  """{kind: {"count", "bytes"}} of the collectives in a compiled program's text (result bytes; async pairs once)."""
-  out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-  for line in hlo.splitlines():
-    m = _OP.search(line)
-    if not m:
-      continue
-    arrays = _ARRAY.findall(m.group(1))
-    if m.group(3) and len(arrays) > 1:  # async start: (operands..., result) -> the result
-      arrays = arrays[len(arrays) // 2:] if m.group(2) != "all-gather" else arrays[-1:]
-    size = sum(_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-               for dtype, dims in arrays)
-    out[m.group(2)]["count"] += 1
-    out[m.group(2)]["bytes"] += size
-  return {k: v for k, v in out.items() if v["count"]}
 
 
 @dataclasses.dataclass
@@ -74,11 +54,18 @@ class ProgramPlan:
   parts_per_chip: dict[str, int]  # our own sums over the argument trees
   flops: float  # per chip, from the model's shape
   compiler_flops: float | None  # per chip, the compiler's cost analysis (a loop's body once)
-  collectives: dict[str, dict[str, int]]
-  roofline_s: float | None
+  collectives: dict[str, dict[str, float]]  # kind -> count and bytes per call, every loop's trip count applied
+  estimate_s: float | None  # per call: each loop body at the largest of compute, HBM and interconnect time
   compile_s: float
   error: str = ""  # the compiler's reason when it did not compile (out of memory, ...)
   kernel_calls: int = 0  # Mosaic custom calls in the program text (splash attention), a loop body once
+  collective_bytes: float = 0.0  # per chip per call, trip counts applied
+  hbm_bytes: float = 0.0  # per chip per call, trip counts applied
+  bound: str = ""  # what the estimate is mostly made of: compute, memory or communication
+  unknown_loops: int = 0  # loops whose trip count the program does not state (taken as decode_steps)
+  per_token_s: float | None = None  # rollouts: the estimate per decode step (one token for every row)
+  tokens_per_s_per_chip: float | None = None  # rollouts: generated tokens per second per chip
+  decode_collective_bytes_per_token: float | None = None  # rollouts: collectives inside the decode loop per step
 
 
 def _first_line(e: Exception) -> str:
@@ -92,6 +79,17 @@ def _first_line(e: Exception) -> str:
 # FLOPs the chip runs per model FLOP: full rematerialisation runs each layer's forward again in the backward
 # pass (2 of the 6 N per token); "dots" saves the matmul outputs and recomputes only elementwise work
 RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}
+
+
+def estimate(p: programs.Program, cost: hlo.ProgramCost, chip: topology.Chip, flops_per_chip: float,
+             remat: str) -> tuple[float, str]:
+  """(seconds per call, what bounds it). The HLO's dot FLOPs are rescaled to the model's (XLA's windowed
+  einsums count some taps more than once); the model's FLOPs at peak stay a floor."""
+  model_flops = flops_per_chip * (RECOMPUTE.get(remat, 1.0) if p.trains else 1.0)
+  scale = model_flops / cost.flops if cost.flops else 1.0
+  seconds = cost.seconds(chip.peak_flops, chip.hbm_bandwidth, chip.ici_bandwidth, flops_scale=scale)
+  return max(seconds, model_flops / chip.peak_flops), cost.bound(chip.peak_flops, chip.hbm_bandwidth,
+                                                                 chip.ici_bandwidth, flops_scale=scale)
 
 
 def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str = "none") -> ProgramPlan:
@@ -121,13 +119,18 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   compiler_flops = float(cost.get("flops", 0.0)) if cost else None
-  # a lower bound: the FLOPs the chip runs (model FLOPs, and a training program's recomputation of its
-  # rematerialised forward) at peak, or the arguments read and the outputs written once
-  roofline = max(flops * (RECOMPUTE.get(remat, 1.0) if p.trains else 1.0) / chip.peak_flops,
-                 (m.argument_size_in_bytes + outputs) / chip.hbm_bandwidth)
-  hlo = compiled.as_text()
-  return ProgramPlan(p.name, total <= chip.hbm_bytes, memory, parts, flops, compiler_flops, collectives(hlo),
-                     roofline, compile_s, kernel_calls=hlo.count('custom_call_target="tpu_custom_call"'))
+  text = compiled.as_text()
+  cost = hlo.program_cost(text, unknown_trips=max(p.decode_steps, 1))
+  seconds, bound = estimate(p, cost, chip, flops, remat)
+  rollout = {}
+  if p.generated_tokens:
+    steps = p.decode_steps + 1  # the prefill samples the first token
+    rollout = dict(per_token_s=seconds / steps, tokens_per_s_per_chip=p.generated_tokens / seconds / chips,
+                   decode_collective_bytes_per_token=cost.decode_collective_bytes(p.decode_steps))
+  return ProgramPlan(p.name, total <= chip.hbm_bytes, memory, parts, flops, compiler_flops, cost.collectives(),
+                     seconds, compile_s, kernel_calls=text.count('custom_call_target="tpu_custom_call"'),
+                     collective_bytes=cost.collective_bytes, hbm_bytes=cost.hbm_bytes, bound=bound,
+                     unknown_loops=cost.unknown_loops, **rollout)
 
 
 def runtime_for(config, devices) -> sharding.Runtime:
@@ -153,8 +156,9 @@ def plan(config, topology_name: str) -> dict[str, Any]:
                                                   "attention": model_config.attention},
       "grad_accum_steps": config.train.grad_accum_steps,
       "programs": [dataclasses.asdict(p) for p in plans],
+      "ici_bandwidth_per_chip": chip.ici_bandwidth,
       "fits": all(p.fits for p in plans),
-      "roofline_s": sum(p.roofline_s or 0.0 for p in plans) if all(p.roofline_s for p in plans) else None,
+      "estimate_s": sum(p.estimate_s for p in plans) if all(p.estimate_s for p in plans) else None,
   }
 
 
@@ -196,15 +200,27 @@ def render(report: dict[str, Any]) -> str:
     if p["compiler_flops"]:
       flops += f"; compiler's cost analysis {p['compiler_flops']:.3e} (a loop body counted once)"
     lines.append(flops)
-    coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / GiB:.2f} GiB)" for k, v in p["collectives"].items())
-    lines.append(f"  collectives in the program text (a loop body once): {coll or 'none'}")
+    coll = ", ".join(f"{k} {v['count']:,.0f} ({v['bytes'] / GiB:,.2f} GiB)" for k, v in p["collectives"].items())
+    lines.append(f"  collectives per chip per call, every loop's trips counted: {coll or 'none'}")
+    lines.append(f"  HBM traffic per chip per call: {p['hbm_bytes'] / GiB:,.2f} GiB; "
+                 f"interconnect: {p['collective_bytes'] / GiB:,.2f} GiB")
     if p["kernel_calls"]:
       lines.append(f"  Mosaic kernel calls in the program text (splash attention; a loop body once): "
                    f"{p['kernel_calls']}")
-    lines.append(f"  roofline lower bound (estimate): {p['roofline_s'] * 1e3:.1f} ms per call")
+    lines.append(f"  estimate: {_seconds(p['estimate_s'])} per call, {p['bound']}-bound"
+                 + (f" ({p['unknown_loops']} loop(s) of unknown length taken at their limit)"
+                    if p["unknown_loops"] else ""))
+    if p.get("per_token_s"):
+      lines.append(f"  decode: {p['per_token_s'] * 1e3:.2f} ms per generated token, "
+                   f"{p['tokens_per_s_per_chip']:,.0f} tokens/s per chip; collectives inside the decode loop "
+                   f"{p['decode_collective_bytes_per_token'] / GiB:.3f} GiB per chip per token")
   verdict = "FITS" if report["fits"] else "DOES NOT FIT"
   lines += ["", f"{verdict} on {report['topology']}"]
   return "\n".join(lines)
+
+
+def _seconds(s: float) -> str:
+  return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
 
 
 def _divisors(n: int) -> list[int]:
@@ -225,7 +241,7 @@ def candidates(chips: int, model_config) -> list[dict[str, Any]]:
 
 
 def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> list[dict[str, Any]]:
-  """Try mesh shapes x remat policies, each with the fewest accumulation steps that fit; fastest roofline first."""
+  """Try mesh shapes x remat policies, each with the fewest accumulation steps that fit; fastest estimate first."""
   chip, devices = topology.devices(topology_name)
   validation.check(config)
   model_config, _ = load.model_config(config, load_params=False, platform="tpu")
@@ -249,10 +265,10 @@ def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> lis
       log(f"  {json.dumps(setting)}: " + ("fits" if report["fits"] else "does not fit")
           + (f", {max(totals) / GiB:.2f} GiB per chip" if all(totals) else ""))
       if report["fits"]:
-        found.append({**setting, "roofline_s": report["roofline_s"], "bytes_per_chip": max(totals),
+        found.append({**setting, "estimate_s": report["estimate_s"], "bytes_per_chip": max(totals),
                       "headroom": 1 - max(totals) / chip.hbm_bytes})
         break  # more accumulation steps only slow the same work down
-  return sorted(found, key=lambda f: (f["roofline_s"], f["grad_accum_steps"], f["bytes_per_chip"]))
+  return sorted(found, key=lambda f: (f["estimate_s"], f["grad_accum_steps"], f["bytes_per_chip"]))
 
 
 def main(argv):
@@ -272,12 +288,12 @@ def main(argv):
       elif not found:
         print(f"nothing tried fits on {FLAGS.topology}")
       else:
-        print(f"\nfitting settings on {FLAGS.topology}, fastest roofline first (an estimate):")
+        print(f"\nfitting settings on {FLAGS.topology}, fastest first (an estimate):")
         for f in found:
           mesh = " ".join(f"{k}={v}" for k, v in f["mesh"].items())
           print(f"  mesh {mesh:28s} remat {f['remat']:6s} grad_accum_steps {f['grad_accum_steps']:3d}  "
                 f"{f['bytes_per_chip'] / GiB:6.2f} GiB/chip (headroom {f['headroom']:.0%})  "
-                f"roofline {f['roofline_s'] * 1e3:.0f} ms")
+                f"estimate {_seconds(f['estimate_s'])}")
       return
     report = plan(config, FLAGS.topology)
   except (*USER_ERRORS, topology.TopologyError) as e:  # bad config, topology or model files: one line

@@ -41,6 +41,8 @@ class Program:
   flops: float  # matmul FLOPs of one call, all chips together (from the model's shape)
   kv_cache: Any = None  # ShapeDtypeStructs of the KV cache the program builds inside (sampling), if any
   trains: bool = True  # has a backward pass (which recomputes a rematerialised forward)
+  decode_steps: int = 0  # sampling: iterations of the decode loop at most (its trip count is not in the program)
+  generated_tokens: int = 0  # sampling: tokens one call generates, all rows together
 
 
 def batch_struct(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -195,8 +197,10 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
            "optimizer state": state.opt_state, "frozen: reference": reference, "batch": batch}
   if reward_params is not None:
     parts["frozen: reward model"] = reward_params
+  decode = dict(decode_steps=completion - 1, generated_tokens=rows * completion)
   if scorer.in_graph and not config.train.time_phases:
-    return [Program(f"{config.algorithm}_iteration", programs.fused, (state, batch, frozen), parts, flops, kv_cache)]
+    return [Program(f"{config.algorithm}_iteration", programs.fused, (state, batch, frozen), parts, flops, kv_cache,
+                    **decode)]
   rollout_abstract = jax.eval_shape(programs.rollout, state, batch)
   rollout_abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(runtime.mesh, x.ndim)),
@@ -205,7 +209,7 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   sample_flops = 2 * rows * (length + completion) * train_flops_per_token(model_config, length + completion) / 6
   programs_out = [Program("rollout", programs.rollout, (state, batch), {"parameters: policy": trained,
                                                                         "batch": batch},
-                          sample_flops, kv_cache, trains=False)]
+                          sample_flops, kv_cache, trains=False, **decode)]
   if reward_params is not None:
     programs_out.append(Program("scoring", programs.score, (rollout_abstract, reward_params),
                                 {"frozen: reward model": reward_params, "rollout": rollout_abstract},

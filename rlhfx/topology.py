@@ -33,14 +33,20 @@ class Chip:
   hbm_bandwidth: float  # bytes/s
   cores_per_chip: int  # TensorCores a chip counts for in the accelerator type's name
   dims: int  # 2-D (v5e, v6e) or 3-D (v4, v5p) torus
+  ici_bandwidth: float  # bytes/s one chip moves over the inter-chip interconnect, all links, both directions
+  dcn_bandwidth: float | None  # bytes/s per chip across slices (data-center network), where published
 
 
+# Published per chip: v5e 400 GB/s bidirectional ICI (4 ports), DCN 6.4 Tbps per 256-chip pod (25 Gbps per
+# chip); v5p 1,200 GB/s ICI, DCN 50 Gbps; v6e 800 GB/s ICI (4 ports), DCN not given per chip. v4's page gives
+# no per-chip ICI figure: six links (3-D torus) at 45 GB/s each way, 540 GB/s, as "How to Scale Your Model"
+# (Austin et al., 2025) tabulates it.
 CHIPS = {
     # v5e: 16 GiB per chip, of which the TPU compiler lets a program use 15.75 GiB (its own out-of-memory message)
-    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GiB), 197e12, 819e9, 1, 2),
-    "v5p": Chip("v5p", "TPU v5", 95 * GiB, 459e12, 2765e9, 2, 3),
-    "v6e": Chip("v6e", "TPU v6 lite", 32 * GiB, 918e12, 1640e9, 1, 2),
-    "v4": Chip("v4", "TPU v4", 32 * GiB, 275e12, 1228e9, 2, 3),
+    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GiB), 197e12, 819e9, 1, 2, 400e9, 25e9 / 8),
+    "v5p": Chip("v5p", "TPU v5", 95 * GiB, 459e12, 2765e9, 2, 3, 1200e9, 50e9 / 8),
+    "v6e": Chip("v6e", "TPU v6 lite", 32 * GiB, 918e12, 1640e9, 1, 2, 800e9, None),
+    "v4": Chip("v4", "TPU v4", 32 * GiB, 275e12, 1228e9, 2, 3, 540e9, None),
 }
 
 
