@@ -85,10 +85,11 @@ def main():
   def fresh_state():
     return new_state(copy(params))
 
-  fused = jax.jit(functools.partial(algorithm.iteration, s=s), donate_argnums=0)
-  rollout = jax.jit(functools.partial(algorithm.rollout_step, s=s))
-  score = jax.jit(functools.partial(rl.scores, scorer=scorer))
-  update = jax.jit(functools.partial(algorithm.update_step, s=s), donate_argnums=0)
+  programs = algorithm.jit_programs(s, jax.tree.map(lambda x: x.sharding, fresh_state()))
+  fused, rollout, update = programs.fused, programs.sample_rollout, programs.update
+
+  def score(r, reward):
+    return programs.score(r, reward)[0]  # (scores_B, per-function parts)
 
   def timed(fn, *a):
     t0 = time.perf_counter()

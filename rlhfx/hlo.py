@@ -259,6 +259,54 @@ class _Shapes:
     return self._first(name)[0]
 
 
+def _params(c: Computation) -> dict[int, str]:
+  """A computation's parameter names by number."""
+  out = {}
+  for x in c.instructions.values():
+    m = re.fullmatch(r"\s*(\d+)\s*", x.args) if x.op == "parameter" else None
+    if m:
+      out[int(m.group(1))] = x.name
+  return out
+
+
+def _users(c: Computation) -> dict[str, list[Instruction]]:
+  users: dict[str, list[Instruction]] = {}
+  for x in c.instructions.values():
+    for o in x.operands:
+      users.setdefault(o, []).append(x)
+  return users
+
+
+def _read_bytes(c: Computation, name: str, computations: dict[str, Computation], depth: int = 0) -> float | None:
+  """Bytes a fused computation reads of its value `name` when it only slices it (through bitcasts and nested
+  fusions); None when it reads all of it."""
+  use = _users(c).get(name, [])
+  if not use or depth > 8:
+    return None
+  total = 0.0
+  for u in use:
+    if u.op in _SLICING and u.operands[0] == name:
+      total += u.result_bytes
+    elif u.op == "bitcast":
+      inner = _read_bytes(c, u.name, computations, depth + 1)
+      if inner is None:
+        return None
+      total += inner
+    elif u.op == "fusion" and (u.called("calls") or [""])[0] in computations:
+      fused = computations[u.called("calls")[0]]
+      params = _params(fused)
+      for k, o in enumerate(u.operands):
+        if o != name:
+          continue
+        inner = _read_bytes(fused, params.get(k, ""), computations, depth + 1)
+        if inner is None:
+          return None
+        total += inner
+    else:
+      return None
+  return total
+
+
 def _operand_bytes(i: Instruction, c: Computation, computations: dict[str, Computation]) -> float:
   """Bytes an instruction reads and writes in HBM (a fusion's sliced operands at the slices' size; an in-place
   update at the update's size)."""
@@ -270,27 +318,19 @@ def _operand_bytes(i: Instruction, c: Computation, computations: dict[str, Compu
   if i.op == "dynamic-update-slice":
     update = operand_bytes[1] if len(operand_bytes) > 1 else result
     return 2.0 * update
-  if i.op != "fusion":
-    return float(sum(operand_bytes) + result)
-  fused = computations.get((i.called("calls") or [""])[0])
+  fused = computations.get((i.called("calls") or [""])[0]) if i.op == "fusion" else None
   if fused is None:
     return float(sum(operand_bytes) + result)
-  params = {int(re.match(r"\s*(\d+)", p.attributes).group(1)) if re.match(r"\s*(\d+)", p.attributes) else k: p.name
-            for k, p in enumerate(x for x in fused.instructions.values() if x.op == "parameter")}
-  users: dict[str, list[Instruction]] = {}
-  for x in fused.instructions.values():
-    for o in x.operands:
-      users.setdefault(o, []).append(x)
+  params = _params(fused)
+  users = _users(fused)
   in_place = fused.root.op == "dynamic-update-slice"
   total = 0.0
   for k, nbytes in enumerate(operand_bytes):
-    use = users.get(params.get(k, ""), [])
-    if use and all(u.op in _SLICING and u.operands[0] == params.get(k) for u in use):
-      total += sum(u.result_bytes for u in use)
-    elif in_place and nbytes == result and use and all(u.op == "dynamic-update-slice" for u in use):
+    name = params.get(k, "")
+    if in_place and nbytes == result and all(u.op == "dynamic-update-slice" for u in users.get(name, [1])):
       continue  # the buffer updated in place: only the update moves
-    else:
-      total += nbytes
+    sliced = _read_bytes(fused, name, computations)
+    total += nbytes if sliced is None else min(sliced, nbytes)
   if in_place:
     root = fused.root
     update = fused.instructions.get(root.operands[1]) if len(root.operands) > 1 else None

@@ -66,6 +66,7 @@ class ProgramPlan:
   per_token_s: float | None = None  # rollouts: the estimate per decode step (one token for every row)
   tokens_per_s_per_chip: float | None = None  # rollouts: generated tokens per second per chip
   decode_collective_bytes_per_token: float | None = None  # rollouts: collectives inside the decode loop per step
+  decode_hbm_bound_s: float | None = None  # rollouts: the weights and the KV cache read once, per decode step
 
 
 def _first_line(e: Exception) -> str:
@@ -92,19 +93,30 @@ def estimate(p: programs.Program, cost: hlo.ProgramCost, chip: topology.Chip, fl
                                                                  chip.ici_bandwidth, flops_scale=scale)
 
 
-def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str = "none") -> ProgramPlan:
+def decode_bound(p: programs.Program, parts: dict[str, int], chip: topology.Chip, compute_itemsize: int) -> float:
+  """Seconds per decode step to read the policy's weights (in the compute dtype) and the KV cache once."""
+  weights = p.parts.get("sampled policy", p.parts.get("parameters: policy"))
+  nbytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * min(np.dtype(x.dtype).itemsize, compute_itemsize)
+               for x in jax.tree.leaves(weights))
+  return (nbytes + parts.get("KV cache (inside temporaries)", 0)) / chip.hbm_bandwidth
+
+
+def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str = "none",
+                 compute_itemsize: int = 2) -> ProgramPlan:
   """Compile one program for the slice and read its per-chip memory, FLOPs and collectives."""
   chips = runtime.mesh.size
+  mesh, rules = p.mesh or runtime.mesh, p.rules or runtime.rules
   parts = {k: per_chip_bytes(v) for k, v in p.parts.items() if v is not None}
   if p.kv_cache is not None:  # rows split over the batch axes
     parts["KV cache (inside temporaries)"] = sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(
-        p.kv_cache)) // sharding.data_parallel_size(runtime.mesh)
+        p.kv_cache)) // sharding.data_parallel_size(mesh)
+  resident = sum(per_chip_bytes(v) for v in (p.resident or {}).values() if v is not None)
   flops = p.flops / chips
   t0 = time.perf_counter()
   cache = jax.config.jax_enable_compilation_cache
   try:  # a persistent compilation cache holds executables to load on a client; these have none to load on
     jax.config.update("jax_enable_compilation_cache", False)
-    with sharding.active(runtime.mesh, runtime.rules):
+    with sharding.active(mesh, rules):
       compiled = p.fn.lower(*p.args).compile()
   except Exception as e:  # noqa: BLE001 (the compiler's own message is the report)
     return ProgramPlan(p.name, False, {}, parts, flops, None, {}, None, time.perf_counter() - t0, _first_line(e))
@@ -113,9 +125,9 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
   compile_s = time.perf_counter() - t0
   m = compiled.memory_analysis()
   outputs = m.output_size_in_bytes - m.alias_size_in_bytes
-  total = m.argument_size_in_bytes + outputs + m.temp_size_in_bytes + m.generated_code_size_in_bytes
+  total = m.argument_size_in_bytes + outputs + m.temp_size_in_bytes + m.generated_code_size_in_bytes + resident
   memory = {"arguments": m.argument_size_in_bytes, "outputs": outputs, "temporaries": m.temp_size_in_bytes,
-            "code": m.generated_code_size_in_bytes, "total": total}
+            "code": m.generated_code_size_in_bytes, **({"resident": resident} if resident else {}), "total": total}
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   compiler_flops = float(cost.get("flops", 0.0)) if cost else None
@@ -126,7 +138,8 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
   if p.generated_tokens:
     steps = p.decode_steps + 1  # the prefill samples the first token
     rollout = dict(per_token_s=seconds / steps, tokens_per_s_per_chip=p.generated_tokens / seconds / chips,
-                   decode_collective_bytes_per_token=cost.decode_collective_bytes(p.decode_steps))
+                   decode_collective_bytes_per_token=cost.decode_collective_bytes(p.decode_steps),
+                   decode_hbm_bound_s=decode_bound(p, parts, chip, compute_itemsize))
   return ProgramPlan(p.name, total <= chip.hbm_bytes, memory, parts, flops, compiler_flops, cost.collectives(),
                      seconds, compile_s, kernel_calls=text.count('custom_call_target="tpu_custom_call"'),
                      collective_bytes=cost.collective_bytes, hbm_bytes=cost.hbm_bytes, bound=bound,
@@ -144,10 +157,15 @@ def plan(config, topology_name: str) -> dict[str, Any]:
   chip, devices = topology.devices(topology_name)
   runtime = runtime_for(config, devices)
   model_config, _ = load.model_config(config, load_params=False, platform="tpu")
-  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh))
-  plans = [plan_program(p, runtime, chip, model_config.remat) for p in programs.build(config, model_config, runtime)]
+  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh), runtime.mesh)
+  itemsize = np.dtype(model_config.jnp_dtype).itemsize
+  plans = [plan_program(p, runtime, chip, model_config.remat, itemsize)
+           for p in programs.build(config, model_config, runtime)]
+  layout_fix = _sampling_layout_that_fits(config, model_config, runtime, chip, plans, itemsize)
   return {
       "topology": topology_name, "compiler_topology": topology.compiler_name(topology_name)[1],
+      "rollout_mesh": config.rollout.mesh if config.algorithm in ("ppo", "grpo") else None,
+      **({"rollout_mesh_that_fits": layout_fix} if layout_fix is not None else {}),
       "chips": len(devices), "device_kind": chip.device_kind, "hbm_bytes_per_chip": chip.hbm_bytes,
       "peak_flops_per_chip": chip.peak_flops, "hbm_bandwidth_per_chip": chip.hbm_bandwidth,
       "mesh": dict(runtime.mesh.shape), "model": {"params": model_config.num_params(), "dtype": model_config.dtype,
@@ -160,6 +178,26 @@ def plan(config, topology_name: str) -> dict[str, Any]:
       "fits": all(p.fits for p in plans),
       "estimate_s": sum(p.estimate_s for p in plans) if all(p.estimate_s for p in plans) else None,
   }
+
+
+def _sampling_layout_that_fits(config, model_config, runtime, chip, plans, itemsize) -> dict | None:
+  """When the rollout does not fit in its sampling layout: the first larger tensor degree whose rollout does
+  ({"rollout.mesh", "bytes_per_chip"}; {} when none does); None when nothing needs it."""
+  rollout = next((p for p in plans if p.name == "rollout"), None)
+  if rollout is None or rollout.fits or config.rollout.mesh == "training":
+    return None
+  from rlhfx import sampling_layout
+
+  k = sampling_layout.tensor_size(config.rollout.mesh, runtime.mesh)
+  for larger in (t for t in range(k + 1, runtime.mesh.size + 1)
+                 if runtime.mesh.size % t == 0 and model_config.num_kv_heads % t == 0):
+    trial = copy.deepcopy(config)
+    trial.rollout.mesh = f"tensor={larger}"
+    found = next(p for p in programs.build(trial, model_config, runtime) if p.name == "rollout")
+    planned = plan_program(found, runtime, chip, model_config.remat, itemsize)
+    if planned.fits:
+      return {"rollout.mesh": trial.rollout.mesh, "bytes_per_chip": planned.bytes_per_chip["total"]}
+  return {}
 
 
 def _gib(n: float) -> str:
@@ -193,6 +231,7 @@ def render(report: dict[str, Any]) -> str:
               f"  {'outputs not aliased (compiler)':40s}{_gib(b['outputs'])}",
               f"  {'temporaries (compiler)':40s}{_gib(b['temporaries'])}",
               f"  {'program code (compiler)':40s}{_gib(b['code'])}",
+              *([f"  {'resident beside it (training state)':40s}{_gib(b['resident'])}"] if b.get("resident") else []),
               f"  {'total':40s}{_gib(b['total'])}   of {hbm / GiB:.2f}: "
               + (f"fits, headroom {1 - b['total'] / hbm:.0%}" if p["fits"] else
                  f"DOES NOT FIT ({b['total'] / hbm:.0%} of HBM)")]
@@ -211,10 +250,21 @@ def render(report: dict[str, Any]) -> str:
                  + (f" ({p['unknown_loops']} loop(s) of unknown length taken at their limit)"
                     if p["unknown_loops"] else ""))
     if p.get("per_token_s"):
-      lines.append(f"  decode: {p['per_token_s'] * 1e3:.2f} ms per generated token, "
-                   f"{p['tokens_per_s_per_chip']:,.0f} tokens/s per chip; collectives inside the decode loop "
-                   f"{p['decode_collective_bytes_per_token'] / GiB:.3f} GiB per chip per token")
+      lines.append(f"  decode: {p['per_token_s'] * 1e3:.2f} ms per generated token "
+                   f"({p['per_token_s'] / p['decode_hbm_bound_s']:.1f}x the {p['decode_hbm_bound_s'] * 1e3:.2f} ms "
+                   f"that reading the weights and KV cache once takes), {p['tokens_per_s_per_chip']:,.0f} tokens/s "
+                   f"per chip; collectives inside the decode loop {p['decode_collective_bytes_per_token'] / GiB:.3f} "
+                   f"GiB per chip per token")
   verdict = "FITS" if report["fits"] else "DOES NOT FIT"
+  if report["estimate_s"] and len(report["programs"]) > 1:
+    each = ", ".join(f"{p['name']} {_seconds(p['estimate_s'])}" for p in report["programs"])
+    lines += ["", f"one {'iteration' if any(p.get('per_token_s') for p in report['programs']) else 'step'}: "
+                  f"{_seconds(report['estimate_s'])} (estimate: {each})"]
+  fix = report.get("rollout_mesh_that_fits")
+  if fix is not None:
+    lines += ["", f"the rollout does not fit in its sampling layout (config.rollout.mesh={report['rollout_mesh']!r}): "
+                  + (f"--config.rollout.mesh={fix['rollout.mesh']} does ({fix['bytes_per_chip'] / GiB:.2f} GiB per chip)"
+                     if fix else "no tensor degree that divides the chips and key/value heads does")]
   lines += ["", f"{verdict} on {report['topology']}"]
   return "\n".join(lines)
 

@@ -43,6 +43,9 @@ class Program:
   trains: bool = True  # has a backward pass (which recomputes a rematerialised forward)
   decode_steps: int = 0  # sampling: iterations of the decode loop at most (its trip count is not in the program)
   generated_tokens: int = 0  # sampling: tokens one call generates, all rows together
+  mesh: Any = None  # the mesh it is traced and run under, when not the run's (the sampling layout's)
+  rules: Any = None
+  resident: Any = None  # trees that stay in HBM beside its own (the training state while sampling)
 
 
 def batch_struct(shapes: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -132,7 +135,7 @@ def dpo(config, model_config: ModelConfig, runtime) -> list[Program]:
 def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   """PPO and GRPO: the fused iteration (in-graph scoring), or rollout, scoring and update as three programs
   (`train.time_phases`, or a host reward function)."""
-  from rlhfx import reward_functions, rewards, rollout
+  from rlhfx import reward_functions, rewards, rollout, sampling_layout
   from rlhfx.algorithms import grpo, ppo
 
   model = Transformer(model_config)
@@ -187,7 +190,8 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   prompts, length = config.train.global_batch_size, max(config.data.buckets)
   batch = batch_struct({"prompt_BxP": ((prompts, length), jnp.int32), "prompt_mask_BxP": ((prompts, length), bool)},
                        runtime.mesh)
-  programs = algorithm.jit_programs(s, shardings)
+  layout = sampling_layout.make(config, model, runtime)
+  programs = algorithm.jit_programs(s, shardings, layout)
   rows, completion = prompts * sampling.group_size, sampling.max_new_tokens
   kv_cache = jax.eval_shape(lambda: init_cache(model_config, rows, length + completion))
   flops = rows * (length + completion) * iteration_flops(model_config, length, completion, epochs, critic is not None)
@@ -198,18 +202,27 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   if reward_params is not None:
     parts["frozen: reward model"] = reward_params
   decode = dict(decode_steps=completion - 1, generated_tokens=rows * completion)
-  if scorer.in_graph and not config.train.time_phases:
-    return [Program(f"{config.algorithm}_iteration", programs.fused, (state, batch, frozen), parts, flops, kv_cache,
-                    **decode)]
-  rollout_abstract = jax.eval_shape(programs.rollout, state, batch)
+  fused = scorer.in_graph and not config.train.time_phases
+  if fused and layout is None:
+    return [Program(f"{config.algorithm}_iteration", programs.iteration, (state, batch, frozen), parts, flops,
+                    kv_cache, **decode)]
   rollout_abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(runtime.mesh, x.ndim)),
-      rollout_abstract)
+      jax.eval_shape(programs.rollout, state, batch))
   scores = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding.batch_sharding(runtime.mesh, 1))
   sample_flops = 2 * rows * (length + completion) * train_flops_per_token(model_config, length + completion) / 6
-  programs_out = [Program("rollout", programs.rollout, (state, batch), {"parameters: policy": trained,
-                                                                        "batch": batch},
-                          sample_flops, kv_cache, trains=False, **decode)]
+  if layout is None:
+    programs_out = [Program("rollout", programs.rollout, (state, batch), {"parameters: policy": trained,
+                                                                          "batch": batch},
+                            sample_flops, kv_cache, trains=False, **decode)]
+  else:
+    programs_out = _sampling_programs(programs, layout, state, batch, trained, sample_flops, kv_cache,
+                                      {"training state": state, **{f"frozen: {k}": v for k, v in frozen.items()}},
+                                      decode)
+  if fused:  # in-graph scoring and the update, after a rollout sampled in its own layout
+    programs_out.append(Program(f"{config.algorithm}_update", programs.scored_update, (state, rollout_abstract, frozen),
+                                {**parts, "rollout": rollout_abstract}, flops - sample_flops))
+    return programs_out
   if reward_params is not None:
     programs_out.append(Program("scoring", programs.score, (rollout_abstract, reward_params),
                                 {"frozen: reward model": reward_params, "rollout": rollout_abstract},
@@ -218,6 +231,21 @@ def onpolicy(config, model_config: ModelConfig, runtime) -> list[Program]:
   programs_out.append(Program("update", programs.update, (state, rollout_abstract, scores, frozen),
                               {**parts, "rollout": rollout_abstract}, flops - sample_flops))
   return programs_out
+
+
+def _sampling_programs(programs, layout, state, batch, trained, sample_flops, kv_cache, resident,
+                       decode) -> list[Program]:
+  """The reshard of the policy into the sampling layout, and sampling there (with the training state resident)."""
+  sampled = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         jax.eval_shape(programs.reshard, state), layout.params)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(layout.mesh,
+                                                                                 jax.sharding.PartitionSpec()))
+  prompts = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=layout.batch(v.ndim)) for k, v in batch.items()}
+  return [Program("reshard", programs.reshard, (state,), {"parameters: policy": trained, "sampled policy": sampled},
+                  0.0, trains=False),
+          Program("rollout", programs.sample, (sampled, prompts, step), {"sampled policy": sampled, "batch": prompts},
+                  sample_flops, kv_cache, trains=False, mesh=layout.mesh, rules=layout.rules, resident=resident,
+                  **decode)]
 
 
 BUILDERS = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": onpolicy, "grpo": onpolicy}

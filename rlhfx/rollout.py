@@ -17,6 +17,7 @@ predict completion tokens (hidden states P-1 .. P+C-2), never on the prompt.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable
 
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import reward_functions, sampling
+from rlhfx import reward_functions, sampling, sampling_layout
 from rlhfx.logprobs import target_logps
 from rlhfx.models import ModelConfig, Transformer, lora
 from rlhfx.models.heads import ScoreModel
@@ -154,6 +155,15 @@ def finish_scores(scores_B: Array, r: Rollout, eos_id: int | None, missing_eos_p
   return jnp.where(has_eos_B, scores_B, scores_B - missing_eos_penalty), has_eos_B
 
 
+def logprob_agreement(r: Rollout, logps_BxC: Array) -> dict[str, Array]:
+  """How far the trainer's recomputed log-probs of the sampled tokens are from the sampler's own (other kernels,
+  another layout, bf16): |difference| over the completion tokens, mean and max. The first number to read when
+  an RL run diverges."""
+  diff_BxC = jnp.where(r.mask_BxC, jnp.abs(logps_BxC - r.sample_logps_BxC), 0.0)
+  tokens = jnp.maximum(r.mask_BxC.sum(), 1)
+  return {"rollout/logprob_diff_mean": diff_BxC.sum() / tokens, "rollout/logprob_diff_max": diff_BxC.max()}
+
+
 def sequence_kl(logps_BxC: Array, ref_logps_BxC: Array, mask_BxC: Array) -> Array:
   """kl_B: KL(policy || reference) of each sampled completion, the k1 estimate summed over its tokens."""
   return jnp.sum(jnp.where(mask_BxC, logps_BxC - ref_logps_BxC, 0.0), axis=-1)
@@ -194,25 +204,70 @@ def eval_rollout(policy_params, batch: dict[str, Array], reference_params, rng: 
   return r, sequence_kl(logps_BxC, ref_BxC, r.mask_BxC)
 
 
+def sample_step(policy_params, batch: dict[str, Array], step: Array, *, seed: int, s: SamplingSettings) -> Rollout:
+  """The rollout of iteration `step` (its sampling key derives from the seed and the step)."""
+  return rollout(policy_params, batch, key(seed, step, 0), s)
+
+
 @dataclasses.dataclass(frozen=True)
 class Programs:
-  """The jitted programs of an iteration, the state donated (`rlhfx.plan` compiles these same functions)."""
+  """The jitted programs of an iteration, the state donated (`rlhfx.plan` compiles these same functions).
 
-  fused: Callable  # (state, batch, frozen) -> (state, metrics, rollout, scores_B): in-graph scoring
-  rollout: Callable  # (state, batch) -> rollout
+  With a sampling layout (`rlhfx.sampling_layout`), a rollout is `reshard` (the policy's weights into the
+  layout) then `sample` there; without one, `rollout` samples in the training layout."""
+
+  iteration: Callable  # (state, batch, frozen) -> (state, metrics, rollout, scores_B): all of it in one program
+  rollout: Callable  # (state, batch) -> rollout, sampled in the training layout
   score: Callable  # (rollout, reward params) -> (scores_B, parts): the in-graph scoring
   update: Callable  # (state, rollout, scores_B, frozen) -> (state, metrics)
+  scored_update: Callable  # (state, rollout, frozen) -> (state, metrics, rollout, scores_B): in-graph scoring
+  layout: sampling_layout.Layout | None = None
+  reshard: Callable | None = None  # state -> the policy's parameters in the sampling layout
+  sample: Callable | None = None  # (params, batch, step) -> rollout: sampling in the layout (call under it)
 
   @classmethod
-  def jit(cls, *, iteration: Callable, rollout_step: Callable, update_step: Callable, scorer: Scorer,
-          shardings) -> "Programs":
-    """From an algorithm's pure functions with their settings bound."""
-    return cls(fused=jax.jit(iteration, in_shardings=(shardings, None, None),
-                             out_shardings=(shardings, None, None, None), donate_argnums=0),
-               rollout=jax.jit(rollout_step),
-               score=jax.jit(lambda r, reward_params: scores(r, reward_params, scorer)),
-               update=jax.jit(update_step, in_shardings=(shardings, None, None, None), out_shardings=(shardings, None),
-                              donate_argnums=0))
+  def jit(cls, *, iteration: Callable, policy: Callable, update_step: Callable, scorer: Scorer, shardings,
+          seed: int, sampling: SamplingSettings, layout: sampling_layout.Layout | None = None) -> "Programs":
+    """From an algorithm's pure functions with their settings bound; `policy(state)` is the policy's parameters
+    the model samples with (LoRA merged)."""
+    sample = functools.partial(sample_step, seed=seed, s=sampling)
+
+    def rollout_step(state, batch):
+      return sample(policy(state), batch, state.step)
+
+    def scored(state, r, frozen):
+      return fused_iteration(update_step, state, r, frozen, scorer)
+
+    programs = dict(
+        iteration=jax.jit(iteration, in_shardings=(shardings, None, None), out_shardings=(shardings, None, None, None),
+                          donate_argnums=0),
+        rollout=jax.jit(rollout_step),
+        score=jax.jit(lambda r, reward_params: scores(r, reward_params, scorer)),
+        update=jax.jit(update_step, in_shardings=(shardings, None, None, None), out_shardings=(shardings, None),
+                       donate_argnums=0),
+        scored_update=jax.jit(scored, in_shardings=(shardings, None, None),
+                              out_shardings=(shardings, None, None, None), donate_argnums=0))
+    if layout is not None:
+      training = jax.tree.leaves(shardings)[0].mesh
+      programs.update(layout=layout,
+                      reshard=sampling_layout.reshard_program(layout, policy, sampling.model_config.jnp_dtype),
+                      sample=sampling_layout.sample_program(layout, sample, training))
+    return cls(**programs)
+
+  def sample_rollout(self, state, batch: dict[str, Array]) -> Rollout:
+    """The iteration's rollout: in the sampling layout when there is one."""
+    if self.layout is None:
+      return self.rollout(state, batch)
+    params = self.reshard(state)
+    batch, step = sampling_layout.inputs(self.layout, batch, state.step)
+    with sampling_layout.active(self.layout):
+      return self.sample(params, batch, step)
+
+  def fused(self, state, batch: dict[str, Array], frozen: dict):
+    """(state, metrics, rollout, scores_B) of an iteration with in-graph scoring, nothing waited for."""
+    if self.layout is None:
+      return self.iteration(state, batch, frozen)
+    return self.scored_update(state, self.sample_rollout(state, batch), frozen)
 
 
 def fused_iteration(update_step: Callable, state, r: Rollout, frozen: dict, scorer: Scorer):
@@ -227,7 +282,7 @@ def run_phases(programs: Programs, state, batch: dict[str, Array], frozen: dict,
   """(state, metrics + rewards/* + time/*_s, rollout, scores_B): rollout, `score(rollout) -> (scores_B, parts)`
   (the scoring program, or it and host scoring) and update one after the other, each timed."""
   t0 = time.perf_counter()
-  r = jax.block_until_ready(programs.rollout(state, batch))
+  r = jax.block_until_ready(programs.sample_rollout(state, batch))
   t1 = time.perf_counter()
   scores_B, parts = jax.block_until_ready(score(r))
   t2 = time.perf_counter()

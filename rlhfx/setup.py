@@ -26,7 +26,7 @@ def run(config, workdir):
   runtime = sharding.setup(config, workdirs.location(workdir))
   workdirs.claim(config, runtime.workdir)  # locked; config and inputs the same as before (or accepted)
   model_config = load.model_config(config, load_params=False)[0]
-  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh))
+  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh), runtime.mesh)
   data = prepare.prepare(config, runtime.workdir, kind=kind)
   load.check_tokenizer(model_config, data.tokenizer)
   return runtime, model_config, data

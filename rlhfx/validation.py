@@ -188,6 +188,8 @@ def _combination_problems(config) -> list[str]:
     for i, spec in enumerate(sc.functions):
       if not reward_functions.is_spec(spec):
         out.append(f"config.scoring.functions[{i}]={spec!r}: expected {reward_functions.SPECS}")
+    if not re.fullmatch(r"auto|training|tensor=[1-9][0-9]*", str(config.rollout.mesh)):
+      out.append(f"config.rollout.mesh={config.rollout.mesh!r}: expected auto, training or tensor=<k>")
     group = config.rollout.group_size
     if a == "grpo" and group < 2:
       out.append(f"config.rollout.group_size={group}: group advantages need >= 2 samples per prompt")
@@ -206,8 +208,12 @@ def check(config) -> None:
     raise ConfigError("; ".join(found))
 
 
-def check_model(config, model_config, data_parallel_size: int = 1) -> None:
+def check_model(config, model_config, data_parallel_size: int = 1, mesh=None) -> None:
   """Checks against the model's shape and the mesh: raise ConfigError naming the field."""
+  if mesh is not None and config.algorithm in ("ppo", "grpo"):
+    from rlhfx import sampling_layout
+
+    sampling_layout.check(config.rollout.mesh, mesh, model_config.num_kv_heads)
   t, d = config.train, config.data
   micro = t.global_batch_size // t.grad_accum_steps
   if micro % data_parallel_size:

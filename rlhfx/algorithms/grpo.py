@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, setup, sharding
+from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, sampling_layout, setup, sharding
 from rlhfx.data import prepare
 from rlhfx.losses import policy as L
 from rlhfx.losses.common import masked_mean
@@ -96,10 +96,9 @@ def minibatch_loss(params, mb: dict, *, s: Settings):
                             "approxkl": pg_m["approxkl"], "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"]}
 
 
-def rollout_step(state: GRPOState, batch: dict[str, Array], s: Settings) -> Rollout:
-  """The rollout of iteration `state.step` (its sampling key derives from the seed and the step)."""
-  return rollout.rollout(lora.effective(state.params, s.lora_scale), batch, rollout.key(s.seed, state.step, 0),
-                         s.sampling)
+def policy_params(state: GRPOState, s: Settings):
+  """The policy's parameters the model samples with (LoRA merged)."""
+  return lora.effective(state.params, s.lora_scale)
 
 
 def update_step(state: GRPOState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
@@ -119,6 +118,7 @@ def update_step(state: GRPOState, r: Rollout, scores_B: Array, frozen: dict, s: 
                                                   minibatches=s.minibatches, grad_accum_steps=s.grad_accum_steps)
   scores_NxG = scores_B.reshape(-1, s.sampling.group_size)
   step_metrics = {
+      **rollout.logprob_agreement(r, old_logps_BxC),  # sampler vs trainer
       "train/loss": m["loss"], "objective/scores": scores_B.mean(),
       "objective/entropy": jnp.sum(jnp.where(mask_BxC, -old_logps_BxC, 0.0), axis=-1).mean(),
       "objective/scores_std_in_group": scores_NxG.std(-1).mean(),
@@ -132,16 +132,18 @@ def update_step(state: GRPOState, r: Rollout, scores_B: Array, frozen: dict, s: 
 
 
 def iteration(state: GRPOState, batch: dict[str, Array], frozen: dict, s: Settings):
-  """Rollout, in-graph scoring and update: (new state, metrics, the rollout, its scores_B)."""
-  return rollout.fused_iteration(functools.partial(update_step, s=s), state, rollout_step(state, batch, s), frozen,
-                                 s.scorer)
+  """Rollout (in the training layout), in-graph scoring and update: (new state, metrics, the rollout, its
+  scores_B)."""
+  r = rollout.sample_step(policy_params(state, s), batch, state.step, seed=s.seed, s=s.sampling)
+  return rollout.fused_iteration(functools.partial(update_step, s=s), state, r, frozen, s.scorer)
 
 
-def jit_programs(s: Settings, shardings) -> rollout.Programs:
+def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None = None) -> rollout.Programs:
   """The jitted programs a run executes (`rlhfx.plan` compiles these same functions)."""
   return rollout.Programs.jit(iteration=functools.partial(iteration, s=s),
-                              rollout_step=functools.partial(rollout_step, s=s),
-                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings)
+                              policy=functools.partial(policy_params, s=s),
+                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings,
+                              seed=s.seed, sampling=s.sampling, layout=layout)
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -166,7 +168,8 @@ def train(config, workdir: str) -> dict[str, float]:
     state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
     checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter, frozen=frozen)
-    programs = jit_programs(s, shardings)
+    programs = jit_programs(s, shardings, sampling_layout.make(config, model, runtime))
+    sampling_layout.record(programs, state, workdir)
     score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.train)
     eval_score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.eval)
     eval_fn = jax.jit(functools.partial(rollout.eval_rollout, model=model, chunk_size=s.chunk_size,

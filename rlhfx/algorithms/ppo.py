@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, setup, sharding
+from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, sampling_layout, setup, sharding
 from rlhfx.data import prepare
 from rlhfx.losses import policy as L
 from rlhfx.losses.common import masked_mean
@@ -132,10 +132,9 @@ def minibatch_loss(params, mb: dict, *, s: Settings, kl_coef: Array):
                 "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"], "vf_clipfrac": vf_m["clipfrac"]}
 
 
-def rollout_step(state: PPOState, batch: dict[str, Array], s: Settings) -> Rollout:
-  """The rollout of iteration `state.step` (its sampling key derives from the seed and the step)."""
-  policy = lora.effective(state.params["policy"], s.lora_scale)
-  return rollout.rollout(policy, batch, rollout.key(s.seed, state.step, 0), s.sampling)
+def policy_params(state: PPOState, s: Settings):
+  """The policy's parameters the model samples with (LoRA merged)."""
+  return lora.effective(state.params["policy"], s.lora_scale)
 
 
 def update_step(state: PPOState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
@@ -169,6 +168,7 @@ def update_step(state: PPOState, r: Rollout, scores_B: Array, frozen: dict, s: S
     kl_coef = L.AdaptiveKL(s.kl_target, s.kl_horizon).update(kl_coef, kl_B.mean(), scores_B.shape[0])
   non_score_B = non_score_BxC.sum(-1)
   step_metrics = {
+      **rollout.logprob_agreement(r, old_logps_BxC),  # sampler vs trainer
       "train/loss": m["loss"], "objective/kl": kl_B.mean(), "objective/kl_coef": state.kl_coef,
       "objective/entropy": jnp.sum(jnp.where(mask_BxC, -old_logps_BxC, 0.0), axis=-1).mean(),
       "objective/non_score_reward": non_score_B.mean(), "objective/rlhf_reward": (scores_B + non_score_B).mean(),
@@ -180,29 +180,18 @@ def update_step(state: PPOState, r: Rollout, scores_B: Array, frozen: dict, s: S
 
 
 def iteration(state: PPOState, batch: dict[str, Array], frozen: dict, s: Settings):
-  """Rollout, in-graph scoring and update: (new state, metrics, the rollout, its scores_B)."""
-  return rollout.fused_iteration(functools.partial(update_step, s=s), state, rollout_step(state, batch, s), frozen,
-                                 s.scorer)
+  """Rollout (in the training layout), in-graph scoring and update: (new state, metrics, the rollout, its
+  scores_B)."""
+  r = rollout.sample_step(policy_params(state, s), batch, state.step, seed=s.seed, s=s.sampling)
+  return rollout.fused_iteration(functools.partial(update_step, s=s), state, r, frozen, s.scorer)
 
 
-def jit_programs(s: Settings, shardings) -> rollout.Programs:
+def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None = None) -> rollout.Programs:
   """The jitted programs a run executes (`rlhfx.plan` compiles these same functions)."""
   return rollout.Programs.jit(iteration=functools.partial(iteration, s=s),
-                              rollout_step=functools.partial(rollout_step, s=s),
-                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings)
-
-
-def init_params(config, policy, scorer: rollout.Scorer, reward_params, model_config, mesh):
-  """({"policy", "value" | "value_head"}, the critic module or None) per config.ppo.value_model: a separate critic
-  starts as a copy of the reward model, or else of the policy's backbone with a zero head."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  if config.ppo.value_model == "policy_head":
-    return {"policy": policy, "value_head": jax.device_put(init_value_head(model_config.d_model), replicated)}, None
-  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
-  if scorer.module is not None:
-    return {"policy": policy, "value": copy(reward_params)}, scorer.module
-  head = {"kernel": jax.device_put(jnp.zeros((model_config.d_model, 1), model_config.jnp_param_dtype), replicated)}
-  return {"policy": policy, "value": from_lm_params(copy(policy), head)}, ScoreModel(model_config)
+                              policy=functools.partial(policy_params, s=s),
+                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings,
+                              seed=s.seed, sampling=s.sampling, layout=layout)
 
 
 def train(config, workdir: str) -> dict[str, float]:
@@ -231,7 +220,8 @@ def train(config, workdir: str) -> dict[str, float]:
                                     params, mesh)
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
     checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter, frozen=frozen)
-    programs = jit_programs(s, shardings)
+    programs = jit_programs(s, shardings, sampling_layout.make(config, model, runtime))
+    sampling_layout.record(programs, state, workdir)
     score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.train)
     eval_score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.eval)
     eval_fn = jax.jit(functools.partial(rollout.eval_rollout, model=model, chunk_size=s.chunk_size,
