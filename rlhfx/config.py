@@ -136,8 +136,10 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.rollout.top_k = 0  # 0 = no top-k filter
     c.rollout.top_p = 1.0  # 1 = no nucleus filter
     c.rollout.group_size = 1 if algorithm == "ppo" else 8  # completions sampled per prompt
-    c.rollout.mesh = "auto"  # sampling layout: auto (tensor = the training mesh's), tensor=<k> (groups of k chips,
-    #                          rows over the groups; the policy resharded each iteration) or training (no reshard)
+    c.rollout.cache_buckets = 4  # decode loops, each over a KV cache just long enough for its steps (1: one loop)
+    c.rollout.mesh = "auto"  # sampling layout: tensor=<k> (groups of k chips, rows over the groups, the policy
+    #                          resharded each iteration), auto (the largest k <= 8 dividing the devices and
+    #                          key/value heads) or training (sample in the training layout, no reshard)
     c.scoring = ml_collections.ConfigDict()
     c.scoring.model = ""  # reward run workdir / reward_model folder / HF *ForSequenceClassification dir or hub id
     c.scoring.functions = ()  # reward functions (rlhfx.reward_functions): math_answer, think_format, regex:<pattern>,

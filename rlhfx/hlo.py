@@ -119,7 +119,8 @@ def parse(text: str) -> dict[str, Computation]:
 
 def trip_count(condition: Computation) -> tuple[int, bool] | None:
   """(N, exact) of a loop whose condition is `i < N` or `i + c < N` on a counter from 0 (exact: nothing else
-  ends it; otherwise N is its limit, as a decode loop's that stops at EOS); None when it is neither."""
+  ends it; otherwise N is its limit, as a decode loop's that stops at EOS, the smallest of several); None when
+  it is neither."""
   ins = condition.instructions
 
   def constant(name):
@@ -128,6 +129,7 @@ def trip_count(condition: Computation) -> tuple[int, bool] | None:
       return None
     return int(i.args)
 
+  found = []
   for i in ins.values():
     if i.op != "compare" or "direction=LT" not in i.attributes or len(i.operands) != 2:
       continue
@@ -138,8 +140,8 @@ def trip_count(condition: Computation) -> tuple[int, bool] | None:
     offset = 0
     if lhs is not None and lhs.op == "add" and len(lhs.operands) == 2:
       offset = next((c for c in map(constant, lhs.operands) if c is not None), 0)
-    return max(bound - offset, 0), condition.root is i
-  return None
+    found.append((max(bound - offset, 0), condition.root is i))
+  return min(found) if found else None  # several limits (a decode loop's bucket and its length): the first met
 
 
 def dot_flops(i: Instruction, shape_of) -> float:

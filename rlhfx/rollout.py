@@ -67,13 +67,14 @@ class SamplingSettings:
   top_p: float = 1.0
   eos_id: int | None = None
   pad_id: int = 0
+  cache_buckets: int = 4  # decode loops over growing KV caches (rlhfx.sampling)
 
   @classmethod
   def from_config(cls, config, model_config: ModelConfig, tokenizer, **overrides) -> "SamplingSettings":
     r = config.rollout
     fields = dict(model_config=model_config, max_new_tokens=r.max_new_tokens, group_size=r.group_size,
                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_id=tokenizer.eos_token_id,
-                  pad_id=tokenizer.pad_token_id or 0)
+                  pad_id=tokenizer.pad_token_id or 0, cache_buckets=r.cache_buckets)
     return cls(**{**fields, **overrides})
 
 
@@ -83,7 +84,7 @@ def rollout(policy_params, batch: dict[str, Array], rng: Array, s: SamplingSetti
   prompt_mask_BxP = jnp.repeat(batch["prompt_mask_BxP"], s.group_size, axis=0)
   out = sampling.generate(policy_params, s.model_config, prompt_BxP, prompt_mask_BxP, rng,
                           max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          eos_id=s.eos_id, pad_id=s.pad_id)
+                          eos_id=s.eos_id, pad_id=s.pad_id, cache_buckets=s.cache_buckets)
   return Rollout(prompt_BxP=prompt_BxP, prompt_mask_BxP=prompt_mask_BxP, tokens_BxC=out.tokens_BxC,
                  mask_BxC=out.mask_BxC, sample_logps_BxC=out.logps_BxC)
 

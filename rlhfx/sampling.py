@@ -7,8 +7,14 @@
 Prompts are left-padded (`pad_prompts` does it): every row then writes its next
 token into the same cache slot, and positions count only real tokens, so a
 padded prompt produces the same tokens as the prompt alone. The prompt is
-prefilled once; decoding is a `lax.while_loop` over a preallocated cache that
-stops when every row has emitted EOS or `max_new_tokens` is reached.
+prefilled once; decoding is a `lax.while_loop` that stops when every row has
+emitted EOS or `max_new_tokens` is reached.
+
+A decode step attends over the cache slots written so far, not the whole length:
+the steps run in `cache_buckets` loops, each over a cache just long enough for its
+steps (prompt + its share of max_new_tokens), grown between loops. The slots not
+yet written are masked either way, so the tokens are those of one loop over the
+full cache.
 
 `logps_BxC` are log-probabilities of the sampled tokens under softmax(logits /
 temperature) before top-k/top-p filtering (temperature 1 when greedy) — the
@@ -26,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhfx.models.config import ModelConfig
-from rlhfx.models.transformer import Transformer, init_cache
+from rlhfx.models.transformer import Cache, Transformer, init_cache
 
 Array = jax.Array
 
@@ -93,18 +99,37 @@ def _sample(logits_BxV, rng, temperature: float, top_k: int, top_p: float):
   return token_B.astype(jnp.int32), logp_B
 
 
+def cache_lengths(prompt_len: int, max_new_tokens: int, buckets: int) -> list[int]:
+  """The cache length of each decode loop: the prompt plus an equal share of the new tokens per loop (a
+  multiple of 128 slots from 512 new tokens on, the TPU's lane width), the last one the whole length."""
+  step = -(-max_new_tokens // max(buckets, 1))
+  if max_new_tokens >= 512:
+    step = -(-step // 128) * 128
+  ends = sorted({min(max_new_tokens, step * (b + 1)) for b in range(max(buckets, 1))})
+  return [prompt_len + e for e in ends]
+
+
+def _grow(cache: Cache, length: int) -> Cache:
+  """The cache with unwritten (masked) slots appended up to `length`."""
+  pad = length - cache.mask_BxS.shape[1]
+  slots = [(0, 0)] * 3 + [(0, pad), (0, 0)]
+  return Cache(k_LxBxKxSxH=jnp.pad(cache.k_LxBxKxSxH, slots), v_LxBxKxSxH=jnp.pad(cache.v_LxBxKxSxH, slots),
+               mask_BxS=jnp.pad(cache.mask_BxS, ((0, 0), (0, pad))), index=cache.index)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "eos_id", "pad_id"))
+                                             "eos_id", "pad_id", "cache_buckets"))
 def generate(params, config: ModelConfig, prompt_BxP: Array, prompt_mask_BxP: Array, rng: Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, pad_id: int = 0) -> SampleResult:
+             eos_id: int | None = None, pad_id: int = 0, cache_buckets: int = 4) -> SampleResult:
   """Sample up to `max_new_tokens` after left-padded prompts (temperature 0 = greedy)."""
   model = Transformer(config)
   batch, prompt_len = prompt_BxP.shape
   if prompt_len + max_new_tokens > config.max_seq_len and config.positions == "learned":
     raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                      f"max_seq_len={config.max_seq_len}")
-  cache = init_cache(config, batch, prompt_len + max_new_tokens)
+  lengths = cache_lengths(prompt_len, max_new_tokens, cache_buckets)
+  cache = init_cache(config, batch, lengths[0])
   # Prefill: only the last prompt position goes through the LM head.
   hidden_BxPxD, cache = model.apply({"params": params}, prompt_BxP, prompt_mask_BxP, cache=cache,
                                     return_hidden=True)
@@ -126,19 +151,28 @@ def generate(params, config: ModelConfig, prompt_BxP: Array, prompt_mask_BxP: Ar
       done_B = done_B | (token_B == eos_id)
     return done_B, tokens_BxC, logps_BxC, mask_BxC
 
-  state = (jnp.int32(0), token_B, cache, rng, *record(0, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
+  state = (token_B, cache, rng, *record(0, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
 
-  def cond(state):
-    t, _, _, _, done_B, *_ = state
-    return (t + 1 < max_new_tokens) & ~jnp.all(done_B)
+  # step t feeds token t (written at slot prompt_len + t) and samples token t + 1; a loop over a cache of
+  # length L runs the steps t0 .. L - prompt_len - 1, counting i from 0 (t = t0 + i): a loop entered with
+  # rows left to finish starts at t0, one entered with none runs no step
+  t0 = 0
+  for length in lengths:
+    state = (state[0], _grow(state[1], length), *state[2:])
 
-  def body(state):
-    t, token_B, cache, rng, done_B, tokens_BxC, logps_BxC, mask_BxC = state
-    logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], ~done_B[:, None], cache=cache)
-    rng, step_rng = jax.random.split(rng)
-    token_B, logp_B = _sample(logits_Bx1xV[:, 0], step_rng, temperature, top_k, top_p)
-    return (t + 1, token_B, cache, rng, *record(t + 1, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
+    def cond(carry, t0=t0, steps=length - prompt_len - t0):
+      i, (_, _, _, done_B, *_) = carry
+      return (t0 + i + 1 < max_new_tokens) & (i < steps) & ~jnp.all(done_B)
 
-  state = jax.lax.while_loop(cond, body, state)
-  _, _, _, _, _, tokens_BxC, logps_BxC, mask_BxC = state
+    def body(carry, t0=t0):
+      i, (token_B, cache, rng, done_B, tokens_BxC, logps_BxC, mask_BxC) = carry
+      logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], ~done_B[:, None], cache=cache)
+      rng, step_rng = jax.random.split(rng)
+      token_B, logp_B = _sample(logits_Bx1xV[:, 0], step_rng, temperature, top_k, top_p)
+      t = t0 + i + 1
+      return i + 1, (token_B, cache, rng, *record(t, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
+
+    state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+    t0 = length - prompt_len
+  *_, tokens_BxC, logps_BxC, mask_BxC = state
   return SampleResult(tokens_BxC=tokens_BxC, mask_BxC=mask_BxC, logps_BxC=logps_BxC)

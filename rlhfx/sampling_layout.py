@@ -7,7 +7,7 @@ own over the same devices, in the same order: groups of `k` neighbouring chips, 
 holding the policy (LoRA merged, floating leaves in the compute dtype) split k ways over
 heads and MLP width, the rollout rows split over the groups.
 
-  config.rollout.mesh = "auto"       # k = the training mesh's tensor axis (default)
+  config.rollout.mesh = "auto"       # k = the largest of 8, 4, 2, 1 dividing the devices and key/value heads
   config.rollout.mesh = "tensor=4"   # groups of 4 chips
   config.rollout.mesh = "training"   # sample in the training layout (no reshard)
 
@@ -47,13 +47,20 @@ class Layout:
     return sharding.batch_sharding(self.mesh, ndim)
 
 
-def tensor_size(spec: str, training: Mesh) -> int | None:
-  """k of a `config.rollout.mesh` value on the training mesh; None: sample in the training layout."""
+AUTO_LIMIT = 8  # auto's largest group: one host's chips on most TPU and GPU machines
+
+
+def tensor_size(spec: str, training: Mesh, num_kv_heads: int) -> int | None:
+  """k of a `config.rollout.mesh` value on the training mesh; None: sample in the training layout.
+
+  auto takes the largest k up to 8 that divides the devices and the key/value heads: decoding reads every
+  weight a chip holds once per token, so a chip's share (1/k of the policy) sets the time per token, and the
+  groups' all-reduces of one token's activations are small."""
   spec = (spec or "auto").strip()
   if spec == "training":
     return None
   if spec == "auto":
-    return training.shape["tensor"]
+    return max(k for k in range(1, AUTO_LIMIT + 1) if training.size % k == 0 and num_kv_heads % k == 0)
   m = re.fullmatch(r"tensor\s*=\s*(\d+)", spec)
   if not m or int(m.group(1)) < 1:
     raise ConfigError(f"config.rollout.mesh={spec!r}: expected one of {CHOICES}")
@@ -62,7 +69,7 @@ def tensor_size(spec: str, training: Mesh) -> int | None:
 
 def check(spec: str, training: Mesh, num_kv_heads: int) -> None:
   """One line when the sampling layout cannot be made: k must divide the devices and the key/value heads."""
-  k = tensor_size(spec, training)
+  k = tensor_size(spec, training, num_kv_heads)
   if k is None:
     return
   if training.size % k:
@@ -83,7 +90,7 @@ def mesh_for(training: Mesh, tensor: int) -> Mesh:
 def make(config, module, runtime) -> Layout | None:
   """The sampling layout of `config.rollout.mesh` for the policy `module` (None: the training layout)."""
   check(config.rollout.mesh, runtime.mesh, module.config.num_kv_heads)
-  k = tensor_size(config.rollout.mesh, runtime.mesh)
+  k = tensor_size(config.rollout.mesh, runtime.mesh, module.config.num_kv_heads)
   if k is None:
     return None
   mesh = mesh_for(runtime.mesh, k)

@@ -36,6 +36,7 @@ POSITIVE = {  # > 0
     "train.global_batch_size", "train.grad_accum_steps", "train.num_steps", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.eval_batches", "data.max_length",
     "data.max_prompt_length", "data.buckets", "rollout.max_new_tokens", "rollout.group_size", "ppo.epochs",
+    "rollout.cache_buckets",
     "ppo.minibatches", "ppo.kl_horizon", "ppo.clip_eps", "grpo.epochs", "grpo.minibatches", "grpo.clip_eps",
     "reward.stats_batches", "dpo.beta", "lora.alpha", "optim.eps", "distributed.num_processes",
     "model.vocab_size", "model.max_seq_len", "model.n_layers", "model.d_model", "train.eval_sample_tokens",

@@ -165,3 +165,44 @@ def test_stories260k_decodes_the_known_story(shared_data):
   text = tokenizer.decode(np.asarray(result.tokens_BxC[0]).tolist())
   assert text == ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
                   "One day, she saw a big, red ball. She wanted to play with it, but it was too high")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decode_in_cache_buckets_gives_the_tokens_of_one_full_length_loop(model, temperature):
+  """Four loops, each over a cache just long enough for its steps, sample what one loop over the whole cache
+  samples (the slots not yet written are masked either way); log-probs to float32 round-off."""
+  config, params = model
+  one = _generate(config, params, PROMPTS, rng=3, max_new_tokens=11, temperature=temperature, cache_buckets=1)
+  four = _generate(config, params, PROMPTS, rng=3, max_new_tokens=11, temperature=temperature, cache_buckets=4)
+  assert sampling.cache_lengths(7, 11, 4) == [10, 13, 16, 18]
+  np.testing.assert_array_equal(np.asarray(four.tokens_BxC), np.asarray(one.tokens_BxC))
+  np.testing.assert_array_equal(np.asarray(four.mask_BxC), np.asarray(one.mask_BxC))
+  np.testing.assert_allclose(np.asarray(four.logps_BxC), np.asarray(one.logps_BxC), rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_step_early_in_a_long_cache_does_a_fraction_of_a_late_ones_attention_work():
+  """Compiled for a TPU chip: with 8 cache buckets over 64 prompt + 4,032 new tokens, a step in the first loop
+  (cache of 576 slots) costs a fraction of a step in the last (4,096 slots): its FLOPs and HBM bytes, read
+  from the program with rlhfx.hlo."""
+  pytest.importorskip("libtpu", reason="compiling for a TPU chip needs libtpu: pip install -e '.[test,tpu]'")
+  from rlhfx import hlo, sharding, topology
+  from rlhfx.models import Transformer, get_preset
+
+  config = get_preset("tiny", vocab_size=256, max_seq_len=4096)
+  _, devices = topology.devices("v5e-4")
+  one = jax.sharding.SingleDeviceSharding(devices[0])
+  shapes = jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                        sharding.unbox(shapes["params"]))
+  prompt = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=one)
+  mask = jax.ShapeDtypeStruct((8, 64), bool, sharding=one)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one)
+  text = sampling.generate.lower(params, config, prompt, mask, key, max_new_tokens=4032,
+                                 cache_buckets=8).compile().as_text()
+  cost = hlo.program_cost(text)
+  steps = [b for b in cost.bodies if b.decode and b.flops]
+  assert sorted(b.trips for b in steps) == [447] + [512] * 7  # 4,031 steps (the first token is prefill's)
+  first, last = min(steps, key=lambda b: b.flops), max(steps, key=lambda b: b.flops)
+  assert first.flops < 0.35 * last.flops and first.hbm_bytes < 0.35 * last.hbm_bytes
+  # all steps together: about half the attention work of 4,032 steps over 4,096 slots
+  assert sum(b.trips * b.flops for b in steps) < 0.7 * 4032 * last.flops
