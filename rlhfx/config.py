@@ -136,7 +136,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.rollout.top_k = 0  # 0 = no top-k filter
     c.rollout.top_p = 1.0  # 1 = no nucleus filter
     c.rollout.group_size = 1 if algorithm == "ppo" else 8  # completions sampled per prompt
-    c.rollout.cache_buckets = 4  # decode loops, each over a KV cache just long enough for its steps (1: one loop)
+    c.rollout.cache_buckets = 4  # decode loops, each over a KV cache just long enough for its steps (at most one
+    #                              per 128 new tokens; 1: one loop over the whole cache)
     c.rollout.mesh = "auto"  # sampling layout: tensor=<k> (groups of k chips, rows over the groups, the policy
     #                          resharded each iteration), auto (the largest k <= 8 dividing the devices and
     #                          key/value heads) or training (sample in the training layout, no reshard)

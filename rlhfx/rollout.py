@@ -57,6 +57,9 @@ class Rollout:
     return self.prompt_BxP.shape[1]
 
 
+MIN_BUCKET_STEPS = 128  # a decode loop per this many new tokens at most: shorter ones cost more to compile than run
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
   model_config: ModelConfig
@@ -74,7 +77,8 @@ class SamplingSettings:
     r = config.rollout
     fields = dict(model_config=model_config, max_new_tokens=r.max_new_tokens, group_size=r.group_size,
                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_id=tokenizer.eos_token_id,
-                  pad_id=tokenizer.pad_token_id or 0, cache_buckets=r.cache_buckets)
+                  pad_id=tokenizer.pad_token_id or 0,
+                  cache_buckets=max(1, min(r.cache_buckets, r.max_new_tokens // MIN_BUCKET_STEPS)))
     return cls(**{**fields, **overrides})
 
 

@@ -74,8 +74,8 @@ def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> A
   return logits_BxV
 
 
-def categorical(rng: Array, logits_BxV: Array) -> Array:
-  """token_B ~ softmax(logits_BxV) by inverting the CDF with one uniform draw per row.
+def categorical(keys_B: Array, logits_BxV: Array) -> Array:
+  """token_B ~ softmax(logits_BxV) by inverting the CDF with one uniform draw per row, from the row's own key.
 
   The same distribution as `jax.random.categorical`, whose Gumbel-max trick draws V
   random numbers per row: on CPU that threefry call cost more than a tiny model's
@@ -83,18 +83,24 @@ def categorical(rng: Array, logits_BxV: Array) -> Array:
   come out: the CDF does not rise at them.
   """
   cdf_BxV = jnp.cumsum(jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1), axis=-1)
-  u_Bx1 = jax.random.uniform(rng, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+  u_Bx1 = jax.vmap(jax.random.uniform)(keys_B)[:, None] * cdf_BxV[:, -1:]
   return jnp.minimum(jnp.sum(cdf_BxV <= u_Bx1, axis=-1), logits_BxV.shape[-1] - 1).astype(jnp.int32)
 
 
-def _sample(logits_BxV, rng, temperature: float, top_k: int, top_p: float):
-  """(token_B, logp_B) from last-position logits."""
+def token_keys(rng: Array, rows_B: Array, t_B: Array) -> Array:
+  """The key of row `rows_B`'s token `t_B`: each row draws its own stream, so its tokens do not depend on
+  which other rows share its batch, slot or step (the static sampler and the engine agree token for token)."""
+  return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(rng, r), t))(rows_B, t_B)
+
+
+def sample_tokens(logits_BxV, keys_B, temperature: float, top_k: int, top_p: float):
+  """(token_B, logp_B) from last-position logits, row b drawing from keys_B[b]."""
   if temperature == 0.0:
     token_B = jnp.argmax(logits_BxV, axis=-1)
     scaled_BxV = logits_BxV
   else:
     scaled_BxV = logits_BxV / temperature
-    token_B = categorical(rng, filter_logits(scaled_BxV, top_k=top_k, top_p=top_p))
+    token_B = categorical(keys_B, filter_logits(scaled_BxV, top_k=top_k, top_p=top_p))
   logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
   return token_B.astype(jnp.int32), logp_B
 
@@ -121,7 +127,7 @@ def _grow(cache: Cache, length: int) -> Cache:
                                              "eos_id", "pad_id", "cache_buckets"))
 def generate(params, config: ModelConfig, prompt_BxP: Array, prompt_mask_BxP: Array, rng: Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, pad_id: int = 0, cache_buckets: int = 4) -> SampleResult:
+             eos_id: int | None = None, pad_id: int = 0, cache_buckets: int = 1) -> SampleResult:
   """Sample up to `max_new_tokens` after left-padded prompts (temperature 0 = greedy)."""
   model = Transformer(config)
   batch, prompt_len = prompt_BxP.shape
@@ -134,8 +140,12 @@ def generate(params, config: ModelConfig, prompt_BxP: Array, prompt_mask_BxP: Ar
   hidden_BxPxD, cache = model.apply({"params": params}, prompt_BxP, prompt_mask_BxP, cache=cache,
                                     return_hidden=True)
   logits_BxV = model.apply({"params": params}, hidden_BxPxD[:, -1], method=Transformer.unembed)
-  rng, step_rng = jax.random.split(rng)
-  token_B, logp_B = _sample(logits_BxV, step_rng, temperature, top_k, top_p)
+  rows_B = jnp.arange(batch)
+
+  def draw(logits_BxV, t):
+    return sample_tokens(logits_BxV, token_keys(rng, rows_B, jnp.full((batch,), t)), temperature, top_k, top_p)
+
+  token_B, logp_B = draw(logits_BxV, 0)
 
   tokens_BxC = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
   logps_BxC = jnp.zeros((batch, max_new_tokens), jnp.float32)
@@ -151,7 +161,7 @@ def generate(params, config: ModelConfig, prompt_BxP: Array, prompt_mask_BxP: Ar
       done_B = done_B | (token_B == eos_id)
     return done_B, tokens_BxC, logps_BxC, mask_BxC
 
-  state = (token_B, cache, rng, *record(0, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
+  state = (token_B, cache, *record(0, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
 
   # step t feeds token t (written at slot prompt_len + t) and samples token t + 1; a loop over a cache of
   # length L runs the steps t0 .. L - prompt_len - 1, counting i from 0 (t = t0 + i): a loop entered with
@@ -161,16 +171,15 @@ def generate(params, config: ModelConfig, prompt_BxP: Array, prompt_mask_BxP: Ar
     state = (state[0], _grow(state[1], length), *state[2:])
 
     def cond(carry, t0=t0, steps=length - prompt_len - t0):
-      i, (_, _, _, done_B, *_) = carry
+      i, (_, _, done_B, *_) = carry
       return (t0 + i + 1 < max_new_tokens) & (i < steps) & ~jnp.all(done_B)
 
     def body(carry, t0=t0):
-      i, (token_B, cache, rng, done_B, tokens_BxC, logps_BxC, mask_BxC) = carry
+      i, (token_B, cache, done_B, tokens_BxC, logps_BxC, mask_BxC) = carry
       logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None], ~done_B[:, None], cache=cache)
-      rng, step_rng = jax.random.split(rng)
-      token_B, logp_B = _sample(logits_Bx1xV[:, 0], step_rng, temperature, top_k, top_p)
       t = t0 + i + 1
-      return i + 1, (token_B, cache, rng, *record(t, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
+      token_B, logp_B = draw(logits_Bx1xV[:, 0], t)
+      return i + 1, (token_B, cache, *record(t, token_B, logp_B, done_B, tokens_BxC, logps_BxC, mask_BxC))
 
     state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
     t0 = length - prompt_len

@@ -145,8 +145,8 @@ def test_categorical_draws_follow_the_softmax():
   with np.errstate(divide="ignore"):  # log 0 = -inf: tokens that must never come out
     logits = np.log(np.array([[0.5, 0.25, 0.15, 0.07, 0.03, 0.0], [0.0, 0.0, 0.9, 0.0, 0.1, 0.0]], np.float32))
   n = 100_000
-  draws = jax.jit(jax.vmap(sampling.categorical, (0, None)))(jax.random.split(jax.random.key(0), n),
-                                                              jnp.asarray(logits))
+  keys = jax.random.split(jax.random.key(0), 2 * n).reshape(n, 2)  # a key per row and draw
+  draws = jax.jit(jax.vmap(sampling.categorical, (0, None)))(keys, jnp.asarray(logits))
   draws = np.asarray(draws)
   probs = np.exp(logits)
   for row in range(2):

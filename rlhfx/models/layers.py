@@ -134,6 +134,11 @@ def write_cache(layer_cache, index, k_BxTxKxH, v_BxTxKxH):
         (layer_cache[0][None], layer_cache[1][None], 0), index, k_BxTxKxH, v_BxTxKxH)
     return k_BxKxSxH, v_BxKxSxH, (k_1xBxKxSxH[0], v_1xBxKxSxH[0])
   cache_k, cache_v, layer = layer_cache
+  if jnp.ndim(index):  # a slot per row, one new token each (the continuous-batching engine)
+    rows_B = jnp.arange(k_BxTxKxH.shape[0])
+    cache_k = cache_k.at[layer, rows_B, :, index, :].set(k_BxTxKxH[:, 0].astype(cache_k.dtype))
+    cache_v = cache_v.at[layer, rows_B, :, index, :].set(v_BxTxKxH[:, 0].astype(cache_v.dtype))
+    return cache_k[layer], cache_v[layer], (cache_k, cache_v)
   at = (layer, 0, 0, index, 0)
   cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxH.swapaxes(1, 2)[None].astype(cache_k.dtype), at)
   cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxH.swapaxes(1, 2)[None].astype(cache_v.dtype), at)

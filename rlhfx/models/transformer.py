@@ -42,7 +42,7 @@ class Cache:
   k_LxBxKxSxH: Array  # heads before slots: decoding reads each head's keys contiguously
   v_LxBxKxSxH: Array
   mask_BxS: Array  # True where a slot holds a real token
-  index: Array  # int32 scalar: the next slot to write
+  index: Array  # int32: the next slot to write, a scalar, or one per row ([B]: the continuous-batching engine)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> Cache:
@@ -174,13 +174,15 @@ _REMAT_POLICIES = {
 }
 
 
-def attention_mask(query_slots_T, kv_mask_BxS, sliding_window: int | None):
-  """[B, T, S] bool: key slot filled, not after the query slot, and inside the window."""
-  key_slots_S = jnp.arange(kv_mask_BxS.shape[1])
-  allowed_TxS = key_slots_S[None, :] <= query_slots_T[:, None]
+def attention_mask(query_slots, kv_mask_BxS, sliding_window: int | None):
+  """[B, T, S] bool: key slot filled, not after the query slot, and inside the window; the query slots are
+  [T] (every row alike) or [B, T] (a slot per row)."""
+  key_slots_1x1xS = jnp.arange(kv_mask_BxS.shape[1])[None, None, :]
+  query_Bx1xT = query_slots[None] if query_slots.ndim == 1 else query_slots
+  allowed_BxTxS = key_slots_1x1xS <= query_Bx1xT[:, :, None]
   if sliding_window is not None:
-    allowed_TxS &= key_slots_S[None, :] > query_slots_T[:, None] - sliding_window
-  return kv_mask_BxS[:, None, :] & allowed_TxS[None]
+    allowed_BxTxS &= key_slots_1x1xS > query_Bx1xT[:, :, None] - sliding_window
+  return kv_mask_BxS[:, None, :] & allowed_BxTxS
 
 
 class Transformer(nn.Module):
@@ -240,11 +242,15 @@ class Transformer(nn.Module):
       kv_mask_BxS, seen_B = mask_BxT, jnp.zeros((batch,), jnp.int32)
     else:
       index = cache.index
-      kv_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, index))
+      if index.ndim:  # a write slot per row
+        kv_mask_BxS = jax.vmap(lambda m_S, new_T, i: jax.lax.dynamic_update_slice(m_S, new_T, (i,)))(
+            cache.mask_BxS, mask_BxT, index)
+      else:
+        kv_mask_BxS = jax.lax.dynamic_update_slice(cache.mask_BxS, mask_BxT, (0, index))
       seen_B = cache.mask_BxS.sum(-1, dtype=jnp.int32)
     if positions_BxT is None:
       positions_BxT = jnp.maximum(seen_B[:, None] + jnp.cumsum(mask_BxT, -1, dtype=jnp.int32) - 1, 0)
-    slots_T = index + jnp.arange(length)
+    slots_T = index[..., None] + jnp.arange(length)  # [T], or [B, T] with a slot per row
     sliding = [cfg.is_sliding(i) for i in range(cfg.n_layers)]
     masks = [attention_mask(slots_T, kv_mask_BxS, None) if not all(sliding) else None,  # full attention's and
              attention_mask(slots_T, kv_mask_BxS, cfg.sliding_window) if any(sliding) else None]  # the window's
