@@ -7,7 +7,9 @@
 Each prompt is prefilled once; a row admitted to a slot gets its prompt's keys and values
 copied into the slot and samples its first token from the prompt's last logits. Every
 step decodes one token in every busy slot; a row that emits EOS or reaches C tokens frees
-its slot, and the next waiting row takes it. The program ends when every row is done.
+its slot, and the next waiting row takes it. When no row waits and at most half the slots
+are busy, the busy ones move into a batch half as wide (`STAGES` widths: S, S/2, S/4, S/8),
+so a step costs what the rows still running cost. The program ends when every row is done.
 With completions of varied length the slots stay busy, where the static sampler
 (`rlhfx.sampling.generate`) keeps every row's place until the longest one ends.
 
@@ -28,6 +30,16 @@ from rlhfx.models.transformer import Cache, Transformer, init_cache
 from rlhfx.sampling import SampleResult, sample_tokens, token_keys
 
 Array = jax.Array
+STAGES = 4  # slot-batch widths S, S/2, ..., S / 2**(STAGES - 1): each a loop of its own in the program
+
+
+def _narrow(state, width: int):
+  """The state with its busy slots (at most `width`) moved, in order, into a batch of `width` slots."""
+  cache, row_S, t_S, token_S, next_row, out = state
+  keep_W = jnp.argsort(row_S < 0, stable=True)[:width]  # busy slots first
+  cache = Cache(k_LxBxKxSxH=cache.k_LxBxKxSxH[:, keep_W], v_LxBxKxSxH=cache.v_LxBxKxSxH[:, keep_W],
+                mask_BxS=cache.mask_BxS[keep_W], index=cache.index[keep_W])
+  return cache, row_S[keep_W], t_S[keep_W], token_S[keep_W], next_row, out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "group_size", "slots", "max_new_tokens", "temperature",
@@ -65,6 +77,7 @@ def generate(params, config: ModelConfig, prompt_NxP: Array, prompt_mask_NxP: Ar
   def admit(state):
     """Free slots take the next waiting rows: prompt keys/values copied in, the first token drawn."""
     cache, row_S, t_S, token_S, next_row, out = state
+    s = row_S.shape[0]
     free_S = row_S < 0
     new_row_S = next_row + jnp.cumsum(free_S) - 1
     take_S = free_S & (new_row_S < rows)
@@ -109,6 +122,14 @@ def generate(params, config: ModelConfig, prompt_NxP: Array, prompt_mask_NxP: Ar
   out = (jnp.full((rows, c), pad_id, jnp.int32), jnp.zeros((rows, c), jnp.float32), jnp.zeros((rows, c), bool))
   state = admit_while_free((cache, jnp.full((s,), -1, jnp.int32), jnp.zeros((s,), jnp.int32),
                             jnp.zeros((s,), jnp.int32), jnp.int32(0), out))
-  state = jax.lax.while_loop(lambda st: jnp.any(st[1] >= 0) | (st[4] < rows), step, state)
+  widths = [w for w in (s >> k for k in range(STAGES)) if w >= 1]
+  for width, narrower in zip(widths, widths[1:] + [0]):
+    def running(st, narrower=narrower):
+      busy = jnp.sum(st[1] >= 0)
+      unfinished = (busy > 0) | (st[4] < rows)
+      return unfinished & ((st[4] < rows) | (busy > narrower))  # a narrower stage takes over the drained tail
+    state = jax.lax.while_loop(running, step, state)
+    if narrower:
+      state = _narrow(state, narrower)
   tokens_BxC, logps_BxC, mask_BxC = state[5]
   return SampleResult(tokens_BxC=tokens_BxC, mask_BxC=mask_BxC, logps_BxC=logps_BxC)
