@@ -136,11 +136,16 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.rollout.top_k = 0  # 0 = no top-k filter
     c.rollout.top_p = 1.0  # 1 = no nucleus filter
     c.rollout.group_size = 1 if algorithm == "ppo" else 8  # completions sampled per prompt
-    c.rollout.cache_buckets = 4  # decode loops, each over a KV cache just long enough for its steps (at most one
-    #                              per 128 new tokens; 1: one loop over the whole cache)
+    c.rollout.sampler = "engine"  # engine (continuous batching: prompts prefilled once, a finished row's slot
+    #                              taken by the next, the drained tail in narrower batches) | static (every row
+    #                              keeps its place until the longest ends); both sample the same tokens
+    c.rollout.slots = 0  # the engine's slots (0: one per row)
+    c.rollout.cache_buckets = 4  # the static sampler's decode loops, each over a KV cache just long enough
+    #                              for its steps (at most one per 128 new tokens; 1: one loop)
     c.rollout.mesh = "auto"  # sampling layout: tensor=<k> (groups of k chips, rows over the groups, the policy
     #                          resharded each iteration), auto (the largest k <= 8 dividing the devices and
-    #                          key/value heads) or training (sample in the training layout, no reshard)
+    #                          key/value heads that leaves each chip >= 256 MiB of weights; 1 for a small
+    #                          model) or training (sample in the training layout, no reshard)
     c.scoring = ml_collections.ConfigDict()
     c.scoring.model = ""  # reward run workdir / reward_model folder / HF *ForSequenceClassification dir or hub id
     c.scoring.functions = ()  # reward functions (rlhfx.reward_functions): math_answer, think_format, regex:<pattern>,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from rlhfx.models.config import ModelConfig
 from rlhfx.models.transformer import Cache, Transformer, init_cache
 from rlhfx.sampling import SampleResult, sample_tokens, token_keys
+from rlhfx.sharding import constrain
 
 Array = jax.Array
 STAGES = 4  # slot-batch widths S, S/2, ..., S / 2**(STAGES - 1): each a loop of its own in the program
@@ -64,11 +65,15 @@ def generate(params, config: ModelConfig, prompt_NxP: Array, prompt_mask_NxP: Ar
     return sample_tokens(logits_SxV, token_keys(rng, jnp.maximum(row_S, 0), t_S), temperature, top_k, top_p)
 
   def record(out, row_S, t_S, token_S, logp_S, write_S):
-    """Write each slot's token at (its row, t) where `write_S` (elsewhere: an index past the end, dropped)."""
+    """Write each slot's token at (its row, t) where `write_S` (elsewhere: an index past the end, dropped).
+    The outputs and the slots' few numbers are kept whole on every device (under a mesh): a step then moves
+    S tokens between devices, not the outputs."""
     tokens_BxC, logps_BxC, mask_BxC = out
+    row_S, t_S, token_S, logp_S, write_S = (constrain(x, (None,)) for x in (row_S, t_S, token_S, logp_S, write_S))
     at = (jnp.where(write_S, row_S, rows), t_S)
-    return (tokens_BxC.at[at].set(token_S, mode="drop"), logps_BxC.at[at].set(logp_S, mode="drop"),
-            mask_BxC.at[at].set(True, mode="drop"))
+    return tuple(constrain(x, (None, None)) for x in (
+        tokens_BxC.at[at].set(token_S, mode="drop"), logps_BxC.at[at].set(logp_S, mode="drop"),
+        mask_BxC.at[at].set(True, mode="drop")))
 
   def ends(token_S, t_S):
     stop_S = t_S >= c - 1
@@ -120,8 +125,9 @@ def generate(params, config: ModelConfig, prompt_NxP: Array, prompt_mask_NxP: Ar
   cache = Cache(k_LxBxKxSxH=cache.k_LxBxKxSxH, v_LxBxKxSxH=cache.v_LxBxKxSxH, mask_BxS=cache.mask_BxS,
                 index=jnp.full((s,), p, jnp.int32))
   out = (jnp.full((rows, c), pad_id, jnp.int32), jnp.zeros((rows, c), jnp.float32), jnp.zeros((rows, c), bool))
-  state = admit_while_free((cache, jnp.full((s,), -1, jnp.int32), jnp.zeros((s,), jnp.int32),
-                            jnp.zeros((s,), jnp.int32), jnp.int32(0), out))
+  # every slot takes a row (one that ends at its first token leaves its slot to the first step's admission)
+  state = admit((cache, jnp.full((s,), -1, jnp.int32), jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32),
+                 jnp.int32(0), out))
   widths = [w for w in (s >> k for k in range(STAGES)) if w >= 1]
   for width, narrower in zip(widths, widths[1:] + [0]):
     def running(st, narrower=narrower):

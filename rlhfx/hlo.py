@@ -18,10 +18,15 @@ figures:
   reduce-scatter's operand, twice an all-reduce's buffer (reduce-scatter + all-gather),
   an all-to-all's or collective-permute's result.
 
-A loop's trip count is read from its condition (`i < N`, `i + c < N`, counting from 0); a
+A loop's trip count is read from its condition (`i < N`, `i + c < N`, counting from 0 by the
+step its body adds, which must be a constant); a
 loop that may also end early (a decode loop that stops when every row has emitted EOS) is
-counted at that limit, and its bodies are marked `decode`; a loop whose count the condition
-does not give at all takes `unknown_trips` from the caller.
+counted at that limit, and its bodies are marked `decode`. A loop whose count the condition
+does not give at all (the continuous-batching engine's, `rlhfx.engine`) is counted as a
+batch of uniform-length rows runs it: the first such loop of a computation (the full-width
+stage) `unknown_trips` times, as the caller says, the ones after it (narrower stages, which
+such a batch never enters) and one inside such a loop (admission, which such a batch with a
+slot per row never needs after the start) not at all.
 """
 
 from __future__ import annotations
@@ -83,8 +88,8 @@ class Computation:
   entry: bool = False
 
   @property
-  def root(self) -> Instruction:
-    return next(i for i in self.instructions.values() if i.root)
+  def root(self) -> Instruction | None:
+    return next((i for i in self.instructions.values() if i.root), None)
 
 
 def parse(text: str) -> dict[str, Computation]:
@@ -97,7 +102,7 @@ def parse(text: str) -> dict[str, Computation]:
       if m:
         current = Computation(m.group(1), {}, entry=line.startswith("ENTRY"))
       continue
-    if line.startswith("}"):
+    if line.rstrip() == "}":  # (a kernel's multi-line backend config may start a line with "}}")
       out[current.name] = current
       current = None
       continue
@@ -117,7 +122,41 @@ def parse(text: str) -> dict[str, Computation]:
   return out
 
 
-def trip_count(condition: Computation) -> tuple[int, bool] | None:
+def _step(body: Computation | None, index: int) -> int | None:
+  """c when the loop body's tuple element `index` is that element plus a constant c > 0 (through copies and
+  bitcasts, or in a fusion named after its add: c = 1); None when it is not a counter."""
+  if body is None:
+    return 1
+  root = body.root
+  if root is None or root.op != "tuple" or index >= len(root.operands):
+    return None
+  ins = body.instructions
+
+  def through(name):
+    x = ins.get(name)
+    while x is not None and x.op in ("copy", "bitcast", "convert") and x.operands:
+      x = ins.get(x.operands[0])
+    return x
+
+  def is_element(name):
+    x = through(name)
+    return x is not None and x.op == "get-tuple-element" and re.search(rf"index={index}\b", x.attributes)
+
+  def value(name):
+    x = through(name)
+    return int(x.args) if x is not None and x.op == "constant" and re.fullmatch(r"\s*\d+\s*", x.args) else None
+
+  new = through(root.operands[index])
+  if new is not None and new.op == "add" and len(new.operands) == 2:
+    a, b = new.operands
+    step = value(b) if is_element(a) else value(a) if is_element(b) else None
+    return step if step else None
+  if new is not None and new.op == "fusion" and "add" in new.name and any(is_element(o) for o in new.operands):
+    return 1
+  return None
+
+
+def trip_count(condition: Computation, body: Computation | None = None) -> tuple[int, bool] | None:
   """(N, exact) of a loop whose condition is `i < N` or `i + c < N` on a counter from 0 (exact: nothing else
   ends it; otherwise N is its limit, as a decode loop's that stops at EOS, the smallest of several); None when
   it is neither."""
@@ -140,7 +179,12 @@ def trip_count(condition: Computation) -> tuple[int, bool] | None:
     offset = 0
     if lhs is not None and lhs.op == "add" and len(lhs.operands) == 2:
       offset = next((c for c in map(constant, lhs.operands) if c is not None), 0)
-    found.append((max(bound - offset, 0), condition.root is i))
+      lhs = next((ins[o] for o in lhs.operands if o in ins and ins[o].op != "constant"), None)
+    m = re.search(r"index=(\d+)", lhs.attributes) if lhs is not None and lhs.op == "get-tuple-element" else None
+    step = _step(body, int(m.group(1))) if m else None
+    if step is None:
+      continue  # not a counter of the loop's steps (a bound on something else)
+    found.append((max(-(-(bound - offset) // step), 0), condition.root is i))
   return min(found) if found else None  # several limits (a decode loop's bucket and its length): the first met
 
 
@@ -367,6 +411,7 @@ def program_cost(text: str, unknown_trips: int = 1) -> ProgramCost:
     shape_of = _Shapes(c)
     hbm = 0.0
     coll: dict[str, dict[str, float]] = {}
+    first_unknown = True
     for i in c.instructions.values():
       base = i.op[:-len("-start")] if i.op.endswith("-start") else i.op
       if base in COLLECTIVES:
@@ -375,11 +420,12 @@ def program_cost(text: str, unknown_trips: int = 1) -> ProgramCost:
         o["bytes"] += _collective_bytes(i, base, shape_of)
       elif i.op == "while":
         condition = computations.get((i.called("condition") or [""])[0])
-        found = trip_count(condition) if condition else None
+        found = trip_count(condition, computations.get((i.called("body") or [""])[0])) if condition else None
         inner = decode or found is None or not found[1]  # a loop that may end early: a decode loop
-        if found is None:
+        if found is None:  # the engine's loops: see the module docstring
           unknown += 1
-          n = unknown_trips
+          n = unknown_trips if first_unknown and not decode else 0
+          first_unknown = False
         else:
           n = found[0]
         for name in i.called("body"):

@@ -188,7 +188,10 @@ def _sampling_layout_that_fits(config, model_config, runtime, chip, plans, items
     return None
   from rlhfx import sampling_layout
 
-  k = sampling_layout.tensor_size(config.rollout.mesh, runtime.mesh, model_config.num_kv_heads)
+  from rlhfx.models import Transformer
+
+  k = sampling_layout.tensor_size(config.rollout.mesh, runtime.mesh, model_config.num_kv_heads,
+                                  sampling_layout.weight_bytes(Transformer(model_config)))
   for larger in (t for t in range(k + 1, runtime.mesh.size + 1)
                  if runtime.mesh.size % t == 0 and model_config.num_kv_heads % t == 0):
     trial = copy.deepcopy(config)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import reward_functions, sampling, sampling_layout
+from rlhfx import engine, reward_functions, sampling, sampling_layout
 from rlhfx.logprobs import target_logps
 from rlhfx.models import ModelConfig, Transformer, lora
 from rlhfx.models.heads import ScoreModel
@@ -71,6 +71,8 @@ class SamplingSettings:
   eos_id: int | None = None
   pad_id: int = 0
   cache_buckets: int = 4  # decode loops over growing KV caches (rlhfx.sampling)
+  sampler: str = "engine"  # engine (rlhfx.engine: continuous batching, prompts prefilled once) | static
+  slots: int = 0  # the engine's slots (0: one per row)
 
   @classmethod
   def from_config(cls, config, model_config: ModelConfig, tokenizer, **overrides) -> "SamplingSettings":
@@ -78,17 +80,24 @@ class SamplingSettings:
     fields = dict(model_config=model_config, max_new_tokens=r.max_new_tokens, group_size=r.group_size,
                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_id=tokenizer.eos_token_id,
                   pad_id=tokenizer.pad_token_id or 0,
-                  cache_buckets=max(1, min(r.cache_buckets, r.max_new_tokens // MIN_BUCKET_STEPS)))
+                  cache_buckets=max(1, min(r.cache_buckets, r.max_new_tokens // MIN_BUCKET_STEPS)),
+                  sampler=r.sampler, slots=r.slots)
     return cls(**{**fields, **overrides})
 
 
 def rollout(policy_params, batch: dict[str, Array], rng: Array, s: SamplingSettings) -> Rollout:
-  """Sample `s.group_size` completions of every prompt (rows of one prompt are consecutive)."""
+  """Sample `s.group_size` completions of every prompt (rows of one prompt are consecutive). Both samplers
+  draw row r's tokens from row r's own stream: the same completions."""
   prompt_BxP = jnp.repeat(batch["prompt_BxP"], s.group_size, axis=0)
   prompt_mask_BxP = jnp.repeat(batch["prompt_mask_BxP"], s.group_size, axis=0)
-  out = sampling.generate(policy_params, s.model_config, prompt_BxP, prompt_mask_BxP, rng,
-                          max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          eos_id=s.eos_id, pad_id=s.pad_id, cache_buckets=s.cache_buckets)
+  common = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                eos_id=s.eos_id, pad_id=s.pad_id)
+  if s.sampler == "engine":
+    out = engine.generate(policy_params, s.model_config, batch["prompt_BxP"], batch["prompt_mask_BxP"], rng,
+                          group_size=s.group_size, slots=s.slots or prompt_BxP.shape[0], **common)
+  else:
+    out = sampling.generate(policy_params, s.model_config, prompt_BxP, prompt_mask_BxP, rng,
+                            cache_buckets=s.cache_buckets, **common)
   return Rollout(prompt_BxP=prompt_BxP, prompt_mask_BxP=prompt_mask_BxP, tokens_BxC=out.tokens_BxC,
                  mask_BxC=out.mask_BxC, sample_logps_BxC=out.logps_BxC)
 

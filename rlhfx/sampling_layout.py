@@ -7,7 +7,8 @@ own over the same devices, in the same order: groups of `k` neighbouring chips, 
 holding the policy (LoRA merged, floating leaves in the compute dtype) split k ways over
 heads and MLP width, the rollout rows split over the groups.
 
-  config.rollout.mesh = "auto"       # k = the largest of 8, 4, 2, 1 dividing the devices and key/value heads
+  config.rollout.mesh = "auto"       # the largest k <= 8 dividing the devices and key/value heads that leaves
+                                     # each chip 256 MiB of weights or more (1 for a small model)
   config.rollout.mesh = "tensor=4"   # groups of 4 chips
   config.rollout.mesh = "training"   # sample in the training layout (no reshard)
 
@@ -48,19 +49,22 @@ class Layout:
 
 
 AUTO_LIMIT = 8  # auto's largest group: one host's chips on most TPU and GPU machines
+AUTO_MIN_SHARE = 256 * 2**20  # auto splits no further than this many bytes of weights per chip
 
 
-def tensor_size(spec: str, training: Mesh, num_kv_heads: int) -> int | None:
+def tensor_size(spec: str, training: Mesh, num_kv_heads: int, weight_bytes: int = 0) -> int | None:
   """k of a `config.rollout.mesh` value on the training mesh; None: sample in the training layout.
 
-  auto takes the largest k up to 8 that divides the devices and the key/value heads: decoding reads every
-  weight a chip holds once per token, so a chip's share (1/k of the policy) sets the time per token, and the
-  groups' all-reduces of one token's activations are small."""
+  auto takes the largest k up to 8 that divides the devices and the key/value heads and leaves each chip at
+  least 256 MiB of the policy's `weight_bytes`: decoding reads every weight a chip holds once per token, so a
+  chip's share sets the time per token; below that share (a fraction of a millisecond of HBM time) the
+  groups' per-layer all-reduces cost more than the reads they save."""
   spec = (spec or "auto").strip()
   if spec == "training":
     return None
   if spec == "auto":
-    return max(k for k in range(1, AUTO_LIMIT + 1) if training.size % k == 0 and num_kv_heads % k == 0)
+    return max(k for k in range(1, AUTO_LIMIT + 1) if training.size % k == 0 and num_kv_heads % k == 0
+               and (k == 1 or weight_bytes / k >= AUTO_MIN_SHARE))
   m = re.fullmatch(r"tensor\s*=\s*(\d+)", spec)
   if not m or int(m.group(1)) < 1:
     raise ConfigError(f"config.rollout.mesh={spec!r}: expected one of {CHOICES}")
@@ -79,6 +83,13 @@ def check(spec: str, training: Mesh, num_kv_heads: int) -> None:
                       f"key/value heads; use a divisor of {num_kv_heads}")
 
 
+def weight_bytes(module) -> int:
+  """Bytes of the policy's parameters in the compute dtype (what a decode step reads)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros((1, 4), jax.numpy.int32)))
+  itemsize = np.dtype(module.config.jnp_dtype).itemsize
+  return sum(int(np.prod(x.shape)) * itemsize for x in jax.tree.leaves(sharding.unbox(shapes["params"])))
+
+
 def mesh_for(training: Mesh, tensor: int) -> Mesh:
   """data x fsdp x tensor = (n / k) x 1 x k over the training mesh's devices in their order: a group is k
   consecutive devices of the training mesh, whose last axis is its tensor axis (neighbours on the torus)."""
@@ -90,7 +101,7 @@ def mesh_for(training: Mesh, tensor: int) -> Mesh:
 def make(config, module, runtime) -> Layout | None:
   """The sampling layout of `config.rollout.mesh` for the policy `module` (None: the training layout)."""
   check(config.rollout.mesh, runtime.mesh, module.config.num_kv_heads)
-  k = tensor_size(config.rollout.mesh, runtime.mesh, module.config.num_kv_heads)
+  k = tensor_size(config.rollout.mesh, runtime.mesh, module.config.num_kv_heads, weight_bytes(module))
   if k is None:
     return None
   mesh = mesh_for(runtime.mesh, k)

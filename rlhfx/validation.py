@@ -27,7 +27,7 @@ CHOICES: dict[str, tuple] = {
     "data.prompt_side": ("keep_end", "keep_start"), "data.on_overlong": ("truncate", "skip", "error"),
     "optim.schedule": ("cosine", "constant"), "train.resume": ("check", "new_config"),
     "dpo.loss": tuple(preference.LOSSES), "dpo.reference": ("frozen", "precomputed", "lora_base"),
-    "ppo.kl_estimator": policy.KL_ESTIMATORS, "ppo.kl_in": ("reward", "loss"), "ppo.kl_penalty": ("token", "sequence"),
+    "rollout.sampler": ("engine", "static"), "ppo.kl_estimator": policy.KL_ESTIMATORS, "ppo.kl_in": ("reward", "loss"), "ppo.kl_penalty": ("token", "sequence"),
     "ppo.aggregation": policy.AGGREGATIONS,
     "ppo.value_model": ("separate", "policy_head"), "logging.wandb.mode": ("online", "offline", "disabled"),
     "grpo.advantage": policy.ADVANTAGES, "grpo.aggregation": policy.AGGREGATIONS,

@@ -108,16 +108,16 @@ def test_tiny_rollout_on_v5e_16_moves_a_tenth_of_the_training_layouts_bytes_per_
 
 @pytest.mark.slow
 def test_a_layout_that_does_not_fit_names_one_that_does():
-  """Llama-3.2-3B GRPO on v5e-4 as fsdp=4: the rollout replicated per chip (auto: tensor=1) beside the training
-  state exceeds 15.75 GiB; tensor=2 fits."""
+  """Llama-3.2-3B GRPO on v5e-4 as fsdp=4: the rollout replicated per chip (tensor=1) beside the training state
+  exceeds 15.75 GiB; a larger tensor degree (the first that fits: 2 or 4) is named."""
   pytest.importorskip("libtpu", reason="the planner needs libtpu: pip install -e '.[test,tpu]'")
   report = _plan(("model.preset", "llama3.2-3b"), ("train.global_batch_size", 4), ("rollout.group_size", 2),
-                 ("grpo.minibatches", 1), ("mesh.shape.fsdp", 4), ("mesh.shape.tensor", 1),
+                 ("grpo.minibatches", 1), ("mesh.shape.fsdp", 4), ("mesh.shape.tensor", 1), ("rollout.mesh", "tensor=1"),
                  config="configs/grpo_llama3_8b.py", topology="v5e-4")
   rollout = next(p for p in report["programs"] if p["name"] == "rollout")
   assert not rollout["fits"] and not report["fits"]
-  assert report["rollout_mesh_that_fits"]["rollout.mesh"] == "tensor=2"
-  assert report["rollout_mesh_that_fits"]["bytes_per_chip"] <= report["hbm_bytes_per_chip"]
+  fix = report["rollout_mesh_that_fits"]
+  assert fix["rollout.mesh"] in ("tensor=2", "tensor=4") and fix["bytes_per_chip"] <= report["hbm_bytes_per_chip"]
   from rlhfx import plan
 
-  assert "--config.rollout.mesh=tensor=2 does" in plan.render(report)
+  assert f"--config.rollout.mesh={fix['rollout.mesh']} does" in plan.render(report)
