@@ -62,7 +62,7 @@ class ProgramPlan:
   collective_bytes: float = 0.0  # per chip per call, trip counts applied
   hbm_bytes: float = 0.0  # per chip per call, trip counts applied
   bound: str = ""  # what the estimate is mostly made of: compute, memory or communication
-  unknown_loops: int = 0  # loops whose trip count the program does not state (taken as decode_steps)
+  unknown_loops: int = 0  # loops whose trip count the program does not state (the engine's; see rlhfx.hlo)
   per_token_s: float | None = None  # rollouts: the estimate per decode step (one token for every row)
   tokens_per_s_per_chip: float | None = None  # rollouts: generated tokens per second per chip
   decode_collective_bytes_per_token: float | None = None  # rollouts: collectives inside the decode loop per step
@@ -250,8 +250,8 @@ def render(report: dict[str, Any]) -> str:
       lines.append(f"  Mosaic kernel calls in the program text (splash attention; a loop body once): "
                    f"{p['kernel_calls']}")
     lines.append(f"  estimate: {_seconds(p['estimate_s'])} per call, {p['bound']}-bound"
-                 + (f" ({p['unknown_loops']} loop(s) of unknown length taken at their limit)"
-                    if p["unknown_loops"] else ""))
+                 + (" (the engine's loops counted as a batch of uniform-length rows runs them: the full-width "
+                    "stage to the length limit)" if p["unknown_loops"] else ""))
     if p.get("per_token_s"):
       lines.append(f"  decode: {p['per_token_s'] * 1e3:.2f} ms per generated token "
                    f"({p['per_token_s'] / p['decode_hbm_bound_s']:.1f}x the {p['decode_hbm_bound_s'] * 1e3:.2f} ms "
@@ -259,10 +259,9 @@ def render(report: dict[str, Any]) -> str:
                    f"per chip; collectives inside the decode loop {p['decode_collective_bytes_per_token'] / GiB:.3f} "
                    f"GiB per chip per token")
   verdict = "FITS" if report["fits"] else "DOES NOT FIT"
-  if report["estimate_s"] and len(report["programs"]) > 1:
+  if report["estimate_s"] and any(p.get("per_token_s") for p in report["programs"]):
     each = ", ".join(f"{p['name']} {_seconds(p['estimate_s'])}" for p in report["programs"])
-    lines += ["", f"one {'iteration' if any(p.get('per_token_s') for p in report['programs']) else 'step'}: "
-                  f"{_seconds(report['estimate_s'])} (estimate: {each})"]
+    lines += ["", f"one iteration: {_seconds(report['estimate_s'])} (estimate: {each})"]
   fix = report.get("rollout_mesh_that_fits")
   if fix is not None:
     lines += ["", f"the rollout does not fit in its sampling layout (config.rollout.mesh={report['rollout_mesh']!r}): "

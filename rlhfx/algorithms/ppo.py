@@ -194,6 +194,19 @@ def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None =
                               seed=s.seed, sampling=s.sampling, layout=layout)
 
 
+def init_params(config, policy, scorer: rollout.Scorer, reward_params, model_config, mesh):
+  """({"policy", "value" | "value_head"}, the critic module or None) per config.ppo.value_model: a separate critic
+  starts as a copy of the reward model, or else of the policy's backbone with a zero head."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if config.ppo.value_model == "policy_head":
+    return {"policy": policy, "value_head": jax.device_put(init_value_head(model_config.d_model), replicated)}, None
+  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
+  if scorer.module is not None:
+    return {"policy": policy, "value": copy(reward_params)}, scorer.module
+  head = {"kernel": jax.device_put(jnp.zeros((model_config.d_model, 1), model_config.jnp_param_dtype), replicated)}
+  return {"policy": policy, "value": from_lm_params(copy(policy), head)}, ScoreModel(model_config)
+
+
 def train(config, workdir: str) -> dict[str, float]:
   """Train per `config` (see the module docstring); returns the final metrics."""
   runtime, model_config, data = setup.run(config, workdir)
