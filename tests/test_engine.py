@@ -48,7 +48,7 @@ def test_engine_equals_static_sampler_token_for_token(model, temperature):
   static = _static(config, params, rng, eos_id=eos, **kw)
   lengths = np.asarray(static.mask_BxC).sum(-1)
   assert len(set(lengths.tolist())) > 1, "precondition: completions of varied length"
-  for slots in (3, 5, 12):  # fewer slots than rows: rows wait, take freed slots, run in other orders
+  for slots in (3, 12):  # fewer slots than rows: rows wait, take freed slots, run in other orders
     got = _engine(config, params, rng, slots, eos_id=eos, **kw)
     np.testing.assert_array_equal(np.asarray(got.tokens_BxC), np.asarray(static.tokens_BxC), err_msg=str(slots))
     np.testing.assert_array_equal(np.asarray(got.mask_BxC), np.asarray(static.mask_BxC), err_msg=str(slots))
