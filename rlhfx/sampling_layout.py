@@ -12,6 +12,8 @@ heads and MLP width, the rollout rows split over the groups.
   config.rollout.mesh = "tensor=4"   # groups of 4 chips
   config.rollout.mesh = "training"   # sample in the training layout (no reshard)
 
+A training mesh that already is data x 1 x k (one device, pure data parallelism) samples in place.
+
 Each iteration, `reshard` moves the weights from the training layout in one compiled
 program; `sample` decodes with no per-token weight traffic and returns its rollout in the
 training layout's batch sharding, where scoring and the update read it.
@@ -102,8 +104,8 @@ def make(config, module, runtime) -> Layout | None:
   """The sampling layout of `config.rollout.mesh` for the policy `module` (None: the training layout)."""
   check(config.rollout.mesh, runtime.mesh, module.config.num_kv_heads)
   k = tensor_size(config.rollout.mesh, runtime.mesh, module.config.num_kv_heads, weight_bytes(module))
-  if k is None:
-    return None
+  if k is None or dict(runtime.mesh.shape) == {"data": runtime.mesh.size // k, "fsdp": 1, "tensor": k}:
+    return None  # the training layout (or one already data x 1 x k: no weight is gathered while decoding)
   mesh = mesh_for(runtime.mesh, k)
   params = load.param_shardings(module, sharding.Runtime(mesh=mesh, rules=runtime.rules, workdir=None))
   return Layout(mesh=mesh, rules=runtime.rules, params=params)
