@@ -71,11 +71,16 @@ def heldout_rollouts(eval_fn: Callable, score: Callable, batches: Iterable[dict]
 
 @functools.lru_cache(maxsize=8)
 def _greedy(model_config, max_new_tokens: int, eos_id: int | None, pad_id: int) -> Callable:
-  """The jitted greedy sampler of a model (one per settings: every evaluation of a run reuses its program)."""
-  from rlhfx import sampling
+  """The jitted greedy sampler of a model (one per settings: every evaluation of a run reuses its program): the
+  engine, one slot per prompt (the static sampler's tokens)."""
+  from rlhfx import engine
 
-  return jax.jit(functools.partial(sampling.generate, config=model_config, max_new_tokens=max_new_tokens,
-                                   temperature=0.0, eos_id=eos_id, pad_id=pad_id))
+  def generate(params, prompt_BxP, prompt_mask_BxP, rng):
+    return engine.generate(params, model_config, prompt_BxP, prompt_mask_BxP, rng, group_size=1,
+                           slots=prompt_BxP.shape[0], max_new_tokens=max_new_tokens, temperature=0.0,
+                           eos_id=eos_id, pad_id=pad_id)
+
+  return jax.jit(generate)
 
 
 def heldout_samples(params, model_config, source, tokenizer, *, n: int, max_new_tokens: int,
