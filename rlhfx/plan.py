@@ -2,6 +2,7 @@
 
   python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 [--config.a.b=v] [--json]
   python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 --search
+  python -m rlhfx.plan --config=configs/grpo_llama3_8b.py --topology=v5p-64 --search_rollout
 
 The programs are the ones a run executes (`rlhfx.programs`), built from ShapeDtypeStructs
 on a mesh over the slice's devices (`rlhfx.topology`) and compiled by the TPU compiler
@@ -323,6 +324,34 @@ def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> lis
   return sorted(found, key=lambda f: (f["estimate_s"], f["grad_accum_steps"], f["bytes_per_chip"]))
 
 
+def search_rollout(config, topology_name: str, *, log=print) -> list[dict[str, Any]]:
+  """PPO/GRPO: the rollout planned in each sampling layout (the training layout and every tensor degree that
+  divides the chips and key/value heads); fitting ones first, fastest first."""
+  if config.algorithm not in ("ppo", "grpo"):
+    raise ConfigError(f"--search_rollout plans PPO and GRPO rollouts; config.algorithm is {config.algorithm!r}")
+  validation.check(config)
+  chip, devices = topology.devices(topology_name)
+  runtime = runtime_for(config, devices)
+  model_config, _ = load.model_config(config, load_params=False, platform="tpu")
+  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh), runtime.mesh)
+  itemsize = np.dtype(model_config.jnp_dtype).itemsize
+  layouts = ["training"] + [f"tensor={k}" for k in _divisors(len(devices)) if model_config.num_kv_heads % k == 0]
+  found = []
+  for layout in layouts:
+    trial = copy.deepcopy(config)
+    trial.rollout.mesh, trial.train.time_phases = layout, True  # the rollout as a program of its own
+    rollout = next(p for p in programs.build(trial, model_config, runtime) if p.name == "rollout")
+    planned = plan_program(rollout, runtime, chip, model_config.remat, itemsize)
+    row = {"rollout.mesh": layout, "fits": planned.fits, "bytes_per_chip": planned.bytes_per_chip.get("total"),
+           "estimate_s": planned.estimate_s, "per_token_s": planned.per_token_s,
+           "decode_collective_bytes_per_token": planned.decode_collective_bytes_per_token}
+    log(f"  {layout}: " + (f"{row['bytes_per_chip'] / GiB:.2f} GiB per chip, " if row["bytes_per_chip"] else "")
+        + ("fits" if row["fits"] else "does not fit")
+        + (f", {row['per_token_s'] * 1e3:.3f} ms per token" if row["per_token_s"] else ""))
+    found.append(row)
+  return sorted(found, key=lambda r: (not r["fits"], r["estimate_s"] or float("inf")))
+
+
 def main(argv):
   from absl import flags
 
@@ -333,6 +362,19 @@ def main(argv):
     raise SystemExit(f"rlhfx-plan: unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   try:
+    if FLAGS.search_rollout:
+      found = search_rollout(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print)
+      if FLAGS.json:
+        print(json.dumps({"topology": FLAGS.topology, "rollout_layouts": found}, indent=2))
+      else:
+        print(f"\nsampling layouts on {FLAGS.topology}, fitting and fastest first (an estimate; the training "
+              f"layout is the one a run uses with --config.rollout.mesh=training):")
+        for r in found:
+          print(f"  --config.rollout.mesh={r['rollout.mesh']:12s} " + ("fits  " if r["fits"] else "no fit")
+                + (f"  {r['per_token_s'] * 1e3:9.3f} ms per token, rollout {_seconds(r['estimate_s'])}, "
+                   f"collectives {r['decode_collective_bytes_per_token'] / GiB:.3f} GiB per token"
+                   if r["per_token_s"] else ""))
+      return
     if FLAGS.search:
       found = search(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print)
       if FLAGS.json:
@@ -366,6 +408,8 @@ def run():
   flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5p-128, v6e-64, v4-32 or a compiler name (v5e:4x4)")
   flags.DEFINE_bool("json", False, "print one JSON object instead of tables")
   flags.DEFINE_bool("search", False, "try mesh shapes, remat policies and accumulation steps; print those that fit")
+  flags.DEFINE_bool("search_rollout", False, "PPO/GRPO: plan the rollout in every sampling layout "
+                    "(config.rollout.mesh); fitting and fastest first")
   flags.mark_flags_as_required(["config", "topology"])
   run_cli(main, "rlhfx-plan")
 

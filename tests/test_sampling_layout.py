@@ -106,6 +106,21 @@ def test_tiny_rollout_on_v5e_16_moves_a_tenth_of_the_training_layouts_bytes_per_
   assert reshard["collective_bytes"] >= 0.9 * reshard["parts_per_chip"]["sampled policy"] * 15 / 16
 
 
+def test_search_rollout_plans_every_layout_fastest_first():
+  pytest.importorskip("libtpu", reason="the planner needs libtpu: pip install -e '.[test,tpu]'")
+  from test_plan import _config
+
+  from rlhfx import plan
+
+  config = _config("configs/grpo_letters.py:tiny", **{"mesh.shape.data": 1, "mesh.shape.fsdp": -1})
+  found = plan.search_rollout(config, "v5e-4", log=lambda s: None)
+  assert sorted(r["rollout.mesh"] for r in found) == ["tensor=1", "tensor=2", "training"]  # 2 key/value heads
+  assert all(r["fits"] for r in found)
+  assert [r["estimate_s"] for r in found] == sorted(r["estimate_s"] for r in found)
+  by = {r["rollout.mesh"]: r for r in found}
+  assert by["tensor=1"]["decode_collective_bytes_per_token"] < by["training"]["decode_collective_bytes_per_token"]
+
+
 @pytest.mark.slow
 def test_a_layout_that_does_not_fit_names_one_that_does():
   """Llama-3.2-3B GRPO on v5e-4 as fsdp=4: the rollout replicated per chip (tensor=1) beside the training state
