@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 import sys
 import time
 from typing import Any
@@ -266,7 +265,8 @@ def render(report: dict[str, Any]) -> str:
   fix = report.get("rollout_mesh_that_fits")
   if fix is not None:
     lines += ["", f"the rollout does not fit in its sampling layout (config.rollout.mesh={report['rollout_mesh']!r}): "
-                  + (f"--config.rollout.mesh={fix['rollout.mesh']} does ({fix['bytes_per_chip'] / GiB:.2f} GiB per chip)"
+                  + (f"--config.rollout.mesh={fix['rollout.mesh']} does "
+                     f"({fix['bytes_per_chip'] / GiB:.2f} GiB per chip)"
                      if fix else "no tensor degree that divides the chips and key/value heads does")]
   lines += ["", f"{verdict} on {report['topology']}"]
   return "\n".join(lines)

@@ -36,7 +36,8 @@ CONFIG, INPUTS, LOCK = "config.json", "inputs.json", ".lock"
 # Fields that do not change what a run computes: cadence, placement, process layout, memory knobs.
 IGNORED = re.compile(r"^(train\.(log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints|"
                      r"async_checkpoints|export_hf|log_samples_every|eval_samples|eval_sample_tokens|time_phases|resume)|data\.read_threads|"
-                     r"mesh\..*|rollout\.(mesh|cache_buckets|sampler|slots)|distributed\..*|logging\..*|model\.(remat|lm_head_chunk))$")
+                     r"mesh\..*|rollout\.(mesh|cache_buckets|sampler|slots)|distributed\..*|logging\..*|"
+                     r"model\.(remat|lm_head_chunk))$")
 # Fields the built dataset (<workdir>/data) depends on: a change rebuilds it.
 BUILD_FIELDS = ("data.builtin", "data.train_files", "data.input_format", "data.eval_fraction", "data.on_error", "seed")
 _held: dict[Path, int] = {}  # workdir -> lock file descriptor, held until the process exits

@@ -15,7 +15,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab", "128"]

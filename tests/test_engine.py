@@ -1,7 +1,6 @@
 """The continuous-batching engine equals the static sampler token for token, whatever the slot count."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -127,7 +127,8 @@ def test_a_layout_that_does_not_fit_names_one_that_does():
   exceeds 15.75 GiB; a larger tensor degree (the first that fits: 2 or 4) is named."""
   pytest.importorskip("libtpu", reason="the planner needs libtpu: pip install -e '.[test,tpu]'")
   report = _plan(("model.preset", "llama3.2-3b"), ("train.global_batch_size", 4), ("rollout.group_size", 2),
-                 ("grpo.minibatches", 1), ("mesh.shape.fsdp", 4), ("mesh.shape.tensor", 1), ("rollout.mesh", "tensor=1"),
+                 ("grpo.minibatches", 1), ("mesh.shape.fsdp", 4), ("mesh.shape.tensor", 1),
+                 ("rollout.mesh", "tensor=1"),
                  config="configs/grpo_llama3_8b.py", topology="v5e-4")
   rollout = next(p for p in report["programs"] if p["name"] == "rollout")
   assert not rollout["fits"] and not report["fits"]
