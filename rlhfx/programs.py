@@ -240,7 +240,7 @@ def _sampling_programs(programs, layout, state, batch, trained, sample_flops, kv
                          jax.eval_shape(programs.reshard, state), layout.params)
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(layout.mesh,
                                                                                  jax.sharding.PartitionSpec()))
-  prompts = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=layout.batch(v.ndim)) for k, v in batch.items()}
+  prompts = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=layout.batch(v.shape)) for k, v in batch.items()}
   return [Program("reshard", programs.reshard, (state,), {"parameters: policy": trained, "sampled policy": sampled},
                   0.0, trains=False),
           Program("rollout", programs.sample, (sampled, prompts, step), {"sampled policy": sampled, "batch": prompts},

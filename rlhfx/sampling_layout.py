@@ -46,8 +46,11 @@ class Layout:
   def tensor(self) -> int:
     return self.mesh.shape["tensor"]
 
-  def batch(self, ndim: int) -> NamedSharding:
-    return sharding.batch_sharding(self.mesh, ndim)
+  def batch(self, shape) -> NamedSharding:
+    """Rows over the groups when they divide among them, else on every device (a few prompts, many groups)."""
+    if shape[0] % self.mesh.shape["data"]:
+      return NamedSharding(self.mesh, P())
+    return sharding.batch_sharding(self.mesh, len(shape))
 
 
 AUTO_LIMIT = 8  # auto's largest group: one host's chips on most TPU and GPU machines
@@ -124,15 +127,16 @@ def reshard_program(layout: Layout, policy: Callable, compute_dtype) -> Callable
 
 
 def sample_program(layout: Layout, sample: Callable, training: Mesh) -> Callable:
-  """jit((params, batch, step) -> rollout) in `layout` (its arguments there: `inputs`; trace and call it under
-  `active(layout)`); the rollout (every leaf [rows, ...] 2-D) comes back split like a training batch."""
-  return jax.jit(sample, in_shardings=(layout.params, layout.batch(2), NamedSharding(layout.mesh, P())),
+  """jit((params, batch, step) -> rollout) in `layout` (its arguments put there by `inputs`, the prompts as
+  `Layout.batch` splits them; trace and call it under `active(layout)`); the rollout (every leaf [rows, ...] 2-D)
+  comes back split like a training batch."""
+  return jax.jit(sample, in_shardings=(layout.params, None, NamedSharding(layout.mesh, P())),
                  out_shardings=sharding.batch_sharding(training, 2))
 
 
 def inputs(layout: Layout, batch: dict, step):
   """(batch, step) moved from the training layout to `layout` (the rows over its groups, the step everywhere)."""
-  return (jax.device_put(batch, {k: layout.batch(v.ndim) for k, v in batch.items()}),
+  return (jax.device_put(batch, {k: layout.batch(v.shape) for k, v in batch.items()}),
           jax.device_put(step, NamedSharding(layout.mesh, P())))
 
 

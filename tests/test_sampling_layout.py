@@ -68,6 +68,17 @@ def test_tensor_layout_samples_the_training_layouts_tokens(tmp_path):
   assert sampled["layer_0/mlp/up_proj/kernel"]["device_bytes"] * 2 == sampled["layer_0/mlp/up_proj/kernel"]["bytes"]
 
 
+def test_fewer_prompts_than_sampling_groups_go_to_every_group(tmp_path):
+  """4 prompts, 8 groups of one device (tensor=1): the prompts cannot split over the groups and are put on every
+  device; the completions are the training layout's."""
+  few = [*MESH, *SHORT, "--config.train.global_batch_size=4"]
+  for layout in ("training", "tensor=1"):
+    proc = _cli(tmp_path / layout, *few, f"--config.rollout.mesh={layout}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert json.loads((tmp_path / "tensor=1" / "placement.json").read_text())["sampling"]["mesh"]["data"] == 8
+  assert _rows(tmp_path / "training", "samples.jsonl") == _rows(tmp_path / "tensor=1", "samples.jsonl")
+
+
 @pytest.mark.parametrize("value, says", [
     ("tensor=3", "tensor=3 does not divide the 8 devices"),
     ("tensor=4", "does not divide the model's 2 key/value heads"),
