@@ -344,9 +344,9 @@ def search_rollout(config, topology_name: str, *, log=print) -> list[dict[str, A
     planned = plan_program(rollout, runtime, chip, model_config.remat, itemsize)
     row = {"rollout.mesh": layout, "fits": planned.fits, "bytes_per_chip": planned.bytes_per_chip.get("total"),
            "estimate_s": planned.estimate_s, "per_token_s": planned.per_token_s,
-           "decode_collective_bytes_per_token": planned.decode_collective_bytes_per_token}
+           "decode_collective_bytes_per_token": planned.decode_collective_bytes_per_token, "error": planned.error}
     log(f"  {layout}: " + (f"{row['bytes_per_chip'] / GiB:.2f} GiB per chip, " if row["bytes_per_chip"] else "")
-        + ("fits" if row["fits"] else "does not fit")
+        + ("fits" if row["fits"] else f"does not fit{': ' + planned.error if planned.error else ''}")
         + (f", {row['per_token_s'] * 1e3:.3f} ms per token" if row["per_token_s"] else ""))
     found.append(row)
   return sorted(found, key=lambda r: (not r["fits"], r["estimate_s"] or float("inf")))
@@ -371,6 +371,7 @@ def main(argv):
               f"layout is the one a run uses with --config.rollout.mesh=training):")
         for r in found:
           print(f"  --config.rollout.mesh={r['rollout.mesh']:12s} " + ("fits  " if r["fits"] else "no fit")
+                + (f"  {r['error']}" if r["error"] else "")
                 + (f"  {r['per_token_s'] * 1e3:9.3f} ms per token, rollout {_seconds(r['estimate_s'])}, "
                    f"collectives {r['decode_collective_bytes_per_token'] / GiB:.3f} GiB per token"
                    if r["per_token_s"] else ""))
