@@ -260,19 +260,21 @@ class ProgramCost:
         o["bytes"] += b.trips * v["bytes"]
     return out
 
+  def _times(self, peak_flops, hbm_bandwidth, ici_bandwidth, flops_scale):
+    """Per body: runs x (compute, memory, communication) seconds."""
+    return [(b.trips * flops_scale * b.flops / peak_flops, b.trips * b.hbm_bytes / hbm_bandwidth,
+             b.trips * b.collective_bytes / ici_bandwidth) for b in self.bodies]
+
   def seconds(self, peak_flops: float, hbm_bandwidth: float, ici_bandwidth: float,
               flops_scale: float = 1.0) -> float:
     """Per body the largest of FLOPs at peak, HBM bytes at the chip's bandwidth and collective bytes at the
     interconnect's, times its runs: a lower bound that sees communication and loops."""
-    return sum(b.trips * max(flops_scale * b.flops / peak_flops, b.hbm_bytes / hbm_bandwidth,
-                             b.collective_bytes / ici_bandwidth) for b in self.bodies)
+    return sum(max(t) for t in self._times(peak_flops, hbm_bandwidth, ici_bandwidth, flops_scale))
 
   def bound(self, peak_flops: float, hbm_bandwidth: float, ici_bandwidth: float, flops_scale: float = 1.0) -> str:
     """Which of the three dominates the estimate: compute, memory or communication."""
-    totals = {"compute": sum(b.trips * flops_scale * b.flops / peak_flops for b in self.bodies),
-              "memory": sum(b.trips * b.hbm_bytes / hbm_bandwidth for b in self.bodies),
-              "communication": sum(b.trips * b.collective_bytes / ici_bandwidth for b in self.bodies)}
-    return max(totals, key=totals.get)
+    totals = [sum(parts) for parts in zip(*self._times(peak_flops, hbm_bandwidth, ici_bandwidth, flops_scale))]
+    return ("compute", "memory", "communication")[int(np.argmax(totals))]
 
 
 def _collective_bytes(i: Instruction, kind: str, shape_of) -> float:

@@ -151,17 +151,41 @@ def runtime_for(config, devices) -> sharding.Runtime:
   return sharding.Runtime(mesh=mesh, rules=sharding.rules_from_config(config.mesh.rules), workdir=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A config checked and laid out on a slice: what planning any of its programs needs."""
+
+  chip: topology.Chip
+  runtime: sharding.Runtime
+  model_config: Any
+
+  @classmethod
+  def of(cls, config, topology_name: str) -> "Target":
+    validation.check(config)
+    chip, devices = topology.devices(topology_name)
+    runtime = runtime_for(config, devices)
+    model_config, _ = load.model_config(config, load_params=False, platform="tpu")
+    validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh), runtime.mesh)
+    return cls(chip, runtime, model_config)
+
+  def plan(self, p: programs.Program) -> ProgramPlan:
+    return plan_program(p, self.runtime, self.chip, self.model_config.remat,
+                        np.dtype(self.model_config.jnp_dtype).itemsize)
+
+  def plan_rollout(self, config, layout: str) -> ProgramPlan:
+    """The rollout of `config` sampled in `config.rollout.mesh = layout`, as a program of its own."""
+    trial = copy.deepcopy(config)
+    trial.rollout.mesh, trial.train.time_phases = layout, True
+    return self.plan(next(p for p in programs.build(trial, self.model_config, self.runtime) if p.name == "rollout"))
+
+
 def plan(config, topology_name: str) -> dict[str, Any]:
   """The planner's report for one config on one slice (the JSON `--json` prints)."""
-  validation.check(config)
-  chip, devices = topology.devices(topology_name)
-  runtime = runtime_for(config, devices)
-  model_config, _ = load.model_config(config, load_params=False, platform="tpu")
-  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh), runtime.mesh)
-  itemsize = np.dtype(model_config.jnp_dtype).itemsize
-  plans = [plan_program(p, runtime, chip, model_config.remat, itemsize)
-           for p in programs.build(config, model_config, runtime)]
-  layout_fix = _sampling_layout_that_fits(config, model_config, runtime, chip, plans, itemsize)
+  target = Target.of(config, topology_name)
+  chip, runtime, model_config = target.chip, target.runtime, target.model_config
+  devices = list(runtime.mesh.devices.flat)
+  plans = [target.plan(p) for p in programs.build(config, model_config, runtime)]
+  layout_fix = _sampling_layout_that_fits(config, target, plans)
   return {
       "topology": topology_name, "compiler_topology": topology.compiler_name(topology_name)[1],
       "rollout_mesh": config.rollout.mesh if config.algorithm in ("ppo", "grpo") else None,
@@ -180,26 +204,22 @@ def plan(config, topology_name: str) -> dict[str, Any]:
   }
 
 
-def _sampling_layout_that_fits(config, model_config, runtime, chip, plans, itemsize) -> dict | None:
+def _sampling_layout_that_fits(config, target: Target, plans) -> dict | None:
   """When the rollout does not fit in its sampling layout: the first larger tensor degree whose rollout does
   ({"rollout.mesh", "bytes_per_chip"}; {} when none does); None when nothing needs it."""
   rollout = next((p for p in plans if p.name == "rollout"), None)
   if rollout is None or rollout.fits or config.rollout.mesh == "training":
     return None
   from rlhfx import sampling_layout
-
   from rlhfx.models import Transformer
 
-  k = sampling_layout.tensor_size(config.rollout.mesh, runtime.mesh, model_config.num_kv_heads,
+  mesh, model_config = target.runtime.mesh, target.model_config
+  k = sampling_layout.tensor_size(config.rollout.mesh, mesh, model_config.num_kv_heads,
                                   sampling_layout.weight_bytes(Transformer(model_config)))
-  for larger in (t for t in range(k + 1, runtime.mesh.size + 1)
-                 if runtime.mesh.size % t == 0 and model_config.num_kv_heads % t == 0):
-    trial = copy.deepcopy(config)
-    trial.rollout.mesh = f"tensor={larger}"
-    found = next(p for p in programs.build(trial, model_config, runtime) if p.name == "rollout")
-    planned = plan_program(found, runtime, chip, model_config.remat, itemsize)
+  for larger in (t for t in range(k + 1, mesh.size + 1) if mesh.size % t == 0 and model_config.num_kv_heads % t == 0):
+    planned = target.plan_rollout(config, f"tensor={larger}")
     if planned.fits:
-      return {"rollout.mesh": trial.rollout.mesh, "bytes_per_chip": planned.bytes_per_chip["total"]}
+      return {"rollout.mesh": f"tensor={larger}", "bytes_per_chip": planned.bytes_per_chip["total"]}
   return {}
 
 
@@ -329,19 +349,12 @@ def search_rollout(config, topology_name: str, *, log=print) -> list[dict[str, A
   divides the chips and key/value heads); fitting ones first, fastest first."""
   if config.algorithm not in ("ppo", "grpo"):
     raise ConfigError(f"--search_rollout plans PPO and GRPO rollouts; config.algorithm is {config.algorithm!r}")
-  validation.check(config)
-  chip, devices = topology.devices(topology_name)
-  runtime = runtime_for(config, devices)
-  model_config, _ = load.model_config(config, load_params=False, platform="tpu")
-  validation.check_model(config, model_config, sharding.data_parallel_size(runtime.mesh), runtime.mesh)
-  itemsize = np.dtype(model_config.jnp_dtype).itemsize
-  layouts = ["training"] + [f"tensor={k}" for k in _divisors(len(devices)) if model_config.num_kv_heads % k == 0]
+  target = Target.of(config, topology_name)
+  chips, kv_heads = target.runtime.mesh.size, target.model_config.num_kv_heads
+  layouts = ["training"] + [f"tensor={k}" for k in _divisors(chips) if kv_heads % k == 0]
   found = []
   for layout in layouts:
-    trial = copy.deepcopy(config)
-    trial.rollout.mesh, trial.train.time_phases = layout, True  # the rollout as a program of its own
-    rollout = next(p for p in programs.build(trial, model_config, runtime) if p.name == "rollout")
-    planned = plan_program(rollout, runtime, chip, model_config.remat, itemsize)
+    planned = target.plan_rollout(config, layout)
     row = {"rollout.mesh": layout, "fits": planned.fits, "bytes_per_chip": planned.bytes_per_chip.get("total"),
            "estimate_s": planned.estimate_s, "per_token_s": planned.per_token_s,
            "decode_collective_bytes_per_token": planned.decode_collective_bytes_per_token, "error": planned.error}

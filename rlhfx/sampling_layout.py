@@ -33,7 +33,7 @@ from rlhfx import sharding
 from rlhfx.config import ConfigError
 from rlhfx.models import load
 
-CHOICES = ("auto", "training", "tensor=<k>")
+SPEC = re.compile(r"auto|training|tensor=([1-9][0-9]*)")  # the values config.rollout.mesh takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +64,14 @@ def tensor_size(spec: str, training: Mesh, num_kv_heads: int, weight_bytes: int 
   least 256 MiB of the policy's `weight_bytes`: decoding reads every weight a chip holds once per token, so a
   chip's share sets the time per token; below that share (a fraction of a millisecond of HBM time) the
   groups' per-layer all-reduces cost more than the reads they save."""
-  spec = (spec or "auto").strip()
+  m = SPEC.fullmatch(spec)
+  if not m:
+    raise ConfigError(f"config.rollout.mesh={spec!r}: expected auto, training or tensor=<k>")
   if spec == "training":
     return None
   if spec == "auto":
     return max(k for k in range(1, AUTO_LIMIT + 1) if training.size % k == 0 and num_kv_heads % k == 0
                and (k == 1 or weight_bytes / k >= AUTO_MIN_SHARE))
-  m = re.fullmatch(r"tensor\s*=\s*(\d+)", spec)
-  if not m or int(m.group(1)) < 1:
-    raise ConfigError(f"config.rollout.mesh={spec!r}: expected one of {CHOICES}")
   return int(m.group(1))
 
 

@@ -27,7 +27,8 @@ CHOICES: dict[str, tuple] = {
     "data.prompt_side": ("keep_end", "keep_start"), "data.on_overlong": ("truncate", "skip", "error"),
     "optim.schedule": ("cosine", "constant"), "train.resume": ("check", "new_config"),
     "dpo.loss": tuple(preference.LOSSES), "dpo.reference": ("frozen", "precomputed", "lora_base"),
-    "rollout.sampler": ("engine", "static"), "ppo.kl_estimator": policy.KL_ESTIMATORS, "ppo.kl_in": ("reward", "loss"), "ppo.kl_penalty": ("token", "sequence"),
+    "rollout.sampler": ("engine", "static"),
+    "ppo.kl_estimator": policy.KL_ESTIMATORS, "ppo.kl_in": ("reward", "loss"), "ppo.kl_penalty": ("token", "sequence"),
     "ppo.aggregation": policy.AGGREGATIONS,
     "ppo.value_model": ("separate", "policy_head"), "logging.wandb.mode": ("online", "offline", "disabled"),
     "grpo.advantage": policy.ADVANTAGES, "grpo.aggregation": policy.AGGREGATIONS,
@@ -189,7 +190,9 @@ def _combination_problems(config) -> list[str]:
     for i, spec in enumerate(sc.functions):
       if not reward_functions.is_spec(spec):
         out.append(f"config.scoring.functions[{i}]={spec!r}: expected {reward_functions.SPECS}")
-    if not re.fullmatch(r"auto|training|tensor=[1-9][0-9]*", str(config.rollout.mesh)):
+    from rlhfx.sampling_layout import SPEC
+
+    if not SPEC.fullmatch(str(config.rollout.mesh)):
       out.append(f"config.rollout.mesh={config.rollout.mesh!r}: expected auto, training or tensor=<k>")
     group = config.rollout.group_size
     if a == "grpo" and group < 2:
