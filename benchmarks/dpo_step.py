@@ -25,7 +25,7 @@ def main():
 
   from rlhfx.algorithms import dpo
   from rlhfx.losses import preference
-  from rlhfx.metrics import sequence_train_flops
+  from rlhfx.flops import sequence_train_flops
   from rlhfx.models import Transformer, init_params
   from rlhfx.optim import learning_rate_schedule, make_optimizer
   from rlhfx.train_state import init_state
@@ -37,10 +37,9 @@ def main():
   reference = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   optimizer = make_optimizer(optim_config(args), args.steps + args.warmup, params)
   loss = preference.LOSSES[args.loss_type](beta=args.beta)
-  step = jax.jit(functools.partial(dpo.train_step, model=Transformer(config), optimizer=optimizer,
-                                   schedule=learning_rate_schedule(optim_config(args), 10), loss=loss,
-                                   mode="frozen", chunk_size=args.chunk_size or None, window=window or None),
-                 donate_argnums=0)
+  s = dpo.Settings(model=Transformer(config), loss=loss, chunk_size=args.chunk_size or None, window=window or None)
+  step = jax.jit(functools.partial(dpo.train_step, s=s, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(optim_config(args), 10)), donate_argnums=0)
   batch = jax.tree.map(jnp.asarray, pairs(args))
   times, _ = time_steps(lambda s, b: step(s, b, reference), init_state(params, optimizer), batch, args)
   train = sequence_train_flops(config, args.seq, kept=window + 1 if window else None) * 2 * args.batch

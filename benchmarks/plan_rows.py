@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import pathlib
 import time
@@ -25,6 +24,7 @@ import flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhfx import plan, sharding, train_state
+from rlhfx.config import load as load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROWS = {"dpo_llama3_8b": "v5e-16", "ppo_llama3_8b": "v5p-64", "grpo_llama3_8b": "v5p-64",
@@ -32,10 +32,7 @@ ROWS = {"dpo_llama3_8b": "v5e-16", "ppo_llama3_8b": "v5p-64", "grpo_llama3_8b": 
 
 
 def load(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config(ROOT / "configs" / f"{name}.py")
 
 
 @contextlib.contextmanager

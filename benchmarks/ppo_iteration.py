@@ -50,7 +50,7 @@ def main():
   import jax.numpy as jnp
   import optax
 
-  from rlhfx import rollout as rl
+  from rlhfx import rollout as rl, scoring
   from rlhfx.algorithms import grpo, ppo
   from rlhfx.models import ModelConfig, Transformer, init_params
   from rlhfx.models.heads import ScoreModel
@@ -64,7 +64,7 @@ def main():
   copy = functools.partial(jax.tree.map, lambda x: jnp.array(x, copy=True))
   sampling = rl.SamplingSettings(config, max_new_tokens=args.new_tokens, group_size=args.group_size,
                                  eos_id=None, pad_id=0)
-  scorer = rl.Scorer(module=ScoreModel(config))
+  scorer = scoring.Scorer(module=ScoreModel(config))
   optimizer = optax.adamw(1e-6)
   if args.algo == "ppo":
     params = {"policy": policy, "value": copy(reward)}

@@ -43,7 +43,8 @@ def main():
   tokens, mask, _ = concat_pairs(batch)
   chunk = args.chunk_size or None
   loss = functools.partial(preference.dpo_loss, beta=args.beta)
-  objective = functools.partial(dpo.dpo_objective, model=model, loss=loss, mode="frozen", chunk_size=chunk)
+  s = dpo.Settings(model=model, loss=loss, chunk_size=chunk)
+  objective = functools.partial(dpo.dpo_objective, s=s)
   optimizer = make_optimizer(optim_config(args), 100, params)
   opt_state = optimizer.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
@@ -61,9 +62,8 @@ def main():
       "adamw_update": (jax.jit(lambda g, s, p: optax.apply_updates(p, optimizer.update(g, s, p)[0])),
                        (grads, opt_state, params)),
   }
-  step = jax.jit(functools.partial(dpo.train_step, model=model, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(optim_config(args), 10), loss=loss, mode="frozen",
-                                   chunk_size=chunk))
+  step = jax.jit(functools.partial(dpo.train_step, s=s, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(optim_config(args), 10)))
   state = init_state(params, optimizer)
   parts["full_step"] = (lambda s: step(s, batch, reference), (state,))
 

@@ -9,7 +9,6 @@ JSON line: held-out accuracy before and after, its Wilson 95% interval, and the 
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import pathlib
 import sys
@@ -26,10 +25,9 @@ def main():
   p.add_argument("--workdir", default=None)
   args = p.parse_args()
 
-  spec = importlib.util.spec_from_file_location("reward_hh", ROOT / "configs" / "reward_hh.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(args.variant)
+  from rlhfx.config import load
+
+  config = load(f"{ROOT / 'configs' / 'reward_hh.py'}:{args.variant or ''}")
   config.train.num_steps = args.steps
   config.train.eval_every = 0
 

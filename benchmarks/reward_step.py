@@ -7,7 +7,7 @@ Same flags and fields as ../shared/bench/trl/rm_step.py:
 One step = forward+backward of backbone and score head over the 2B concatenated
 rows, loss, clipping and AdamW, as one jitted program with the state donated. The
 last layer computes queries, attention output and MLP only at each row's scored
-(last) token, and the FLOP count says so (rlhfx.metrics.sequence_train_flops).
+(last) token, and the FLOP count says so (rlhfx.flops.sequence_train_flops).
 """
 
 import functools
@@ -23,7 +23,7 @@ def main():
   import jax.numpy as jnp
 
   from rlhfx.algorithms import reward
-  from rlhfx.metrics import sequence_train_flops
+  from rlhfx.flops import sequence_train_flops
   from rlhfx.models.heads import ScoreModel
   from rlhfx.optim import learning_rate_schedule, make_optimizer
   from rlhfx.train_state import init_state

@@ -164,7 +164,7 @@ class Evaluator:
     import jax
     import jax.numpy as jnp
 
-    from rlhfx import rewards, rollout
+    from rlhfx import rollout, scoring
     from rlhfx.data.tokenize import encode_prompt, load_tokenizer
     from rlhfx.models import Transformer
     from rlhfx.models.llama2c import from_llama2c
@@ -173,15 +173,15 @@ class Evaluator:
 
     self.tokenizer = load_tokenizer(str(DATA / "stories260k" / "tok512.bin"))
     self.model_config, self.reference = from_llama2c(DATA / "stories260k" / "stories260K.bin")
-    rm_config = rewards.reward_model_config(rm_dir)
+    rm_config = scoring.reward_model_config(rm_dir)
     module = ScoreModel(rm_config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     init = lambda: nn.meta.unbox(module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])  # noqa: E731
     shapes = jax.eval_shape(init)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    rm = rewards.load_reward_model(rm_dir, target)
+    rm = scoring.load_reward_model(rm_dir, target)
     self.reward_params = rm.params
-    self.scorer = rollout.Scorer(module=module, mean=rm.mean, std=rm.std)
+    self.scorer = scoring.Scorer(module=module, mean=rm.mean, std=rm.std)
     ids = [encode_prompt(self.tokenizer, p, []) for p in prompts]
     tokens, mask = pad_prompts(ids, pad_id=self.tokenizer.pad_token_id or 0)
     self.batch = {"prompt_BxP": jnp.asarray(tokens), "prompt_mask_BxP": jnp.asarray(mask)}
@@ -192,7 +192,7 @@ class Evaluator:
       s = rollout.SamplingSettings(self.model_config, max_new_tokens=v.max_new_tokens, group_size=n,
                                     eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
       r = rollout.rollout(policy, self.batch, jax.random.key(seed), s)
-      scores_B = rollout.scores(r, self.reward_params, self.scorer)[0]
+      scores_B = scoring.scores(r, self.reward_params, self.scorer)[0]
       logps = rollout.completion_stats(model, policy, r, temperature=1.0)[0]
       ref = rollout.completion_stats(model, self.reference, r, temperature=1.0)[0]
       return r, scores_B, rollout.sequence_kl(logps, ref, r.mask_BxC)

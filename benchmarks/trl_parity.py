@@ -34,8 +34,8 @@ def main():
     config = base_config("dpo")
     config.dpo.beta = want["config"]["beta"]
     config.dpo.update(t.CASES[case])
-    value, metrics = dpo.dpo_objective(params, batch, reference, model=model, loss=dpo.loss_from_config(config.dpo),
-                                       mode="frozen")
+    s = dpo.Settings(model=model, loss=dpo.Settings.from_config(config, model).loss)
+    value, metrics = dpo.dpo_objective(params, batch, reference, s=s)
     out["losses"][case] = {"loss": float(abs(value - want["loss"])), "trl_loss": want["loss"],
                            "metrics": max(float(abs(metrics[m] - want["metrics"][m])) for m in t.METRICS)}
   print(json.dumps(out, indent=1))

@@ -28,7 +28,6 @@ script before sweep_done.json). A summary goes to <root>/sweep.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import re
@@ -41,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch import slurm, tpu  # noqa: E402
+from rlhfx.config import load_module  # noqa: E402
 
 DONE = slurm.DONE
 RESUME_EXIT = 75  # rlhfx.main's exit status for a run SIGTERM stopped after saving: rerun it to resume
@@ -52,9 +52,7 @@ def load_sweep(config: str) -> list[dict]:
   path = pathlib.Path(config.split(":")[0])
   if not path.is_absolute():
     path = (ROOT / path) if not path.exists() else path.absolute()
-  spec = importlib.util.spec_from_file_location(f"_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_module(path)
   if not hasattr(module, "sweep"):
     raise SystemExit(f"{path} has no sweep() function")
   runs = module.sweep()

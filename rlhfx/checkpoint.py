@@ -18,8 +18,8 @@ newest one that passes. A checkpoint of another state (shapes that differ) is a
 `CheckpointError`, and is left where it is.
 
 A train loop calls, in order: `resume` (the manager, and the state and data iterator
-restored from the latest complete checkpoint), then per step `due` and `save`, inside
-`with Preemption() as preemption:` (SIGTERM asks for a save and a clean stop).
+restored from the latest complete checkpoint), then after each step `save_or_stop` (a save when due; SIGTERM
+asks for a save and a clean stop), inside `with Preemption(directory) as preemption:`.
 """
 
 from __future__ import annotations
@@ -287,6 +287,16 @@ def due(step: int, train_config, preempted: bool) -> bool:
   return step % train_config.checkpoint_every == 0 or step == train_config.num_steps or preempted
 
 
+def save_or_stop(step: int, state, data_iterator, train_config, log, checkpointer, preemption: "Preemption") -> bool:
+  """The end of a training step: save when `due` (the step's metrics checked finite first: only a state whose
+  metrics are finite is saved); True when SIGTERM asks the loop to stop (saved already)."""
+  stop = preemption.reached(step)
+  if due(step, train_config, stop):
+    log.flush()
+    checkpointer.save(step, {"state": state}, data_iterator=data_iterator)
+  return stop
+
+
 class Preempted(Exception):
   """A run stopped by SIGTERM after saving a checkpoint: rerun the same command to resume it.
 
@@ -301,29 +311,36 @@ class Preempted(Exception):
 
 
 class Preemption:
-  """SIGTERM (or the multi-host preemption notice) sets a flag; the loop saves and stops at the next step.
+  """SIGTERM (or the multi-host preemption notice) sets a flag; the loop saves and stops at the next step, and
+  leaving the block raises `Preempted` (after the blocks opened inside it, the checkpointer's, have closed).
 
-    with Preemption() as preemption:
+    with Preemption(checkpointer.directory) as preemption, checkpointer:
       for step in ...:
-        stop = preemption.reached(step)
+        if save_or_stop(step, ..., preemption):
+          break
   """
 
-  def __init__(self):
+  def __init__(self, directory: Path):
+    self.directory = directory
     self.requested = False
+    self.step = 0
     self._previous = None
 
   def __enter__(self) -> "Preemption":
     self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, kind, *exc) -> None:
     signal.signal(signal.SIGTERM, self._previous)
+    if self.requested and kind is None:
+      raise Preempted(self.step, self.directory)
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM received: saving a checkpoint and stopping")
     self.requested = True
 
   def reached(self, step: int) -> bool:
+    self.step = step
     if jax.process_count() > 1:
       try:
         from jax.experimental import multihost_utils

@@ -5,9 +5,15 @@
     config = base_config("sft")
     config.train.num_steps = 1000   # ...
     return config.lock()
+
+  config = load("configs/dpo_hh.py:tiny")   # what --config=configs/dpo_hh.py:tiny gives
 """
 
 from __future__ import annotations
+
+import importlib.util
+import pathlib
+import types
 
 import ml_collections
 from ml_collections import config_dict
@@ -20,6 +26,23 @@ ALGORITHMS = ("sft", "reward", "dpo", "ppo", "grpo")  # each trained by rlhfx/al
 
 class ConfigError(ValueError):
   """A config that cannot work; the message names the field."""
+
+
+def load_module(path: str | pathlib.Path) -> types.ModuleType:
+  """A config file as a module: its `get_config(arg)`, and `sweep()` when it has one."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"no config file {str(path)!r}")
+  spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config `--config=<file>.py[:variant]` names: `get_config(variant)` of the file (None without one)."""
+  path, _, variant = str(spec).partition(":")
+  return load_module(path).get_config(variant or None)
 
 
 def base_config(algorithm: str) -> ml_collections.ConfigDict:

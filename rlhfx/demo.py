@@ -13,7 +13,10 @@ import numpy as np
 from absl import app, flags
 
 from rlhfx import sampling
+from rlhfx.data.tokenize import encode_prompt, llama2c_tokenizer
 from rlhfx.models import get_preset, init_params
+from rlhfx.models.convert import from_hf
+from rlhfx.models.llama2c import from_llama2c
 
 _LLAMA2C = flags.DEFINE_string("llama2c", None, "llama2.c checkpoint (.bin), e.g. stories260K.bin")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "llama2.c tokenizer (.bin) for --llama2c")
@@ -29,15 +32,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 def _load():
   """(config, params, tokenizer or None) for the chosen model."""
   if _LLAMA2C.value:
-    from rlhfx.data.tokenize import llama2c_tokenizer
-    from rlhfx.models.llama2c import from_llama2c
-
     config, params = from_llama2c(_LLAMA2C.value)
     return config, params, llama2c_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None
   if _HF.value:
     from transformers import AutoTokenizer
-
-    from rlhfx.models.convert import from_hf
 
     config, params = from_hf(_HF.value)
     return config, params, AutoTokenizer.from_pretrained(_HF.value)
@@ -52,7 +50,6 @@ def main(argv):
   if _PROMPT.value:
     if tokenizer is None:
       raise app.UsageError("--prompt needs a tokenizer (--tokenizer with --llama2c, or --hf)")
-    from rlhfx.data.tokenize import encode_prompt
 
     prompt = encode_prompt(tokenizer, _PROMPT.value, [])  # BOS first where the model was trained with it
   tokens, mask = sampling.pad_prompts([prompt] * _SAMPLES.value)

@@ -10,7 +10,6 @@ process.
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 from typing import Callable, Iterable, Iterator
@@ -18,16 +17,8 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from rlhfx import sharding
-
-
-def gather(tree):
-  """Whole arrays on every host (process_allgather across processes)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
+from rlhfx import engine, sampling, sharding
+from rlhfx.data.tokenize import encode_prompt
 
 
 def outputs(fn: Callable, batches: Iterable[dict], mesh) -> Iterator[tuple[dict, np.ndarray, dict]]:
@@ -35,46 +26,14 @@ def outputs(fn: Callable, batches: Iterable[dict], mesh) -> Iterator[tuple[dict,
   all True when the batch has none. Each call runs under the caller's `sharding.active`."""
   for local in batches:
     valid_B = local.pop("valid_B", np.ones(len(next(iter(local.values()))), bool))
-    out = gather(fn(sharding.global_batch(local, mesh)))
-    yield out, gather(valid_B) if jax.process_count() > 1 else valid_B, local
-
-
-def heldout_rollouts(eval_fn: Callable, score: Callable, batches: Iterable[dict], mesh, *, seed: int,
-                     eos_id: int | None, missing_eos_penalty: float) -> dict[str, float]:
-  """Mean score (with its standard error), each reward function's eval/rewards/* and KL(policy || reference) of
-  one sample per held-out prompt.
-
-  `eval_fn(global batch, rng) -> (rollout, kl_B)` (rlhfx.rollout.eval_rollout, jitted), `score(rollout, ids_B) ->
-  (scores_B, parts)` (rlhfx.rollout.scoring; the batches keep their `example_id_B`); batch i samples with a key
-  fixed by the seed and i, so every evaluation of a run sees the same draws.
-  """
-  from rlhfx import reward_functions
-  from rlhfx.rollout import finish_scores
-
-  scores, kls, lengths, parts = [], [], [], collections.defaultdict(list)
-  for i, local in enumerate(batches):
-    valid_B, ids_B = local.pop("valid_B"), local.pop("example_id_B", None)
-    r, kl_B = eval_fn(sharding.global_batch(local, mesh), jax.random.fold_in(jax.random.PRNGKey(seed + 1), i))
-    scores_B, parts_B = score(r, ids_B)
-    scores_B = finish_scores(scores_B, r, eos_id, missing_eos_penalty)[0]
-    host = gather((scores_B, kl_B, r.mask_BxC.sum(-1), parts_B))
-    valid_B = gather(valid_B) if jax.process_count() > 1 else valid_B
-    scores.append(host[0][valid_B]), kls.append(host[1][valid_B]), lengths.append(host[2][valid_B])
-    for name, part_B in host[3].items():
-      parts[name].append(np.asarray(part_B)[valid_B])
-  scores, kls = np.concatenate(scores), np.concatenate(kls)
-  rewards = reward_functions.metrics({k: np.concatenate(v) for k, v in parts.items()}, prefix="eval/rewards")
-  return {"eval/scores": float(scores.mean()), "eval/scores_sem": float(scores.std() / max(len(scores), 1) ** .5),
-          "eval/kl": float(kls.mean()), "eval/completion_length": float(np.concatenate(lengths).mean()),
-          "eval/prompts": len(scores), **{k: float(v) for k, v in rewards.items()}}
+    out = sharding.gather(fn(sharding.global_batch(local, mesh)))
+    yield out, sharding.gather(valid_B) if jax.process_count() > 1 else valid_B, local
 
 
 @functools.lru_cache(maxsize=8)
 def _greedy(model_config, max_new_tokens: int, eos_id: int | None, pad_id: int) -> Callable:
   """The jitted greedy sampler of a model (one per settings: every evaluation of a run reuses its program): the
   engine, one slot per prompt (the static sampler's tokens)."""
-  from rlhfx import engine
-
   def generate(params, prompt_BxP, prompt_mask_BxP, rng):
     return engine.generate(params, model_config, prompt_BxP, prompt_mask_BxP, rng, group_size=1,
                            slots=prompt_BxP.shape[0], max_new_tokens=max_new_tokens, temperature=0.0,
@@ -88,9 +47,6 @@ def heldout_samples(params, model_config, source, tokenizer, *, n: int, max_new_
   """Greedy completions of the first `n` held-out prompts (their chat template when they have messages):
   [{"prompt", "completion", "reference"}], `reference` naming the source's field to show beside (SFT's completion,
   DPO's chosen). Every process runs the program; the texts are the same on each."""
-  from rlhfx import sampling
-  from rlhfx.data.tokenize import encode_prompt
-
   examples = [source[i] for i in range(min(n, len(source)))]
   if not examples:
     return []

@@ -8,6 +8,9 @@ from pathlib import Path
 import jax
 
 from rlhfx.models import ModelConfig, lora
+from rlhfx.models.convert import to_hf
+from rlhfx.models.peft_io import save_peft
+from rlhfx.models.score_hf import score_model_to_hf
 
 
 def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir: Path) -> list[str]:
@@ -23,15 +26,11 @@ def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir:
                 patterns=tuple(config.lora.patterns))
       lines.append(f"LoRA adapters (rlhfx format; PEFT's has no GPT-2 q/k/v adapters): {workdir / 'adapters'}")
     else:
-      from rlhfx.models.peft_io import save_peft
-
       save_peft(policy["lora"], workdir / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
                 base_model=config.model.init_from)
       lines.append(f"LoRA adapters (PEFT format: peft.PeftModel.from_pretrained(base, dir)): {workdir / 'adapters'}")
     policy = lora.merge(policy["base"], policy["lora"], scale=lora.scale(config.lora))
   if config.train.export_hf:
-    from rlhfx.models.convert import to_hf
-
     tokenizer.save_pretrained(to_hf(model_config, policy, workdir / "hf"))
     lines.append(f"Hugging Face export: {workdir / 'hf'}")
   return lines
@@ -43,8 +42,6 @@ def export_reward_model_hf(config, model_config: ModelConfig, params, tokenizer,
   `directory` when `config.train.export_hf`; returns summary lines naming what it wrote or why it did not."""
   if jax.process_index() != 0 or not config.train.export_hf:
     return []
-  from rlhfx.models.score_hf import score_model_to_hf
-
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id
   if pad is None:
     return ["no Hugging Face reward model export: the tokenizer has no pad token, which transformers needs to "
@@ -66,4 +63,3 @@ def print_summary(title: str, lines: list[str], workdir: Path, data) -> None:
     where = (f"metrics: {workdir / 'metrics.jsonl'} and TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}; "
              f"checkpoints: {workdir / 'checkpoints'}")
     print("\n".join(["", "== summary ==", title, *lines, data.summary(), where]), flush=True)
-

@@ -32,11 +32,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhfx import hlo, programs, sharding, topology, validation
+from rlhfx import hlo_cost, programs, sampling_layout, sharding, topology, validation
 from rlhfx.config import ConfigError
-from rlhfx.models import load
+from rlhfx.errors import USER_ERRORS, run_cli
+from rlhfx.models import Transformer, load
+from rlhfx.plan_report import render, render_rollout_search, render_search
+from rlhfx.topology import GiB
 
-GiB = 2**30
+
 def per_chip_bytes(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs (or arrays) with NamedShardings (the largest shard)."""
   total = 0
@@ -82,7 +85,7 @@ def _first_line(e: Exception) -> str:
 RECOMPUTE = {"none": 1.0, "dots": 1.0, "dots_no_batch": 1.0, "full": 8 / 6}
 
 
-def estimate(p: programs.Program, cost: hlo.ProgramCost, chip: topology.Chip, flops_per_chip: float,
+def estimate(p: programs.Program, cost: hlo_cost.ProgramCost, chip: topology.Chip, flops_per_chip: float,
              remat: str) -> tuple[float, str]:
   """(seconds per call, what bounds it). The HLO's dot FLOPs are rescaled to the model's (XLA's windowed
   einsums count some taps more than once); the model's FLOPs at peak stay a floor."""
@@ -132,7 +135,7 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   compiler_flops = float(cost.get("flops", 0.0)) if cost else None
   text = compiled.as_text()
-  cost = hlo.program_cost(text, unknown_trips=max(p.decode_steps, 1))
+  cost = hlo_cost.program_cost(text, unknown_trips=max(p.decode_steps, 1))
   seconds, bound = estimate(p, cost, chip, flops, remat)
   rollout = {}
   if p.generated_tokens:
@@ -210,8 +213,6 @@ def _sampling_layout_that_fits(config, target: Target, plans) -> dict | None:
   rollout = next((p for p in plans if p.name == "rollout"), None)
   if rollout is None or rollout.fits or config.rollout.mesh == "training":
     return None
-  from rlhfx import sampling_layout
-  from rlhfx.models import Transformer
 
   mesh, model_config = target.runtime.mesh, target.model_config
   k = sampling_layout.tensor_size(config.rollout.mesh, mesh, model_config.num_kv_heads,
@@ -221,79 +222,6 @@ def _sampling_layout_that_fits(config, target: Target, plans) -> dict | None:
     if planned.fits:
       return {"rollout.mesh": f"tensor={larger}", "bytes_per_chip": planned.bytes_per_chip["total"]}
   return {}
-
-
-def _gib(n: float) -> str:
-  return f"{n / GiB:8.3f}"
-
-
-def render(report: dict[str, Any]) -> str:
-  """The human-readable tables."""
-  hbm = report["hbm_bytes_per_chip"]
-  mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
-  model = report["model"]
-  lines = [f"{report['topology']} ({report['compiler_topology']}): {report['chips']} x {report['device_kind']}, "
-           f"{hbm / GiB:.2f} GiB HBM per chip; mesh {mesh}",
-           f"model: {model['params'] / 1e9:.2f}B parameters ({model['param_dtype']}), compute {model['dtype']}, "
-           f"remat {model['remat']}, scan_layers {model['scan_layers']}, attention {model['attention']}; "
-           f"grad_accum_steps "
-           f"{report['grad_accum_steps']}"]
-  for p in report["programs"]:
-    lines += ["", f"program {p['name']}" + (f" (compiled in {p['compile_s']:.1f} s)" if p["bytes_per_chip"] else ""),
-              f"  {'per chip':40s}{'GiB':>8s}"]
-    for name, n in p["parts_per_chip"].items():
-      lines.append(f"  {name:40s}{_gib(n)}")
-    b = p["bytes_per_chip"]
-    if not b:
-      lines.append(f"  does not compile: {p['error']}")
-      continue
-    ours = sum(v for k, v in p["parts_per_chip"].items() if not k.startswith("KV cache"))
-    if ours and abs(ours - b["arguments"]) > 0.1 * b["arguments"]:
-      lines.append(f"  {'arguments, our sum of the trees':40s}{_gib(ours)}   (the compiler's differs by >10%)")
-    lines += [f"  {'arguments (compiler)':40s}{_gib(b['arguments'])}",
-              f"  {'outputs not aliased (compiler)':40s}{_gib(b['outputs'])}",
-              f"  {'temporaries (compiler)':40s}{_gib(b['temporaries'])}",
-              f"  {'program code (compiler)':40s}{_gib(b['code'])}",
-              *([f"  {'resident beside it (training state)':40s}{_gib(b['resident'])}"] if b.get("resident") else []),
-              f"  {'total':40s}{_gib(b['total'])}   of {hbm / GiB:.2f}: "
-              + (f"fits, headroom {1 - b['total'] / hbm:.0%}" if p["fits"] else
-                 f"DOES NOT FIT ({b['total'] / hbm:.0%} of HBM)")]
-    flops = f"  FLOPs per chip per call: {p['flops']:.3e} (model)"
-    if p["compiler_flops"]:
-      flops += f"; compiler's cost analysis {p['compiler_flops']:.3e} (a loop body counted once)"
-    lines.append(flops)
-    coll = ", ".join(f"{k} {v['count']:,.0f} ({v['bytes'] / GiB:,.2f} GiB)" for k, v in p["collectives"].items())
-    lines.append(f"  collectives per chip per call, every loop's trips counted: {coll or 'none'}")
-    lines.append(f"  HBM traffic per chip per call: {p['hbm_bytes'] / GiB:,.2f} GiB; "
-                 f"interconnect: {p['collective_bytes'] / GiB:,.2f} GiB")
-    if p["kernel_calls"]:
-      lines.append(f"  Mosaic kernel calls in the program text (splash attention; a loop body once): "
-                   f"{p['kernel_calls']}")
-    lines.append(f"  estimate: {_seconds(p['estimate_s'])} per call, {p['bound']}-bound"
-                 + (" (the engine's loops counted as a batch of uniform-length rows runs them: the full-width "
-                    "stage to the length limit)" if p["unknown_loops"] else ""))
-    if p.get("per_token_s"):
-      lines.append(f"  decode: {p['per_token_s'] * 1e3:.2f} ms per generated token "
-                   f"({p['per_token_s'] / p['decode_hbm_bound_s']:.1f}x the {p['decode_hbm_bound_s'] * 1e3:.2f} ms "
-                   f"that reading the weights and KV cache once takes), {p['tokens_per_s_per_chip']:,.0f} tokens/s "
-                   f"per chip; collectives inside the decode loop {p['decode_collective_bytes_per_token'] / GiB:.3f} "
-                   f"GiB per chip per token")
-  verdict = "FITS" if report["fits"] else "DOES NOT FIT"
-  if report["estimate_s"] and any(p.get("per_token_s") for p in report["programs"]):
-    each = ", ".join(f"{p['name']} {_seconds(p['estimate_s'])}" for p in report["programs"])
-    lines += ["", f"one iteration: {_seconds(report['estimate_s'])} (estimate: {each})"]
-  fix = report.get("rollout_mesh_that_fits")
-  if fix is not None:
-    lines += ["", f"the rollout does not fit in its sampling layout (config.rollout.mesh={report['rollout_mesh']!r}): "
-                  + (f"--config.rollout.mesh={fix['rollout.mesh']} does "
-                     f"({fix['bytes_per_chip'] / GiB:.2f} GiB per chip)"
-                     if fix else "no tensor degree that divides the chips and key/value heads does")]
-  lines += ["", f"{verdict} on {report['topology']}"]
-  return "\n".join(lines)
-
-
-def _seconds(s: float) -> str:
-  return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
 
 
 def _divisors(n: int) -> list[int]:
@@ -368,41 +296,19 @@ def search_rollout(config, topology_name: str, *, log=print) -> list[dict[str, A
 def main(argv):
   from absl import flags
 
-  from rlhfx.errors import USER_ERRORS
-
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise SystemExit(f"rlhfx-plan: unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   try:
-    if FLAGS.search_rollout:
-      found = search_rollout(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print)
-      if FLAGS.json:
-        print(json.dumps({"topology": FLAGS.topology, "rollout_layouts": found}, indent=2))
-      else:
-        print(f"\nsampling layouts on {FLAGS.topology}, fitting and fastest first (an estimate; the training "
-              f"layout is the one a run uses with --config.rollout.mesh=training):")
-        for r in found:
-          print(f"  --config.rollout.mesh={r['rollout.mesh']:12s} " + ("fits  " if r["fits"] else "no fit")
-                + (f"  {r['error']}" if r["error"] else "")
-                + (f"  {r['per_token_s'] * 1e3:9.3f} ms per token, rollout {_seconds(r['estimate_s'])}, "
-                   f"collectives {r['decode_collective_bytes_per_token'] / GiB:.3f} GiB per token"
-                   if r["per_token_s"] else ""))
-      return
-    if FLAGS.search:
-      found = search(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print)
-      if FLAGS.json:
-        print(json.dumps({"topology": FLAGS.topology, "fitting": found}, indent=2))
-      elif not found:
-        print(f"nothing tried fits on {FLAGS.topology}")
-      else:
-        print(f"\nfitting settings on {FLAGS.topology}, fastest first (an estimate):")
-        for f in found:
-          mesh = " ".join(f"{k}={v}" for k, v in f["mesh"].items())
-          print(f"  mesh {mesh:28s} remat {f['remat']:6s} grad_accum_steps {f['grad_accum_steps']:3d}  "
-                f"{f['bytes_per_chip'] / GiB:6.2f} GiB/chip (headroom {f['headroom']:.0%})  "
-                f"estimate {_seconds(f['estimate_s'])}")
-      return
+    searches = {"search_rollout": (search_rollout, "rollout_layouts", render_rollout_search),
+                "search": (search, "fitting", render_search)}
+    for flag, (find, key, show) in searches.items():
+      if FLAGS[flag].value:
+        found = find(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print)
+        print(json.dumps({"topology": FLAGS.topology, key: found}, indent=2) if FLAGS.json
+              else show(found, FLAGS.topology))
+        return
     report = plan(config, FLAGS.topology)
   except (*USER_ERRORS, topology.TopologyError) as e:  # bad config, topology or model files: one line
     sys.exit(f"rlhfx-plan: {e}")
@@ -414,8 +320,6 @@ def main(argv):
 def run():
   from absl import flags
   from ml_collections import config_flags
-
-  from rlhfx.errors import run_cli
 
   config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:variant])",
                                   lock_config=True)

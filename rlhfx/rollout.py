@@ -1,12 +1,11 @@
-"""Rollouts: what PPO and GRPO share on the device — sampling, completion log-probs, scoring, the
-epochs x minibatches scan — and the jitted programs an iteration runs as.
+"""Rollouts: what PPO and GRPO share on the device — sampling, completion log-probs, the epochs x
+minibatches scan — and the held-out rollouts of their evaluations.
 
 One iteration = rollout (sample completions of a batch of prompts with the
-current policy) -> scoring (reward model or reward function) -> statistics under
-the frozen trees (reference log-probs; old log-probs and values) -> advantages ->
+current policy) -> scoring (reward model or reward function: rlhfx.scoring) -> statistics
+under the frozen trees (reference log-probs; old log-probs and values) -> advantages ->
 `epochs` passes over the rollout in `minibatches` shuffled minibatches, each one
-optimizer update. With an in-graph score all of it is one jitted function
-(`Programs.fused`); otherwise rollout, scoring and update run as three, timed.
+optimizer update. The jitted programs an iteration runs as are rlhfx.onpolicy's.
 
 Sequences are [prompt (left-padded, P) | completion (C)]: positions count real
 tokens, so a row's completion follows its prompt directly. Everything about a
@@ -16,21 +15,20 @@ predict completion tokens (hidden states P-1 .. P+C-2), never on the prompt.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
-import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from rlhfx import engine, reward_functions, sampling, sampling_layout
+from rlhfx import engine, reward_functions, sampling, scoring, sharding
 from rlhfx.logprobs import target_logps
 from rlhfx.models import ModelConfig, Transformer, lora
 from rlhfx.models.heads import ScoreModel
-from rlhfx.reward_functions import RewardFunction
 from rlhfx.train_state import accumulate_gradients
 
 Array = jax.Array
@@ -76,10 +74,13 @@ class SamplingSettings:
 
   @classmethod
   def from_config(cls, config, model_config: ModelConfig, tokenizer, **overrides) -> "SamplingSettings":
+    """From config.rollout and the tokenizer's EOS and pad ids (None: the model's own, as the planner has no
+    tokenizer)."""
     r = config.rollout
+    ids = tokenizer if tokenizer is not None else model_config
     fields = dict(model_config=model_config, max_new_tokens=r.max_new_tokens, group_size=r.group_size,
-                  temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_id=tokenizer.eos_token_id,
-                  pad_id=tokenizer.pad_token_id or 0,
+                  temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, eos_id=ids.eos_token_id,
+                  pad_id=ids.pad_token_id or 0,
                   cache_buckets=max(1, min(r.cache_buckets, r.max_new_tokens // MIN_BUCKET_STEPS)),
                   sampler=r.sampler, slots=r.slots)
     return cls(**{**fields, **overrides})
@@ -123,50 +124,6 @@ def completion_values(score_model: ScoreModel, params, r: Rollout) -> Array:
   values_BxT = score_model.apply({"params": params}, r.sequence_BxT, r.sequence_mask_BxT, per_token=True)
   p, c = r.prompt_len, r.tokens_BxC.shape[1]
   return values_BxT[:, p - 1:p + c - 1]
-
-
-@dataclasses.dataclass(frozen=True)
-class Scorer:
-  """How completions are scored (static): a reward model (its params travel as a frozen argument) and/or reward
-  functions (rlhfx.reward_functions), whose weighted sum is added. Text functions run on the host between rollout
-  and update (rlhfx.rewards.score_on_host); the rest runs in the graph."""
-
-  module: ScoreModel | None = None
-  mean: float = 0.0  # reward-model score normalisation
-  std: float = 1.0
-  functions: tuple[RewardFunction, ...] = ()
-  missing_eos_penalty: float = 0.0
-
-  @property
-  def in_graph(self) -> bool:
-    """Whether all of the scoring runs in the graph (no text function)."""
-    return all(f.on_tokens for f in self.functions)
-
-  @property
-  def has_graph_part(self) -> bool:
-    """Whether any of it does (a reward model or a traceable function)."""
-    return self.module is not None or any(f.on_tokens for f in self.functions)
-
-
-def scores(r: Rollout, reward_params, scorer: Scorer) -> tuple[Array, dict[str, Array]]:
-  """(scores_B, {name: scores_B} of each traceable reward function) computed in the graph: the reward model's
-  normalised score at the last real token plus the traceable functions' weighted scores (text functions are
-  added on the host)."""
-  total_B = jnp.zeros(r.tokens_BxC.shape[:1], jnp.float32)
-  if scorer.module is not None:
-    raw_B = scorer.module.apply({"params": reward_params}, r.sequence_BxT, r.sequence_mask_BxT)
-    total_B = (raw_B - scorer.mean) / scorer.std
-  parts = {f.name: f.fn(r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC).astype(jnp.float32)
-           for f in scorer.functions if f.on_tokens}
-  return total_B + reward_functions.weighted_sum(parts, scorer.functions), parts
-
-
-def finish_scores(scores_B: Array, r: Rollout, eos_id: int | None, missing_eos_penalty: float) -> tuple[Array, Array]:
-  """(scores_B after the missing-EOS penalty, has_eos_B): a completion cut at max_new_tokens loses the penalty."""
-  if eos_id is None:
-    return scores_B, jnp.zeros(scores_B.shape, bool)
-  has_eos_B = jnp.any((r.tokens_BxC == eos_id) & r.mask_BxC, axis=-1)
-  return jnp.where(has_eos_B, scores_B, scores_B - missing_eos_penalty), has_eos_B
 
 
 def logprob_agreement(r: Rollout, logps_BxC: Array) -> dict[str, Array]:
@@ -223,112 +180,6 @@ def sample_step(policy_params, batch: dict[str, Array], step: Array, *, seed: in
   return rollout(policy_params, batch, key(seed, step, 0), s)
 
 
-@dataclasses.dataclass(frozen=True)
-class Programs:
-  """The jitted programs of an iteration, the state donated (`rlhfx.plan` compiles these same functions).
-
-  With a sampling layout (`rlhfx.sampling_layout`), a rollout is `reshard` (the policy's weights into the
-  layout) then `sample` there; without one, `rollout` samples in the training layout."""
-
-  iteration: Callable  # (state, batch, frozen) -> (state, metrics, rollout, scores_B): all of it in one program
-  rollout: Callable  # (state, batch) -> rollout, sampled in the training layout
-  score: Callable  # (rollout, reward params) -> (scores_B, parts): the in-graph scoring
-  update: Callable  # (state, rollout, scores_B, frozen) -> (state, metrics)
-  scored_update: Callable  # (state, rollout, frozen) -> (state, metrics, rollout, scores_B): in-graph scoring
-  layout: sampling_layout.Layout | None = None
-  reshard: Callable | None = None  # state -> the policy's parameters in the sampling layout
-  sample: Callable | None = None  # (params, batch, step) -> rollout: sampling in the layout (call under it)
-
-  @classmethod
-  def jit(cls, *, iteration: Callable, policy: Callable, update_step: Callable, scorer: Scorer, shardings,
-          seed: int, sampling: SamplingSettings, layout: sampling_layout.Layout | None = None) -> "Programs":
-    """From an algorithm's pure functions with their settings bound; `policy(state)` is the policy's parameters
-    the model samples with (LoRA merged)."""
-    sample = functools.partial(sample_step, seed=seed, s=sampling)
-
-    def rollout_step(state, batch):
-      return sample(policy(state), batch, state.step)
-
-    def scored(state, r, frozen):
-      return fused_iteration(update_step, state, r, frozen, scorer)
-
-    programs = dict(
-        iteration=jax.jit(iteration, in_shardings=(shardings, None, None), out_shardings=(shardings, None, None, None),
-                          donate_argnums=0),
-        rollout=jax.jit(rollout_step),
-        score=jax.jit(lambda r, reward_params: scores(r, reward_params, scorer)),
-        update=jax.jit(update_step, in_shardings=(shardings, None, None, None), out_shardings=(shardings, None),
-                       donate_argnums=0),
-        scored_update=jax.jit(scored, in_shardings=(shardings, None, None),
-                              out_shardings=(shardings, None, None, None), donate_argnums=0))
-    if layout is not None:
-      training = jax.tree.leaves(shardings)[0].mesh
-      programs.update(layout=layout,
-                      reshard=sampling_layout.reshard_program(layout, policy, sampling.model_config.jnp_dtype),
-                      sample=sampling_layout.sample_program(layout, sample, training))
-    return cls(**programs)
-
-  def sample_rollout(self, state, batch: dict[str, Array]) -> Rollout:
-    """The iteration's rollout: in the sampling layout when there is one."""
-    if self.layout is None:
-      return self.rollout(state, batch)
-    params = self.reshard(state)
-    batch, step = sampling_layout.inputs(self.layout, batch, state.step)
-    with sampling_layout.active(self.layout):
-      return self.sample(params, batch, step)
-
-  def fused(self, state, batch: dict[str, Array], frozen: dict):
-    """(state, metrics, rollout, scores_B) of an iteration with in-graph scoring, nothing waited for."""
-    if self.layout is None:
-      return self.iteration(state, batch, frozen)
-    return self.scored_update(state, self.sample_rollout(state, batch), frozen)
-
-
-def fused_iteration(update_step: Callable, state, r: Rollout, frozen: dict, scorer: Scorer):
-  """An algorithm's `iteration` after its rollout: in-graph scoring, then the update; (state, metrics with
-  rewards/*, r, scores_B)."""
-  scores_B, parts = scores(r, frozen["reward"], scorer)
-  state, step_metrics = update_step(state, r, scores_B, frozen)
-  return state, {**step_metrics, **reward_functions.metrics(parts)}, r, scores_B
-
-
-def run_phases(programs: Programs, state, batch: dict[str, Array], frozen: dict, score: Callable):
-  """(state, metrics + rewards/* + time/*_s, rollout, scores_B): rollout, `score(rollout) -> (scores_B, parts)`
-  (the scoring program, or it and host scoring) and update one after the other, each timed."""
-  t0 = time.perf_counter()
-  r = jax.block_until_ready(programs.sample_rollout(state, batch))
-  t1 = time.perf_counter()
-  scores_B, parts = jax.block_until_ready(score(r))
-  t2 = time.perf_counter()
-  state, metrics = jax.block_until_ready(programs.update(state, r, scores_B, frozen))
-  times = {"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": time.perf_counter() - t2}
-  return state, {**metrics, **reward_functions.metrics(parts), **times}, r, scores_B
-
-
-def scoring(programs: Programs, scorer: Scorer, reward_params, tokenizer, mesh, source=None) -> Callable:
-  """(rollout, this process's prompt ids or None) -> (scores_B, parts): the scoring program, and the text reward
-  functions on the host with the columns of `source`'s prompt rows."""
-  if scorer.in_graph:
-    return lambda r, ids_B=None: programs.score(r, reward_params)
-  from rlhfx.rewards import score_on_host
-
-  return lambda r, ids_B=None: score_on_host(
-      scorer, tokenizer, r, mesh, in_graph=programs.score(r, reward_params) if scorer.has_graph_part else None,
-      prompt_ids=ids_B, source=source)
-
-
-def run_iteration(programs: Programs, state, batch: dict, frozen: dict, score: Callable, mesh, *, phased: bool):
-  """(state, metrics, rollout, scores_B) of one iteration on this process's host `batch` (its `example_id_B` go
-  to host scoring): the fused program, or the timed phases."""
-  from rlhfx import sharding
-  from rlhfx.data.prepare import drop_ids
-
-  global_batch = sharding.global_batch(drop_ids(batch), mesh)
-  if not phased:
-    return programs.fused(state, global_batch, frozen)
-  return run_phases(programs, state, global_batch, frozen, lambda r: score(r, batch.get("example_id_B")))
-
-
 def tokens(batch: dict, s: SamplingSettings) -> int:
   """Tokens of one iteration's sequences on this host: prompts and completions, every sample of a group."""
   rows, prompt_len = batch["prompt_BxP"].shape
@@ -343,3 +194,30 @@ def summary(before: dict, after: dict, workdir) -> list[str]:
                  f"KL(policy || reference) {before['eval/kl']:.3f} -> {after['eval/kl']:.3f} nats "
                  f"({after['eval/prompts']} prompts)")
   return lines + [f"samples: {workdir / 'samples.jsonl'}"]
+
+
+def heldout_rollouts(eval_fn: Callable, score: Callable, batches: Iterable[dict], mesh, *, seed: int,
+                     eos_id: int | None, missing_eos_penalty: float) -> dict[str, float]:
+  """Mean score (with its standard error), each reward function's eval/rewards/* and KL(policy || reference) of
+  one sample per held-out prompt.
+
+  `eval_fn(global batch, rng) -> (rollout, kl_B)` (`eval_rollout`, jitted), `score(rollout, ids_B) ->
+  (scores_B, parts)` (rlhfx.onpolicy.score_fn; the batches keep their `example_id_B`); batch i samples with a key
+  fixed by the seed and i, so every evaluation of a run sees the same draws.
+  """
+  scores, kls, lengths, parts = [], [], [], collections.defaultdict(list)
+  for i, local in enumerate(batches):
+    valid_B, ids_B = local.pop("valid_B"), local.pop("example_id_B", None)
+    r, kl_B = eval_fn(sharding.global_batch(local, mesh), jax.random.fold_in(jax.random.PRNGKey(seed + 1), i))
+    scores_B, parts_B = score(r, ids_B)
+    scores_B = scoring.finish_scores(scores_B, r, eos_id, missing_eos_penalty)[0]
+    host = sharding.gather((scores_B, kl_B, r.mask_BxC.sum(-1), parts_B))
+    valid_B = sharding.gather(valid_B) if jax.process_count() > 1 else valid_B
+    scores.append(host[0][valid_B]), kls.append(host[1][valid_B]), lengths.append(host[2][valid_B])
+    for name, part_B in host[3].items():
+      parts[name].append(np.asarray(part_B)[valid_B])
+  scores, kls = np.concatenate(scores), np.concatenate(kls)
+  rewards = reward_functions.metrics({k: np.concatenate(v) for k, v in parts.items()}, prefix="eval/rewards")
+  return {"eval/scores": float(scores.mean()), "eval/scores_sem": float(scores.std() / max(len(scores), 1) ** .5),
+          "eval/kl": float(kls.mean()), "eval/completion_length": float(np.concatenate(lengths).mean()),
+          "eval/prompts": len(scores), **{k: float(v) for k, v in rewards.items()}}

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhfx.config import ConfigError
@@ -229,6 +230,13 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """This process's rows -> global arrays split over the batch axes of the mesh."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
           for k, v in local_batch.items()}
+
+
+def gather(tree):
+  """Whole arrays on every host (process_allgather across processes)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 def log_mesh(mesh: Mesh) -> None:

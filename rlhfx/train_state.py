@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -11,6 +12,18 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 Array = jax.Array
+
+
+@dataclasses.dataclass
+class Initial:
+  """What an algorithm's `init` makes, the same for its `train()` (arrays) and for the planner (ShapeDtypeStructs)."""
+
+  state: Any  # the trained state (TrainState, PPOState, GRPOState)
+  shardings: Any  # the state's shardings
+  frozen: dict[str, Any]  # name -> a frozen tree (reference, reward model) or None when the run keeps none
+  jitted: Any  # the jitted step (sft, reward, dpo) or the on-policy programs (rlhfx.onpolicy.Steps)
+  settings: Any = None  # the algorithm's static settings (dpo.Settings, ppo.Settings, grpo.Settings)
+  flops_per_token: float = 0.0  # matmul FLOPs of one step per token it trains on (rlhfx.flops), for MFU and the planner
 
 
 @flax.struct.dataclass

@@ -14,11 +14,12 @@ import re
 
 from ml_collections import ConfigDict
 
-from rlhfx import reward_functions
+from rlhfx import reward_functions, sampling_layout
 from rlhfx.config import ALGORITHMS, ConfigError, base_config
 from rlhfx.data.formats import PARSERS
 from rlhfx.losses import policy, preference
 from rlhfx.models.config import ATTENTIONS, DTYPES, PRESETS, REMAT_POLICIES
+from rlhfx.sampling_layout import SPEC
 
 CHOICES: dict[str, tuple] = {
     "model.dtype": tuple(DTYPES), "model.param_dtype": tuple(DTYPES), "model.remat": REMAT_POLICIES,
@@ -190,7 +191,6 @@ def _combination_problems(config) -> list[str]:
     for i, spec in enumerate(sc.functions):
       if not reward_functions.is_spec(spec):
         out.append(f"config.scoring.functions[{i}]={spec!r}: expected {reward_functions.SPECS}")
-    from rlhfx.sampling_layout import SPEC
 
     if not SPEC.fullmatch(str(config.rollout.mesh)):
       out.append(f"config.rollout.mesh={config.rollout.mesh!r}: expected auto, training or tensor=<k>")
@@ -215,8 +215,6 @@ def check(config) -> None:
 def check_model(config, model_config, data_parallel_size: int = 1, mesh=None) -> None:
   """Checks against the model's shape and the mesh: raise ConfigError naming the field."""
   if mesh is not None and config.algorithm in ("ppo", "grpo"):
-    from rlhfx import sampling_layout
-
     sampling_layout.check(config.rollout.mesh, mesh, model_config.num_kv_heads)
   t, d = config.train, config.data
   micro = t.global_batch_size // t.grad_accum_steps

@@ -28,10 +28,9 @@ def _share_compiled_programs() -> None:
   (python -m rlhfx.main, launch scripts, loopback processes) inherit it through the environment.
 
   Much of the suite's time is compiling, and many programs were compiled before by an earlier test or run
-  (the same train step under another partial, a resumed run, a second process): test_main.py took 228 s
-  without the cache and 166 s with it; the whole suite less (965 -> 924 s, one pair of runs on a noisy
-  machine). The folder is new each session and removed after, so no run reads programs from an earlier
-  checkout; a JAX_COMPILATION_CACHE_DIR set by the user is used as it is.
+  (the same train step under another partial, a resumed run, a second process). The folder is new each
+  session and removed after, so no run reads programs from an earlier checkout; a JAX_COMPILATION_CACHE_DIR
+  set by the user is used as it is.
   """
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     folder = tempfile.mkdtemp(prefix="rlhfx-tests-xla-cache-")

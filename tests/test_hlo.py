@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlhfx import hlo, sharding, topology
+from rlhfx import hlo, hlo_cost, sharding, topology
 
 pytest.importorskip("libtpu", reason="compiling for a TPU slice needs libtpu: pip install -e '.[test,tpu]'")
 
@@ -39,7 +39,7 @@ def test_a_scan_counts_its_trips(mesh):
   w = jax.ShapeDtypeStruct((LAYERS, D, D), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "fsdp", None)))
   x = jax.ShapeDtypeStruct((ROWS, D), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh):
-    cost = hlo.program_cost(_compile(_layers, w, x))
+    cost = hlo_cost.program_cost(_compile(_layers, w, x))
   assert cost.unknown_loops == 0
   assert max(b.trips for b in cost.bodies if b.flops) == LAYERS  # (the condition runs once more)
   # every layer's matmul, the whole batch on each chip (x replicated)
@@ -70,7 +70,7 @@ def test_a_loop_that_may_end_early_is_counted_at_its_limit_and_marked_decode(mes
   w = jax.ShapeDtypeStruct((D, D), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
   x = jax.ShapeDtypeStruct((ROWS, D), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh):
-    cost = hlo.program_cost(_compile(decode, w, x))
+    cost = hlo_cost.program_cost(_compile(decode, w, x))
   loop = [b for b in cost.bodies if b.decode and b.flops]
   assert loop and all(b.trips == steps - 1 for b in loop)
   assert cost.flops == pytest.approx(2 * ROWS * D * D * (steps - 1), rel=0.01)

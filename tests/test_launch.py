@@ -81,15 +81,11 @@ def test_sweep_names_and_overrides():
 
 
 SWEEP_CONFIG = '''
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("quickstart", {quickstart!r})
-_quickstart = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_quickstart)
+from rlhfx.config import load
 
 
 def get_config(arg=None):
-  config = _quickstart.get_config(arg)
+  config = load({quickstart!r} + (f":{{arg}}" if arg else ""))
   with config.unlocked():
     config.train.num_steps = {steps}
     config.train.checkpoint_every = 10

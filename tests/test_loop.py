@@ -1,7 +1,6 @@
 """A train loop in-process: NaN stops the run keeping the last good checkpoint; keep-last-N and resume."""
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
@@ -12,7 +11,7 @@ import pytest
 from rlhfx import checkpoint, sharding
 from rlhfx.algorithms import sft
 from rlhfx.checkpoint import Checkpointer
-from rlhfx.config import base_config
+from rlhfx.config import base_config, load as load_config
 from rlhfx.metrics import TrainingDiverged
 from rlhfx.models import Transformer, get_preset, load
 from rlhfx.optim import make_optimizer
@@ -22,10 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _quickstart(num_steps: int, checkpoint_every: int):
-  spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs" / "quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config().unlock()
+  config = load_config(ROOT / "configs" / "quickstart.py").unlock()
   config.train.num_steps, config.train.checkpoint_every, config.train.log_every = num_steps, checkpoint_every, 1
   config.data.eval_fraction, config.train.export_hf, config.train.global_batch_size = 0.0, False, 8
   return config

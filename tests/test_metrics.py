@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rlhfx.metrics import sequence_train_flops
+from rlhfx.flops import sequence_train_flops
 from rlhfx.models import Transformer, get_preset, init_params
 
 

@@ -15,21 +15,15 @@ import sys
 import pytest
 
 from rlhfx import plan, topology
+from rlhfx.config import load
 
 pytest.importorskip("libtpu", reason="the planner needs libtpu: pip install -e '.[test,tpu]'")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GiB = 2**30
 
 
 def _config(path="configs/dpo_hh.py:tiny", **overrides):
-  import importlib.util
-
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("experiment", ROOT / file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  config = load(ROOT / path)
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlhfx import reward_functions as R
-from rlhfx import rewards, rollout, sharding
+from rlhfx import rollout, scoring, sharding
 from rlhfx.config import ConfigError
 from rlhfx.data import builders
 
@@ -86,15 +86,15 @@ def test_weighted_sum_skips_none_and_metrics_count_only_applicable_completions()
 def test_in_graph_scores_add_the_model_and_the_weighted_traceable_functions():
   count = R.on_tokens(lambda p, pm, t, m: m.sum(-1).astype(jnp.float32))
   const = R.on_tokens(lambda p, pm, t, m: jnp.full(t.shape[:1], 2.0))
-  scorer = rollout.Scorer(functions=(R.RewardFunction("count", count, 0.5), R.RewardFunction("const", const, -1.0)))
+  scorer = scoring.Scorer(functions=(R.RewardFunction("count", count, 0.5), R.RewardFunction("const", const, -1.0)))
   r = rollout.Rollout(prompt_BxP=jnp.ones((2, 1), jnp.int32), prompt_mask_BxP=jnp.ones((2, 1), bool),
                       tokens_BxC=jnp.ones((2, 3), jnp.int32), mask_BxC=jnp.array([[1, 1, 0], [1, 1, 1]], bool),
                       sample_logps_BxC=jnp.zeros((2, 3)))
-  scores_B, parts = rollout.scores(r, None, scorer)
+  scores_B, parts = scoring.scores(r, None, scorer)
   np.testing.assert_allclose(scores_B, [0.5 * 2 - 2.0, 0.5 * 3 - 2.0])
   np.testing.assert_allclose(parts["count"], [2.0, 3.0])
   assert scorer.in_graph
-  assert not rollout.Scorer(functions=R.load(["think_format"], [], None)).in_graph
+  assert not scoring.Scorer(functions=R.load(["think_format"], [], None)).in_graph
 
 
 def _prompt_source(tmp_path, records):
@@ -107,10 +107,10 @@ def test_prompt_rows_keep_their_other_columns_for_reward_functions(tmp_path):
   messages = [{"role": "user", "content": "What is 2 + 2?"}]
   source = _prompt_source(tmp_path, [{"prompt": "What is 1 + 1?", "answer": "2", "meta": {"level": 1}},
                                      {"prompt": messages, "answer": "4", "meta": {"level": 2}}])
-  rows = sorted((rewards.prompt_row(source, i) for i in range(len(source))), key=lambda row: row["columns"]["answer"])
+  rows = sorted((scoring.prompt_row(source, i) for i in range(len(source))), key=lambda row: row["columns"]["answer"])
   assert rows[0] == {"prompt": "What is 1 + 1?", "messages": [], "columns": {"answer": "2", "meta": {"level": 1}}}
   assert rows[1] == {"prompt": "", "messages": messages, "columns": {"answer": "4", "meta": {"level": 2}}}
-  assert rewards.prompt_columns(source) == ["answer", "meta"]
+  assert scoring.prompt_columns(source) == ["answer", "meta"]
 
 
 def test_host_scoring_passes_each_completion_its_prompt_row(tmp_path):
@@ -120,7 +120,7 @@ def test_host_scoring_passes_each_completion_its_prompt_row(tmp_path):
   tokenizer = byte_tokenizer()
   messages = [{"role": "user", "content": "two"}]
   source = _prompt_source(tmp_path, [{"prompt": "one", "answer": "1"}, {"prompt": messages, "answer": "2"}])
-  index = {rewards.prompt_row(source, i)["columns"]["answer"]: i for i in range(2)}
+  index = {scoring.prompt_row(source, i)["columns"]["answer"]: i for i in range(2)}
   calls = []
 
   def record(prompts, completions, answer):
@@ -131,9 +131,9 @@ def test_host_scoring_passes_each_completion_its_prompt_row(tmp_path):
   completion = np.array([[3 + ord(c) for c in "ab"]] * 4, np.int32)
   r = rollout.Rollout(prompt_BxP=np.zeros((4, 1), np.int32), prompt_mask_BxP=np.ones((4, 1), bool),
                       tokens_BxC=completion, mask_BxC=np.ones((4, 2), bool), sample_logps_BxC=np.zeros((4, 2)))
-  scorer = rollout.Scorer(functions=(R.RewardFunction("record", record, 2.0),))
+  scorer = scoring.Scorer(functions=(R.RewardFunction("record", record, 2.0),))
   mesh = sharding.make_mesh({"data": 1})
-  scores_B, parts = rewards.score_on_host(scorer, tokenizer, r, mesh, in_graph=(np.full(4, 0.5, np.float32), {}),
+  scores_B, parts = scoring.score_on_host(scorer, tokenizer, r, mesh, in_graph=(np.full(4, 0.5, np.float32), {}),
                                           prompt_ids=ids, source=source)
   prompts, completions, answer = calls[0]
   assert answer == ["2", "2", "1", "1"]

@@ -185,7 +185,7 @@ def test_a_decode_step_early_in_a_long_cache_does_a_fraction_of_a_late_ones_atte
   (cache of 576 slots) costs a fraction of a step in the last (4,096 slots): its FLOPs and HBM bytes, read
   from the program with rlhfx.hlo."""
   pytest.importorskip("libtpu", reason="compiling for a TPU chip needs libtpu: pip install -e '.[test,tpu]'")
-  from rlhfx import hlo, sharding, topology
+  from rlhfx import hlo_cost, sharding, topology
   from rlhfx.models import Transformer, get_preset
 
   config = get_preset("tiny", vocab_size=256, max_seq_len=4096)
@@ -199,7 +199,7 @@ def test_a_decode_step_early_in_a_long_cache_does_a_fraction_of_a_late_ones_atte
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=one)
   text = sampling.generate.lower(params, config, prompt, mask, key, max_new_tokens=4032,
                                  cache_buckets=8).compile().as_text()
-  cost = hlo.program_cost(text)
+  cost = hlo_cost.program_cost(text)
   steps = [b for b in cost.bodies if b.decode and b.flops]
   assert sorted(b.trips for b in steps) == [447] + [512] * 7  # 4,031 steps (the first token is prefill's)
   first, last = min(steps, key=lambda b: b.flops), max(steps, key=lambda b: b.flops)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import importlib
 
-from rlhfx.config import ALGORITHMS
+from rlhfx.config import ALGORITHMS, ConfigError
 
 
-def train(config, workdir: str):
-  """Run the algorithm named by `config.algorithm` (its `train` validates the config before anything else)."""
+def train(config, workdir: str, **kwargs):
+  """Run the algorithm named by `config.algorithm` (`python -m rlhfx.main` calls this; its `train` checks every
+  config field before anything is built); `kwargs` go to it (dpo: `loss=`)."""
   if config.algorithm not in ALGORITHMS:
-    from rlhfx.config import ConfigError
-
     raise ConfigError(f"config.algorithm={config.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
-  return importlib.import_module(f"rlhfx.algorithms.{config.algorithm}").train(config, workdir)
+  return importlib.import_module(f"rlhfx.algorithms.{config.algorithm}").train(config, workdir, **kwargs)
 
 
 __all__ = ["ALGORITHMS", "train"]

@@ -19,6 +19,7 @@ concatenated 2B rows. The LM head sees only the completion positions when
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Callable
@@ -28,14 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, setup, sharding
+from rlhfx import checkpoint, evaluation, export, flops, metrics, setup, sharding
 from rlhfx.data import prepare
 from rlhfx.logprobs import completion_logps, row_logps
 from rlhfx.losses import preference
 from rlhfx.losses.common import concat_pairs, padding_share
-from rlhfx.models import Transformer, load, lora
+from rlhfx.models import ModelConfig, Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
-from rlhfx.train_state import TrainState, create_state, init_state, update
+from rlhfx.train_state import Initial, TrainState, create_state, init_state, update
 
 Array = jax.Array
 # a precomputed reference column -> the batch key the step reads it from
@@ -72,98 +73,126 @@ def pair_logps(model: Transformer, params, batch: dict[str, Array], *, chunk_siz
                               chosen_mean_logits_B=m_c, rejected_mean_logits_B=m_r)
 
 
-def reference_logps_step(params, batch, *, model: Transformer, chunk_size: int | None = None,
-                         window: int | None = None) -> dict[str, Array]:
-  """The reference's summed completion log-probs: {"chosen_B", "rejected_B"} of pairs, {"logps_B"} of unpaired
-  examples (a batch with `label_B`)."""
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything static about a DPO step: the model, the loss, where the reference log-probs come from."""
+
+  model: Transformer
+  loss: Callable  # PairLogps (UnpairedLogps when `unpaired`) -> (loss, metrics)
+  name: str = "custom"  # the registered loss's name (config.dpo.loss)
+  reference: str = "frozen"  # frozen | precomputed | lora_base | none (a reference-free loss)
+  unpaired: bool = False  # KTO: examples with label_B, not pairs
+  lora_scale: float = 1.0  # alpha / rank when the policy carries LoRA adapters
+  chunk_size: int | None = None  # LM-head positions per chunk
+  window: int | None = None  # the LM head sees the last `window` completion positions (data.max_completion_length)
+  grad_accum_steps: int = 1
+
+  @classmethod
+  def from_config(cls, config, model: Transformer, loss: Callable | None = None) -> "Settings":
+    """The registered `config.dpo.loss` (plus the SFT term when `config.dpo.sft_weight`), or `loss`: a
+    `preference.Loss` brings its own flags, a plain function takes those of config.dpo.loss."""
+    registered = preference.from_config(config.dpo)
+    flags = loss if isinstance(loss, preference.Loss) else registered
+    loss = loss or registered
+    if config.dpo.sft_weight and not flags.unpaired:
+      loss = preference.weighted_sum([(1.0, loss), (config.dpo.sft_weight, preference.sft_term)])
+    return cls(model=model, loss=loss, name=flags.name, reference="none" if flags.reference_free
+               else config.dpo.reference, unpaired=flags.unpaired, lora_scale=lora.scale(config.lora),
+               chunk_size=config.model.lm_head_chunk or None, window=config.data.max_completion_length or None,
+               grad_accum_steps=config.train.grad_accum_steps)
+
+
+def reference_logps_step(params, batch, *, s: Settings) -> dict[str, Array]:
+  """The summed completion log-probs of `params` (the reference): {"chosen_B", "rejected_B"} of pairs, {"logps_B"}
+  of unpaired examples (a batch with `label_B`)."""
   if "label_B" in batch:
-    logps_B = completion_logps(model, params, batch["tokens_BxT"], batch["mask_BxT"], batch["loss_mask_BxT"],
-                               chunk_size=chunk_size, window=window)[0]
+    logps_B = completion_logps(s.model, params, batch["tokens_BxT"], batch["mask_BxT"], batch["loss_mask_BxT"],
+                               chunk_size=s.chunk_size, window=s.window)[0]
     return {"logps_B": logps_B}
-  x = pair_logps(model, params, batch, chunk_size=chunk_size, window=window)
+  x = pair_logps(s.model, params, batch, chunk_size=s.chunk_size, window=s.window)
   return {"chosen_B": x.chosen_B, "rejected_B": x.rejected_B}
 
 
-def dpo_objective(params, batch, reference_params, *, model: Transformer, loss: Callable, mode: str,
-                  lora_scale: float = 1.0, chunk_size: int | None = None, window: int | None = None):
-  """loss(PairLogps or UnpairedLogps) of the policy (`params`, LoRA-merged) with the reference per `mode`."""
-  policy = lora.effective(params, lora_scale)
+def dpo_objective(params, batch, reference_params, *, s: Settings, loss: Callable | None = None):
+  """`loss` (default `s.loss`) of the policy (`params`, LoRA-merged) with the reference per `s.reference`."""
+  loss = loss or s.loss
+  policy = lora.effective(params, s.lora_scale)
   ref = None
-  if mode == "precomputed":
+  if s.reference == "precomputed":
     ref = {k: batch[key] for k, key in REFERENCE_KEYS.items() if key in batch}
-  elif mode != "none":
-    reference = params["base"] if mode == "lora_base" else reference_params
-    ref = reference_logps_step(jax.lax.stop_gradient(reference), batch, model=model, chunk_size=chunk_size,
-                               window=window)
+  elif s.reference != "none":
+    reference = params["base"] if s.reference == "lora_base" else reference_params
+    ref = reference_logps_step(jax.lax.stop_gradient(reference), batch, s=s)
   if "label_B" in batch:
-    logps_B = reference_logps_step(policy, batch, model=model, chunk_size=chunk_size, window=window)["logps_B"]
+    logps_B = reference_logps_step(policy, batch, s=s)["logps_B"]
     return loss(preference.UnpairedLogps(logps_B=logps_B, ref_logps_B=ref["logps_B"], labels_B=batch["label_B"]))
-  x = pair_logps(model, policy, batch, chunk_size=chunk_size, window=window)
+  x = pair_logps(s.model, policy, batch, chunk_size=s.chunk_size, window=s.window)
   if ref is not None:
     x = x.replace(ref_chosen_B=ref["chosen_B"], ref_rejected_B=ref["rejected_B"])
   return loss(x)
 
 
-def train_step(state: TrainState, batch, reference_params, *, model: Transformer, optimizer, schedule,
-               loss: Callable, mode: str, lora_scale: float = 1.0, chunk_size: int | None = None,
-               window: int | None = None, grad_accum_steps: int = 1):
-  """One optimizer step of `loss` (any function PairLogps -> (loss, metrics))."""
-  objective = functools.partial(dpo_objective, model=model, loss=loss, mode=mode, lora_scale=lora_scale,
-                                chunk_size=chunk_size, window=window)
+def train_step(state: TrainState, batch, reference_params, *, s: Settings, optimizer, schedule):
+  """One optimizer step of `s.loss` (any function PairLogps -> (loss, metrics))."""
+  objective = functools.partial(dpo_objective, s=s)
   new_state, grads, m = update(state, lambda p, b: objective(p, b, reference_params), batch, optimizer,
-                               grad_accum_steps, average=True)
+                               s.grad_accum_steps, average=True)
   step_metrics = {("train/loss" if k == "loss" else k): v for k, v in m.items()}
   return new_state, {**step_metrics, "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step),
                      "train/padding": padding_share(batch)}
 
 
-def eval_step(params, batch, reference_params, *, loss: Callable, **kwargs):
+def eval_step(params, batch, reference_params, *, s: Settings):
   """The loss and its metrics per example ([B] each: the loss applied to each pair alone), so held-out means are
   over examples and the padding rows of a short last batch can be left out. An unpaired loss (KTO: its KL term
   is a batch statistic) gives batch means instead."""
-  per_example = loss if getattr(loss, "unpaired", False) else jax.vmap(
-      lambda x: loss(jax.tree.map(lambda a: a[None], x)))
-  value, step_metrics = dpo_objective(params, batch, reference_params, loss=per_example, **kwargs)
+  per_example = s.loss if s.unpaired else jax.vmap(lambda x: s.loss(jax.tree.map(lambda a: a[None], x)))
+  value, step_metrics = dpo_objective(params, batch, reference_params, s=s, loss=per_example)
   return {"loss": value, **step_metrics}
 
 
-def loss_from_config(cfg) -> Callable:
-  """The registered loss `config.dpo.loss` with its hyper-parameters (plus the SFT term when weighted)."""
-  loss = preference.from_config(cfg)
-  if cfg.sft_weight:
-    weighted = preference.weighted_sum([(1.0, loss), (cfg.sft_weight, preference.sft_term)])
-    weighted.name, weighted.reference_free, weighted.unpaired = loss.name, loss.reference_free, loss.unpaired
-    return weighted
-  return loss
-
-
-def reference_mode(config, loss: Callable) -> str:
-  """"none" for a reference-free loss, else config.dpo.reference."""
-  return "none" if getattr(loss, "reference_free", False) else config.dpo.reference
-
-
-def step_kwargs(config, model: Transformer, loss: Callable | None = None) -> dict:
-  """The keyword arguments `train_step` and `eval_step` take for `config` (loss: the configured registered one)."""
-  loss = loss or loss_from_config(config.dpo)
-  return dict(model=model, loss=loss, mode=reference_mode(config, loss),
-              lora_scale=lora.scale(config.lora),
-              chunk_size=config.model.lm_head_chunk or None, window=config.data.max_completion_length or None)
-
-
-def jit_train_step(config, model: Transformer, optimizer, shardings, reference, *, loss: Callable | None = None):
-  """The jitted step a run executes, state donated (`rlhfx.plan` compiles this same function); `reference` is
-  the frozen tree, its ShapeDtypeStructs, or None."""
-  step = functools.partial(train_step, optimizer=optimizer,
-                           schedule=learning_rate_schedule(config.optim, config.train.num_steps),
-                           grad_accum_steps=config.train.grad_accum_steps, **step_kwargs(config, model, loss))
+def jit_train_step(config, s: Settings, optimizer, shardings, reference):
+  """The jitted step a run executes, state donated; `reference` is the frozen tree, its ShapeDtypeStructs, or
+  None."""
+  step = functools.partial(train_step, s=s, optimizer=optimizer,
+                           schedule=learning_rate_schedule(config.optim, config.train.num_steps))
   reference_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
   return jax.jit(step, in_shardings=(shardings, None, reference_shardings), out_shardings=(shardings, None),
                  donate_argnums=0)
 
 
-def jit_reference_logps(model: Transformer, chunk_size: int | None, window: int | None):
-  """The jitted pass that precomputes reference log-probs (`rlhfx.plan` compiles this same function)."""
-  return jax.jit(functools.partial(reference_logps_step, model=model, chunk_size=chunk_size, window=window))
+def flops_per_token(model_config: ModelConfig, length: int, s: Settings) -> float:
+  """Matmul FLOPs of a step per sequence token: forward and backward of the policy (the last layer and the LM head
+  on the window's positions only) plus the reference's forward (a third of that) when it runs in the step."""
+  per_row = flops.sequence_train_flops(model_config, length, kept=s.window + 1 if s.window else None)
+  forwards = 1 if s.reference in ("frozen", "lora_base") else 0
+  return per_row * (1 + forwards / 3) / length
+
+
+def init(config, model_config: ModelConfig, trees: load.Trees, loss: Callable | None = None) -> Initial:
+  """The state (the policy, LoRA-wrapped per config.lora, and its optimizer state), the frozen reference (with
+  config.dpo.reference=frozen) and the jitted step: arrays for `train`, ShapeDtypeStructs for the planner
+  (`trees.abstract`). With reference=precomputed, `initial_policy(state.params)` is what the reference pass
+  reads, before any step."""
+  s = Settings.from_config(config, Transformer(model_config), loss)
+  base = trees.params(s.model)
+  reference = trees.frozen(base, model_config.jnp_dtype) if s.reference == "frozen" else None
+  params = lora.wrap(base, config.lora, config.seed + 1)
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
+  state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, trees.runtime.mesh)
+  return Initial(state, shardings, frozen={"reference": reference},
+                 jitted=jit_train_step(config, s, optimizer, shardings, reference), settings=s,
+                 flops_per_token=flops_per_token(model_config, max(config.data.buckets), s))
+
+
+def initial_policy(params):
+  """The policy's parameters at step 0 without a merged copy: the base under LoRA adapters (which start at 0)."""
+  return params["base"] if lora.is_wrapped(params) else params
+
+
+def jit_reference_logps(s: Settings):
+  """The jitted pass that precomputes reference log-probs."""
+  return jax.jit(functools.partial(reference_logps_step, s=s))
 
 
 def precompute_reference(config, data, source, params, fn, mesh) -> dict[str, np.ndarray]:
@@ -171,7 +200,7 @@ def precompute_reference(config, data, source, params, fn, mesh) -> dict[str, np
   table: dict[str, np.ndarray] = {}
   batches = prepare.full_batches(config, data, source, keep_ids=True)
   for out, valid_B, local in evaluation.outputs(lambda b: fn(params, prepare.drop_ids(b)), batches, mesh):
-    ids = evaluation.gather(local["example_id_B"])[valid_B]
+    ids = sharding.gather(local["example_id_B"])[valid_B]
     for k, v in out.items():
       table.setdefault(k, np.full(len(source), np.nan, np.float32))[ids] = v[valid_B]
   return table
@@ -188,27 +217,18 @@ def with_reference(batch: dict, table: dict[str, np.ndarray] | None) -> dict:
 def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, float]:
   """Train per `config`; `loss` (PairLogps -> (loss, metrics)) replaces the configured registered one."""
   runtime, model_config, data = setup.run(config, workdir)
-  loss = loss or loss_from_config(config.dpo)
   mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
-  model = Transformer(model_config)
-  kwargs = step_kwargs(config, model, loss)  # the loss, reference mode, LoRA scale, LM-head chunk and window
-  mode = kwargs["mode"]
   with sharding.active(mesh, runtime.rules):
-    base = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
-    params = lora.wrap(base, config.lora, config.seed + 1)
-    reference = load.frozen_copy(base, model_config.jnp_dtype) if mode == "frozen" else None
+    run = init(config, model_config, load.Trees.of_run(config, runtime), loss)
+    s, reference = run.settings, run.frozen["reference"]
     tables = {}
-    if mode == "precomputed":  # before the state takes (donates) the parameters
-      fn = jit_reference_logps(model, kwargs["chunk_size"], kwargs["window"])
-      tables = {split: precompute_reference(config, data, source, base, fn, mesh)
+    if s.reference == "precomputed":  # with the initial policy, before any step donates the state
+      fn, policy = jit_reference_logps(s), initial_policy(run.state.params)
+      tables = {split: precompute_reference(config, data, source, policy, fn, mesh)
                 for split, source in (("train", data.train), ("eval", data.eval)) if source is not None}
-    optimizer = make_optimizer(config.optim, t.num_steps, params, frozen=lora.frozen(config.lora))
-    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
-    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter,
-                                                   frozen={"reference": reference})
-    train_step_fn = jit_train_step(config, model, optimizer, shardings, reference, loss=loss)
-    eval_fn = jax.jit(functools.partial(eval_step, **kwargs))
+    checkpointer, state, start = checkpoint.resume(config, workdir, run.state, train_iter, frozen=run.frozen)
+    eval_fn = jax.jit(functools.partial(eval_step, s=s))
 
     def evaluate(state) -> dict[str, float]:
       """Held-out metrics: means over the eval examples (KTO: over its full eval batches)."""
@@ -217,7 +237,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
       batches = (with_reference(b, tables.get("eval"))
                  for b in prepare.full_batches(config, data, data.eval, keep_ids=True))
       outs = list(evaluation.outputs(lambda b: eval_fn(state.params, b, reference), batches, mesh))
-      if not getattr(loss, "unpaired", False):
+      if not s.unpaired:
         return {f"eval/{k}": float(np.concatenate([out[k][valid_B] for out, valid_B, _ in outs]).mean())
                 for k in outs[0][0]}
       full = [out for out, valid_B, _ in outs if valid_B.all()]
@@ -227,37 +247,26 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
       return {f"eval/{k}": float(np.mean([o[k] for o in full])) for k in (full[0] if full else {})}
 
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config,
-                          flops_per_token=metrics.sequence_train_flops(
-                              model_config, max(config.data.buckets),
-                              kept=kwargs["window"] + 1 if kwargs["window"] else None) / max(config.data.buckets))
-    before = log.write(start, evaluate(state) if start == 0 else {})
-    after, step = {}, start
-    with checkpoint.Preemption() as preemption, checkpointer, log:
+                          run_config=config, flops_per_token=run.flops_per_token)
+    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
-        state, step_metrics = train_step_fn(state, sharding.global_batch(with_reference(batch, tables.get("train")),
-                                                                         mesh), reference)
+        state, step_metrics = run.jitted(state, sharding.global_batch(with_reference(batch, tables.get("train")),
+                                                                      mesh), reference)
         log.record(step, step_metrics, tokens=prepare.tokens(batch))
-        stop = preemption.reached(step)
-        if checkpoint.due(step, t, stop):
-          log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
-        if stop:
+        if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
-          evaluation.log_heldout_samples(log, step, config, lora.effective(state.params, kwargs["lora_scale"]),
-                                         model_config, data,
-                                         reference="completion" if getattr(loss, "unpaired", False) else "chosen")
-  if preemption.requested:
-    raise checkpoint.Preempted(step, checkpointer.directory)
+          evaluation.log_heldout_samples(log, step, config, lora.effective(state.params, s.lora_scale), model_config,
+                                         data, reference="completion" if s.unpaired else "chosen")
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   if "eval/rewards/accuracies" in before and "eval/rewards/accuracies" in after:
     lines.insert(0, f"held-out rewards/accuracies {before['eval/rewards/accuracies']:.1%} -> "
                     f"{after['eval/rewards/accuracies']:.1%}; rewards/margins {before['eval/rewards/margins']:.3f} -> "
                     f"{after['eval/rewards/margins']:.3f}")
   lora_note = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
-  export.print_summary(f"{getattr(loss, 'name', 'custom')} preference tuning ({mode} reference{lora_note}) for "
+  export.print_summary(f"{s.name} preference tuning ({s.reference} reference{lora_note}) for "
                        f"{t.num_steps} steps", lines, workdir, data)
   return {**log.last, **after}

@@ -22,14 +22,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, sampling_layout, setup, sharding
+from rlhfx import (checkpoint, export, flops, metrics, onpolicy, rollout, sampling_layout, scoring, setup,
+                   sharding)
 from rlhfx.data import prepare
-from rlhfx.losses import policy as L
+from rlhfx.losses import policy as losses
 from rlhfx.losses.common import masked_mean
-from rlhfx.models import Transformer, load, lora
+from rlhfx.models import ModelConfig, Transformer, load, lora
 from rlhfx.optim import make_optimizer
 from rlhfx.rollout import Rollout
-from rlhfx.train_state import create_state
+from rlhfx.train_state import Initial, create_state
 
 Array = jax.Array
 
@@ -50,7 +51,7 @@ class Settings:
   """Everything static about an iteration: modules, sampling and the grpo.* hyper-parameters."""
 
   model: Transformer
-  scorer: rollout.Scorer
+  scorer: scoring.Scorer
   sampling: rollout.SamplingSettings
   optimizer: object
   seed: int = 0
@@ -87,10 +88,10 @@ def minibatch_loss(params, mb: dict, *, s: Settings):
   logps_BxC, ent_BxC = policy_logps(params, r, s, entropy=True)
   mask_BxC = r.mask_BxC
   advantages_BxC = jnp.broadcast_to(mb["advantages_B"][:, None], mask_BxC.shape)
-  pg, pg_m = L.ppo_policy_loss(logps_BxC, mb["old_logps_BxC"], advantages_BxC, mask_BxC, clip_eps=s.clip_eps,
+  pg, pg_m = losses.ppo_policy_loss(logps_BxC, mb["old_logps_BxC"], advantages_BxC, mask_BxC, clip_eps=s.clip_eps,
                                clip_eps_high=s.clip_eps_high, aggregation=s.aggregation,
                                normaliser=s.sampling.max_new_tokens)
-  kl = L.aggregate(L.kl_estimate(logps_BxC, mb["ref_logps_BxC"], "k3"), mask_BxC, s.aggregation,
+  kl = losses.aggregate(losses.kl_estimate(logps_BxC, mb["ref_logps_BxC"], "k3"), mask_BxC, s.aggregation,
                    normaliser=s.sampling.max_new_tokens)
   return pg + s.beta * kl, {"policy_loss": pg, "kl": kl, "entropy": masked_mean(ent_BxC, mask_BxC),
                             "approxkl": pg_m["approxkl"], "clipfrac": pg_m["clipfrac"], "ratio": pg_m["ratio"]}
@@ -103,8 +104,8 @@ def policy_params(state: GRPOState, s: Settings):
 
 def update_step(state: GRPOState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
   mask_BxC = r.mask_BxC
-  scores_B, has_eos_B = rollout.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
-  advantages_B = L.group_advantages(scores_B, s.sampling.group_size, kind=s.advantage)
+  scores_B, has_eos_B = scoring.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
+  advantages_B = losses.group_advantages(scores_B, s.sampling.group_size, kind=s.advantage)
   old_logps_BxC = jax.lax.stop_gradient(policy_logps(state.params, r, s)[0])
   if s.beta:
     ref_logps_BxC = rollout.completion_stats(s.model, frozen["reference"], r, temperature=s.sampling.temperature,
@@ -135,79 +136,70 @@ def iteration(state: GRPOState, batch: dict[str, Array], frozen: dict, s: Settin
   """Rollout (in the training layout), in-graph scoring and update: (new state, metrics, the rollout, its
   scores_B)."""
   r = rollout.sample_step(policy_params(state, s), batch, state.step, seed=s.seed, s=s.sampling)
-  return rollout.fused_iteration(functools.partial(update_step, s=s), state, r, frozen, s.scorer)
+  return onpolicy.fused_iteration(functools.partial(update_step, s=s), state, r, frozen, s.scorer)
 
 
-def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None = None) -> rollout.Programs:
-  """The jitted programs a run executes (`rlhfx.plan` compiles these same functions)."""
-  return rollout.Programs.jit(iteration=functools.partial(iteration, s=s),
-                              policy=functools.partial(policy_params, s=s),
-                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings,
-                              seed=s.seed, sampling=s.sampling, layout=layout)
+def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None = None) -> onpolicy.Steps:
+  """The jitted programs a run executes."""
+  return onpolicy.Steps.jit(iteration=functools.partial(iteration, s=s), policy=functools.partial(policy_params, s=s),
+                            update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings,
+                            seed=s.seed, sampling=s.sampling, layout=layout)
+
+
+def init(config, model_config: ModelConfig, trees: load.Trees, tokenizer=None, columns=None) -> Initial:
+  """The state (the policy, LoRA-wrapped per config.lora, and its optimizer state), the frozen reference and
+  reward model, and the jitted programs: arrays for `train`, ShapeDtypeStructs for the planner (`trees.abstract`,
+  no tokenizer: the model's own EOS and pad ids)."""
+  model = Transformer(model_config)
+  base = trees.params(model)
+  reference = trees.frozen(base, model_config.jnp_dtype)  # the held-out KL is measured against it even at beta = 0
+  params = lora.wrap(base, config.lora, config.seed + 1)
+  scorer, reward_params = scoring.make_scorer(config, tokenizer, trees, model_config, columns)
+  if reward_params is not None:  # the frozen scorer is kept in its compute dtype
+    reward_params = trees.frozen(reward_params, scorer.module.config.jnp_dtype)
+  g = config.grpo
+  optimizer = make_optimizer(config.optim, config.train.num_steps * g.epochs * g.minibatches, params,
+                             frozen=lora.frozen(config.lora))
+  sampling = rollout.SamplingSettings.from_config(config, model_config, tokenizer)
+  s = Settings.from_config(config, model=model, scorer=scorer, sampling=sampling, optimizer=optimizer)
+  state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, trees.runtime.mesh)
+  steps = jit_programs(s, shardings, sampling_layout.make(config, model, trees.runtime))
+  return Initial(state, shardings, {"reference": reference, "reward": reward_params}, steps, s,
+                 flops.iteration_flops(model_config, max(config.data.buckets), sampling.max_new_tokens, g.epochs,
+                                       False))
 
 
 def train(config, workdir: str) -> dict[str, float]:
   """Train per `config` (see the module docstring); returns the final metrics."""
   runtime, model_config, data = setup.run(config, workdir)
   mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
-  model = Transformer(model_config)
   with sharding.active(mesh, runtime.rules):
-    params = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
-    # the held-out KL is measured against the initial policy even when beta = 0
-    reference = load.frozen_copy(params, model_config.jnp_dtype)
-    params = lora.wrap(params, config.lora, config.seed + 1)
-    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime, model_config.attention,
-                                                rewards.prompt_columns(data.train))
-    if reward_params is not None:  # the frozen scorer is kept in its compute dtype
-      reward_params = load.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
-    optimizer = make_optimizer(config.optim, t.num_steps * config.grpo.epochs * config.grpo.minibatches, params,
-                               frozen=lora.frozen(config.lora))
-    sampling = rollout.SamplingSettings.from_config(config, model_config, data.tokenizer)
-    s = Settings.from_config(config, model=model, scorer=scorer, sampling=sampling, optimizer=optimizer)
-    frozen = {"reference": reference, "reward": reward_params}
-    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
+    run = init(config, model_config, load.Trees.of_run(config, runtime), data.tokenizer,
+               scoring.prompt_columns(data.train))
+    s, frozen, steps = run.settings, run.frozen, run.jitted
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
-    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter, frozen=frozen)
-    programs = jit_programs(s, shardings, sampling_layout.make(config, model, runtime))
-    sampling_layout.record(programs, state, workdir)
-    score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.train)
-    eval_score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.eval)
-    eval_fn = jax.jit(functools.partial(rollout.eval_rollout, model=model, chunk_size=s.chunk_size,
-                                        s=dataclasses.replace(sampling, group_size=1), lora_scale=s.lora_scale))
-
-    def evaluate(state) -> dict[str, float]:
-      if data.eval is None:
-        return {}
-      return evaluation.heldout_rollouts(
-          lambda b, rng: eval_fn(state.params, b, reference, rng), eval_score,
-          prepare.full_batches(config, data, data.eval, limit=t.eval_batches, keep_ids=True), mesh, seed=config.seed,
-          eos_id=sampling.eos_id, missing_eos_penalty=scorer.missing_eos_penalty)
+    checkpointer, state, start = checkpoint.resume(config, workdir, run.state, train_iter, frozen=frozen)
+    sampling_layout.record(steps, state, workdir)
+    score = onpolicy.score_fn(steps, s.scorer, frozen["reward"], data.tokenizer, mesh, data.train)
+    heldout = onpolicy.heldout(config, data, s, steps, frozen, mesh)
+    evaluate = lambda state: heldout(state.params)  # noqa: E731
 
     samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config,
-                          flops_per_token=metrics.iteration_flops(model_config, max(config.data.buckets),
-                                                                  sampling.max_new_tokens, config.grpo.epochs, False))
-    before = log.write(start, evaluate(state) if start == 0 else {})
-    after, step = {}, start
-    with checkpoint.Preemption() as preemption, checkpointer, log:
+                          run_config=config, flops_per_token=run.flops_per_token)
+    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
-        state, step_metrics, r, scores_B = rollout.run_iteration(programs, state, batch, frozen, score, mesh,
-                                                                 phased=t.time_phases or not scorer.in_graph)
-        log.record(step, step_metrics, tokens=rollout.tokens(batch, sampling))
+        state, step_metrics, r, scores_B = onpolicy.run_iteration(steps, state, batch, frozen, score, mesh,
+                                                                  phased=t.time_phases or not s.scorer.in_graph)
+        log.record(step, step_metrics, tokens=rollout.tokens(batch, s.sampling))
         samples.record(step, r, scores_B)
-        stop = preemption.reached(step)
-        if checkpoint.due(step, t, stop):
-          log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
-        if stop:
+        if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
       samples.flush()
-  if preemption.requested:
-    raise checkpoint.Preempted(step, checkpointer.directory)
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   export.print_summary(f"GRPO ({config.grpo.advantage} advantages) for {t.num_steps} iterations",
                        rollout.summary(before, after, workdir) + lines, workdir, data)

@@ -6,7 +6,7 @@ One iteration, one compiled program (`iteration`):
   rollout   sample completions of the prompt batch with the current policy (rlhfx.rollout);
   scoring   the reward model's score at the last token, normalised with the reward run's
             mean/std, minus `missing_eos_penalty` for completions cut before EOS
-            (or a reward function: rlhfx.rewards);
+            (or a reward function: rlhfx.scoring);
   stats     old log-probs, reference log-probs and values of the completion tokens;
             per-token reward -kl_coef * KL (k1/k2/k3) plus the score at the last token;
             GAE over the completion; whitened advantages;
@@ -27,15 +27,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, rewards, rollout, sampling_layout, setup, sharding
+from rlhfx import (checkpoint, export, flops, metrics, onpolicy, rollout, sampling_layout, scoring, setup,
+                   sharding)
 from rlhfx.data import prepare
-from rlhfx.losses import policy as L
+from rlhfx.losses import policy as losses
 from rlhfx.losses.common import masked_mean
-from rlhfx.models import Transformer, load, lora
+from rlhfx.models import ModelConfig, Transformer, load, lora
 from rlhfx.models.heads import ScoreModel, from_lm_params
 from rlhfx.optim import make_optimizer
 from rlhfx.rollout import Rollout
-from rlhfx.train_state import create_state
+from rlhfx.train_state import Initial, create_state
 
 Array = jax.Array
 
@@ -59,7 +60,7 @@ class Settings:
 
   model: Transformer
   critic: ScoreModel | None  # None: value head on the policy
-  scorer: rollout.Scorer
+  scorer: scoring.Scorer
   sampling: rollout.SamplingSettings
   optimizer: object
   seed: int = 0
@@ -96,10 +97,6 @@ class Settings:
                chunk_size=config.model.lm_head_chunk or None, **modules)
 
 
-def init_value_head(d_model: int) -> dict:
-  return {"kernel": jnp.zeros((d_model, 1), jnp.float32)}
-
-
 def policy_and_values(params, r: Rollout, s: Settings, *, entropy: bool = False):
   """(logps_BxC, entropy_BxC, values_BxC) of the completion tokens under `params`."""
   logps_BxC, ent_BxC, hidden_BxCxD = rollout.completion_stats(
@@ -117,15 +114,15 @@ def minibatch_loss(params, mb: dict, *, s: Settings, kl_coef: Array):
   r = mb["rollout"]
   logps_BxC, ent_BxC, values_BxC = policy_and_values(params, r, s, entropy=True)
   mask_BxC = r.mask_BxC
-  pg, pg_m = L.ppo_policy_loss(logps_BxC, mb["old_logps_BxC"], mb["advantages_BxC"], mask_BxC,
+  pg, pg_m = losses.ppo_policy_loss(logps_BxC, mb["old_logps_BxC"], mb["advantages_BxC"], mask_BxC,
                                clip_eps=s.clip_eps, dual_clip=s.dual_clip, aggregation=s.aggregation,
                                normaliser=s.sampling.max_new_tokens)
-  vf, vf_m = L.value_loss(values_BxC, mb["old_values_BxC"], mb["returns_BxC"], mask_BxC, clip_range=s.value_clip,
+  vf, vf_m = losses.value_loss(values_BxC, mb["old_values_BxC"], mb["returns_BxC"], mask_BxC, clip_range=s.value_clip,
                           aggregation=s.aggregation, normaliser=s.sampling.max_new_tokens)
   entropy = masked_mean(ent_BxC, mask_BxC)
   loss = pg + s.vf_coef * vf - s.entropy_coef * entropy
   if s.kl_in == "loss":
-    kl = L.aggregate(L.kl_estimate(logps_BxC, mb["ref_logps_BxC"], s.kl_estimator), mask_BxC, s.aggregation,
+    kl = losses.aggregate(losses.kl_estimate(logps_BxC, mb["ref_logps_BxC"], s.kl_estimator), mask_BxC, s.aggregation,
                      normaliser=s.sampling.max_new_tokens)
     loss = loss + kl_coef * kl
   return loss, {"policy_loss": pg, "value_loss": vf, "entropy": entropy, "approxkl": pg_m["approxkl"],
@@ -140,19 +137,19 @@ def policy_params(state: PPOState, s: Settings):
 def update_step(state: PPOState, r: Rollout, scores_B: Array, frozen: dict, s: Settings):
   """Statistics under the rollout's policy, rewards, GAE and the epochs x minibatches updates."""
   mask_BxC = r.mask_BxC
-  scores_B, has_eos_B = rollout.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
+  scores_B, has_eos_B = scoring.finish_scores(scores_B, r, s.sampling.eos_id, s.scorer.missing_eos_penalty)
   old_logps_BxC, _, old_values_BxC = jax.lax.stop_gradient(policy_and_values(state.params, r, s))
   ref_logps_BxC = rollout.completion_stats(s.model, frozen["reference"], r, temperature=s.sampling.temperature,
                                            chunk_size=s.chunk_size)[0]
-  kl_BxC = L.kl_estimate(old_logps_BxC, ref_logps_BxC, s.kl_estimator)
+  kl_BxC = losses.kl_estimate(old_logps_BxC, ref_logps_BxC, s.kl_estimator)
   reward_kl_coef = state.kl_coef if s.kl_in == "reward" else 0.0
-  rewards_BxC, non_score_BxC = L.kl_penalized_rewards(scores_B, kl_BxC, mask_BxC, kl_coef=reward_kl_coef,
+  rewards_BxC, non_score_BxC = losses.kl_penalized_rewards(scores_B, kl_BxC, mask_BxC, kl_coef=reward_kl_coef,
                                                       per_sequence=s.kl_penalty == "sequence")
   if s.whiten_rewards:
-    rewards_BxC = L.whiten(rewards_BxC, mask_BxC, shift_mean=False)
-  advantages_BxC, returns_BxC = L.gae(rewards_BxC, old_values_BxC, mask_BxC, gamma=s.gamma, lam=s.lam)
+    rewards_BxC = losses.whiten(rewards_BxC, mask_BxC, shift_mean=False)
+  advantages_BxC, returns_BxC = losses.gae(rewards_BxC, old_values_BxC, mask_BxC, gamma=s.gamma, lam=s.lam)
   if s.whiten_advantages:
-    advantages_BxC = L.whiten(advantages_BxC, mask_BxC)
+    advantages_BxC = losses.whiten(advantages_BxC, mask_BxC)
 
   data = {"rollout": r, "old_logps_BxC": old_logps_BxC, "ref_logps_BxC": ref_logps_BxC,
           "old_values_BxC": old_values_BxC, "advantages_BxC": advantages_BxC, "returns_BxC": returns_BxC}
@@ -165,7 +162,7 @@ def update_step(state: PPOState, r: Rollout, scores_B: Array, frozen: dict, s: S
   kl_B = rollout.sequence_kl(old_logps_BxC, ref_logps_BxC, mask_BxC)
   kl_coef = state.kl_coef
   if s.kl_target:
-    kl_coef = L.AdaptiveKL(s.kl_target, s.kl_horizon).update(kl_coef, kl_B.mean(), scores_B.shape[0])
+    kl_coef = losses.AdaptiveKL(s.kl_target, s.kl_horizon).update(kl_coef, kl_B.mean(), scores_B.shape[0])
   non_score_B = non_score_BxC.sum(-1)
   step_metrics = {
       **rollout.logprob_agreement(r, old_logps_BxC),  # sampler vs trainer
@@ -183,98 +180,86 @@ def iteration(state: PPOState, batch: dict[str, Array], frozen: dict, s: Setting
   """Rollout (in the training layout), in-graph scoring and update: (new state, metrics, the rollout, its
   scores_B)."""
   r = rollout.sample_step(policy_params(state, s), batch, state.step, seed=s.seed, s=s.sampling)
-  return rollout.fused_iteration(functools.partial(update_step, s=s), state, r, frozen, s.scorer)
+  return onpolicy.fused_iteration(functools.partial(update_step, s=s), state, r, frozen, s.scorer)
 
 
-def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None = None) -> rollout.Programs:
-  """The jitted programs a run executes (`rlhfx.plan` compiles these same functions)."""
-  return rollout.Programs.jit(iteration=functools.partial(iteration, s=s),
-                              policy=functools.partial(policy_params, s=s),
-                              update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings,
-                              seed=s.seed, sampling=s.sampling, layout=layout)
+def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None = None) -> onpolicy.Steps:
+  """The jitted programs a run executes."""
+  return onpolicy.Steps.jit(iteration=functools.partial(iteration, s=s), policy=functools.partial(policy_params, s=s),
+                            update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings,
+                            seed=s.seed, sampling=s.sampling, layout=layout)
 
 
-def init_params(config, policy, scorer: rollout.Scorer, reward_params, model_config, mesh):
+def init_params(config, policy, scorer: scoring.Scorer, reward_params, model_config, trees: load.Trees):
   """({"policy", "value" | "value_head"}, the critic module or None) per config.ppo.value_model: a separate critic
   starts as a copy of the reward model, or else of the policy's backbone with a zero head."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   if config.ppo.value_model == "policy_head":
-    return {"policy": policy, "value_head": jax.device_put(init_value_head(model_config.d_model), replicated)}, None
-  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)  # noqa: E731
+    return {"policy": policy, "value_head": {"kernel": trees.zeros((model_config.d_model, 1), jnp.float32)}}, None
   if scorer.module is not None:
-    return {"policy": policy, "value": copy(reward_params)}, scorer.module
-  head = {"kernel": jax.device_put(jnp.zeros((model_config.d_model, 1), model_config.jnp_param_dtype), replicated)}
-  return {"policy": policy, "value": from_lm_params(copy(policy), head)}, ScoreModel(model_config)
+    return {"policy": policy, "value": trees.copy(reward_params)}, scorer.module
+  head = {"kernel": trees.zeros((model_config.d_model, 1), model_config.jnp_param_dtype)}
+  return {"policy": policy, "value": from_lm_params(trees.copy(policy), head)}, ScoreModel(model_config)
+
+
+def init(config, model_config: ModelConfig, trees: load.Trees, tokenizer=None, columns=None) -> Initial:
+  """The state (policy and critic, LoRA-wrapped per config.lora, their optimizer state, the KL coefficient), the
+  frozen reference and reward model, and the jitted programs: arrays for `train`, ShapeDtypeStructs for the
+  planner (`trees.abstract`, no tokenizer: the model's own EOS and pad ids)."""
+  model = Transformer(model_config)
+  policy = trees.params(model)
+  reference = trees.frozen(policy, model_config.jnp_dtype)
+  scorer, reward_params = scoring.make_scorer(config, tokenizer, trees, model_config, columns)
+  params, critic = init_params(config, policy, scorer, reward_params, model_config, trees)
+  # LoRA adapters (config.lora.rank > 0) on the policy and on a separate critic; a value head trains whole
+  params = {k: v if k == "value_head" else lora.wrap(v, config.lora, config.seed + 1 + i)
+            for i, (k, v) in enumerate(params.items())}
+  p = config.ppo
+  optimizer = make_optimizer(config.optim, config.train.num_steps * p.epochs * p.minibatches, params,
+                             frozen=lora.frozen(config.lora))
+  sampling = rollout.SamplingSettings.from_config(config, model_config, tokenizer)
+  s = Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling, optimizer=optimizer)
+  if reward_params is not None:  # the critic took its own copy; the frozen scorer is kept in its compute dtype
+    reward_params = trees.frozen(reward_params, scorer.module.config.jnp_dtype)
+  state, shardings = create_state(functools.partial(init_state, optimizer=optimizer, kl_coef=p.kl_coef), params,
+                                  trees.runtime.mesh)
+  steps = jit_programs(s, shardings, sampling_layout.make(config, model, trees.runtime))
+  return Initial(state, shardings, {"reference": reference, "reward": reward_params}, steps, s,
+                 flops.iteration_flops(model_config, max(config.data.buckets), sampling.max_new_tokens, p.epochs,
+                                       critic is not None))
 
 
 def train(config, workdir: str) -> dict[str, float]:
   """Train per `config` (see the module docstring); returns the final metrics."""
   runtime, model_config, data = setup.run(config, workdir)
   mesh, workdir, t = runtime.mesh, runtime.workdir, config.train
-  model = Transformer(model_config)
   with sharding.active(mesh, runtime.rules):
-    policy = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
-    reference = load.frozen_copy(policy, model_config.jnp_dtype)
-    scorer, reward_params = rewards.make_scorer(config, data.tokenizer, runtime, model_config.attention,
-                                                rewards.prompt_columns(data.train))
-    params, critic = init_params(config, policy, scorer, reward_params, model_config, mesh)
-    # LoRA adapters (config.lora.rank > 0) on the policy and on a separate critic; a value head trains whole
-    params = {k: v if k == "value_head" else lora.wrap(v, config.lora, config.seed + 1 + i)
-              for i, (k, v) in enumerate(params.items())}
-    optimizer = make_optimizer(config.optim, t.num_steps * config.ppo.epochs * config.ppo.minibatches, params,
-                               frozen=lora.frozen(config.lora))
-    sampling = rollout.SamplingSettings.from_config(config, model_config, data.tokenizer)
-    s = Settings.from_config(config, model=model, critic=critic, scorer=scorer, sampling=sampling,
-                             optimizer=optimizer)
-    if reward_params is not None:  # the critic took its own copy; the frozen scorer is kept in its compute dtype
-      reward_params = load.frozen_copy(reward_params, scorer.module.config.jnp_dtype)
-    frozen = {"reference": reference, "reward": reward_params}
-    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer, kl_coef=config.ppo.kl_coef),
-                                    params, mesh)
+    run = init(config, model_config, load.Trees.of_run(config, runtime), data.tokenizer,
+               scoring.prompt_columns(data.train))
+    s, frozen, steps = run.settings, run.frozen, run.jitted
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
-    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter, frozen=frozen)
-    programs = jit_programs(s, shardings, sampling_layout.make(config, model, runtime))
-    sampling_layout.record(programs, state, workdir)
-    score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.train)
-    eval_score = rollout.scoring(programs, scorer, reward_params, data.tokenizer, mesh, data.eval)
-    eval_fn = jax.jit(functools.partial(rollout.eval_rollout, model=model, chunk_size=s.chunk_size,
-                                        s=dataclasses.replace(sampling, group_size=1), lora_scale=s.lora_scale))
-
-    def evaluate(state) -> dict[str, float]:
-      if data.eval is None:
-        return {}
-      return evaluation.heldout_rollouts(
-          lambda b, rng: eval_fn(state.params["policy"], b, reference, rng), eval_score,
-          prepare.full_batches(config, data, data.eval, limit=t.eval_batches, keep_ids=True), mesh, seed=config.seed,
-          eos_id=sampling.eos_id, missing_eos_penalty=scorer.missing_eos_penalty)
+    checkpointer, state, start = checkpoint.resume(config, workdir, run.state, train_iter, frozen=frozen)
+    sampling_layout.record(steps, state, workdir)
+    score = onpolicy.score_fn(steps, s.scorer, frozen["reward"], data.tokenizer, mesh, data.train)
+    heldout = onpolicy.heldout(config, data, s, steps, frozen, mesh)
+    evaluate = lambda state: heldout(state.params["policy"])  # noqa: E731
 
     samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config,
-                          flops_per_token=metrics.iteration_flops(model_config, max(config.data.buckets),
-                                                                  sampling.max_new_tokens, config.ppo.epochs,
-                                                                  critic is not None))
-    before = log.write(start, evaluate(state) if start == 0 else {})
-    after, step = {}, start
-    with checkpoint.Preemption() as preemption, checkpointer, log:
+                          run_config=config, flops_per_token=run.flops_per_token)
+    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
-        state, step_metrics, r, scores_B = rollout.run_iteration(programs, state, batch, frozen, score, mesh,
-                                                                 phased=t.time_phases or not scorer.in_graph)
-        log.record(step, step_metrics, tokens=rollout.tokens(batch, sampling))
+        state, step_metrics, r, scores_B = onpolicy.run_iteration(steps, state, batch, frozen, score, mesh,
+                                                                  phased=t.time_phases or not s.scorer.in_graph)
+        log.record(step, step_metrics, tokens=rollout.tokens(batch, s.sampling))
         samples.record(step, r, scores_B)
-        stop = preemption.reached(step)
-        if checkpoint.due(step, t, stop):
-          log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
-        if stop:
+        if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
       samples.flush()
-  if preemption.requested:
-    raise checkpoint.Preempted(step, checkpointer.directory)
   lines = export.export_policy(config, model_config, state.params["policy"], data.tokenizer, workdir)
-  export.print_summary(f"PPO for {t.num_steps} iterations", rollout.summary(before, after, workdir) + lines,
-                       workdir, data)
+  export.print_summary(f"PPO for {t.num_steps} iterations",
+                       rollout.summary(before, after, workdir) + lines, workdir, data)
   return {**log.last, **after}

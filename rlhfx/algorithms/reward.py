@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, rewards, setup, sharding
+from rlhfx import checkpoint, evaluation, export, flops, metrics, scoring, setup, sharding
 from rlhfx.data import prepare
 from rlhfx.losses.common import concat_pairs
-from rlhfx.losses.preference import bradley_terry_loss
-from rlhfx.models import load, lora
-from rlhfx.models.heads import ScoreModel, from_lm_params
+from rlhfx.losses.reward import bradley_terry_loss
+from rlhfx.models import ModelConfig, load, lora
+from rlhfx.models.heads import ScoreModel
 from rlhfx.optim import learning_rate_schedule, make_optimizer
-from rlhfx.train_state import TrainState, create_state, init_state, update
+from rlhfx.train_state import Initial, TrainState, create_state, init_state, update
 
 Array = jax.Array
 
@@ -52,12 +52,25 @@ def train_step(state: TrainState, batch, *, model: ScoreModel, optimizer, schedu
 
 
 def jit_train_step(config, model: ScoreModel, optimizer, shardings):
-  """The jitted step a run executes, state donated (`rlhfx.plan` compiles this same function)."""
+  """The jitted step a run executes, state donated."""
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            schedule=learning_rate_schedule(config.optim, config.train.num_steps),
                            center_coef=config.reward.center_coef, grad_accum_steps=config.train.grad_accum_steps,
                            lora_scale=lora.scale(config.lora))
   return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+
+
+def init(config, model_config: ModelConfig, trees: load.Trees) -> Initial:
+  """The state (a ScoreModel: the pretrained language model as its backbone when config.model.init_from names one,
+  a random score head; LoRA-wrapped per config.lora) and the jitted step: arrays for `train`, ShapeDtypeStructs
+  for the planner (`trees.abstract`)."""
+  model = ScoreModel(model_config)
+  params = lora.wrap(trees.score_params(model), config.lora, config.seed + 1)
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
+  state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, trees.runtime.mesh)
+  length = max(config.data.buckets)  # the reward is read at one position: the last layer and head run there only
+  return Initial(state, shardings, frozen={}, jitted=jit_train_step(config, model, optimizer, shardings),
+                 flops_per_token=flops.sequence_train_flops(model_config, length, kept=1, lm_head=False) / length)
 
 
 def eval_step(params, batch, *, model: ScoreModel, lora_scale: float = 1.0):
@@ -87,17 +100,9 @@ def train(config, workdir: str) -> dict[str, float]:
   model = ScoreModel(model_config)
   lora_scale = lora.scale(config.lora)
   with sharding.active(mesh, runtime.rules):
-    params = load.sharded_params(model, runtime, jax.random.key(config.seed))
-    pretrained = load.pretrained(config)
-    if pretrained is not None:  # a pretrained LM as the backbone; the score head stays random
-      score = jax.device_get(params["score"])
-      params = load.put(from_lm_params(pretrained, score), load.param_shardings(model, runtime))
-    params = lora.wrap(params, config.lora, config.seed + 1)
-    optimizer = make_optimizer(config.optim, t.num_steps, params, frozen=lora.frozen(config.lora))
-    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
+    run = init(config, model_config, load.Trees.of_run(config, runtime))
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
-    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter)
-    train_step_fn = jit_train_step(config, model, optimizer, shardings)
+    checkpointer, state, start = checkpoint.resume(config, workdir, run.state, train_iter)
     eval_fn = jax.jit(functools.partial(eval_step, model=model, lora_scale=lora_scale))
 
     def rewards_of(state, source, limit=None):
@@ -108,29 +113,20 @@ def train(config, workdir: str) -> dict[str, float]:
       return accuracy(rewards_of(state, data.eval)) if data.eval is not None else {}
 
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config,
-                          flops_per_token=metrics.sequence_train_flops(
-                              model_config, max(config.data.buckets), kept=1, lm_head=False) / max(config.data.buckets))
-    before = log.write(start, evaluate(state) if start == 0 else {})
-    after, step = {}, start
-    with checkpoint.Preemption() as preemption, checkpointer, log:
+                          run_config=config, flops_per_token=run.flops_per_token)
+    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
-        state, step_metrics = train_step_fn(state, sharding.global_batch(prepare.drop_ids(batch), mesh))
+        state, step_metrics = run.jitted(state, sharding.global_batch(prepare.drop_ids(batch), mesh))
         log.record(step, step_metrics, tokens=prepare.tokens(batch))
-        stop = preemption.reached(step)
-        if checkpoint.due(step, t, stop):
-          log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
-        if stop:
+        if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
-    if preemption.requested:
-      raise checkpoint.Preempted(step, checkpointer.directory)
     stats = reward_stats(rewards_of(state, data.train, limit=config.reward.stats_batches))
     scorer_params = lora.effective(state.params, lora_scale)  # a LoRA run exports the merged model
-  exported = rewards.export_reward_model(workdir / rewards.EXPORT_DIR, model_config, scorer_params, stats)
+  exported = scoring.export_reward_model(workdir / scoring.EXPORT_DIR, model_config, scorer_params, stats)
   lines = []
   if before and after:
     lines.append(f"held-out accuracy {before['eval/accuracy']:.1%} -> {after['eval/accuracy']:.1%} "

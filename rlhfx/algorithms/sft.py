@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhfx import checkpoint, evaluation, export, metrics, setup, sharding
+from rlhfx import checkpoint, evaluation, export, flops, metrics, setup, sharding
 from rlhfx.data import prepare
 from rlhfx.logprobs import row_logps
 from rlhfx.losses.common import padding_share, target_mask
 from rlhfx.losses.sft import sft_nll
 from rlhfx.models import ModelConfig, Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
-from rlhfx.train_state import TrainState, create_state, init_state, update
+from rlhfx.train_state import Initial, TrainState, create_state, init_state, update
 
 Array = jax.Array
 
@@ -49,13 +49,24 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer
 
 
 def jit_train_step(config, model: Transformer, optimizer, shardings):
-  """The jitted step a run executes, state donated (`rlhfx.plan` compiles this same function)."""
+  """The jitted step a run executes, state donated."""
   step = functools.partial(train_step, model=model, optimizer=optimizer,
                            schedule=learning_rate_schedule(config.optim, config.train.num_steps),
                            grad_accum_steps=config.train.grad_accum_steps,
                            lora_scale=lora.scale(config.lora),
                            chunk_size=config.model.lm_head_chunk or None)
   return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+
+
+def init(config, model_config: ModelConfig, trees: load.Trees) -> Initial:
+  """The state (the policy, LoRA-wrapped per config.lora, and its optimizer state) and the jitted step: arrays for
+  `train`, ShapeDtypeStructs for the planner (`trees.abstract`)."""
+  model = Transformer(model_config)
+  params = lora.wrap(trees.params(model), config.lora, config.seed + 1)
+  optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
+  state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, trees.runtime.mesh)
+  return Initial(state, shardings, frozen={}, jitted=jit_train_step(config, model, optimizer, shardings),
+                 flops_per_token=flops.train_flops_per_token(model_config, max(config.data.buckets)))
 
 
 def eval_step(params, batch: dict[str, Array], **kwargs) -> dict[str, Array]:
@@ -79,13 +90,9 @@ def train(config, workdir: str) -> dict[str, float]:
   model = Transformer(model_config)
   lora_scale = lora.scale(config.lora)
   with sharding.active(mesh, runtime.rules):
-    params = load.sharded_params(model, runtime, jax.random.key(config.seed), load.pretrained(config))
-    params = lora.wrap(params, config.lora, config.seed + 1)
-    optimizer = make_optimizer(config.optim, t.num_steps, params, frozen=lora.frozen(config.lora))
-    state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, mesh)
+    run = init(config, model_config, load.Trees.of_run(config, runtime))
     train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
-    checkpointer, state, start = checkpoint.resume(config, workdir, state, train_iter)
-    train_step_fn = jit_train_step(config, model, optimizer, shardings)
+    checkpointer, state, start = checkpoint.resume(config, workdir, run.state, train_iter)
     eval_fn = jax.jit(functools.partial(eval_step, model=model, lora_scale=lora_scale,
                                         chunk_size=config.model.lm_head_chunk or None))
 
@@ -106,27 +113,19 @@ def train(config, workdir: str) -> dict[str, float]:
 
     accuracy_before = accuracy(state) if config.data.builtin and data.eval is not None and start == 0 else None
     log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config,
-                          flops_per_token=metrics.train_flops_per_token(model_config, max(config.data.buckets)))
-    before = log.write(start, evaluate(state) if start == 0 else {})
-    after, step = {}, start
-    with checkpoint.Preemption() as preemption, checkpointer, log:
+                          run_config=config, flops_per_token=run.flops_per_token)
+    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
-        state, step_metrics = train_step_fn(state, sharding.global_batch(prepare.drop_ids(batch), mesh))
+        state, step_metrics = run.jitted(state, sharding.global_batch(prepare.drop_ids(batch), mesh))
         log.record(step, step_metrics, tokens=prepare.tokens(batch))
-        stop = preemption.reached(step)
-        if checkpoint.due(step, t, stop):
-          log.flush()  # only a state whose metrics are finite is saved
-          checkpointer.save(step, {"state": state}, data_iterator=train_iter)
-        if stop:
+        if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
           after = log.write(step, evaluate(state))
           evaluation.log_heldout_samples(log, step, config, lora.effective(state.params, lora_scale), model_config,
                                          data, reference="completion")
-  if preemption.requested:
-    raise checkpoint.Preempted(step, checkpointer.directory)
   final = {**log.last, **after}
   lines = []
   if before and after:

@@ -14,8 +14,6 @@ import random
 import string
 from pathlib import Path
 
-BYTE_VOCAB = 259
-
 
 def reverse_examples(n: int, seed: int = 0) -> list[dict]:
   rng = random.Random(seed)

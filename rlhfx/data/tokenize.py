@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhfx.data.synthetic import byte_tokenizer
+
 SPACE = "\u2581"  # SentencePiece's visible space
 
 DEFAULT_CHAT_TEMPLATE = (  # newlines as Jinja string escapes: transformers renders with trim_blocks=True
@@ -50,8 +52,6 @@ class TokenizerError(ValueError):
 def load_tokenizer(spec: str | os.PathLike):
   """A fast tokenizer from a path (directory or file), a Hugging Face hub id, or "builtin:bytes"."""
   if str(spec) == "builtin:bytes":
-    from rlhfx.data.synthetic import byte_tokenizer
-
     return byte_tokenizer()
   path = Path(spec)
   if path.is_file():

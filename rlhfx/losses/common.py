@@ -1,4 +1,4 @@
-"""Shared pieces of every loss: per-token log-probs of full logits, masked reductions, paired rows.
+"""Shared pieces of every loss: masked reductions, paired rows.
 
 The arithmetic on logits (`logits_stats`) and `target_mask` live in `rlhfx.logprobs`, the one
 place log-probs are computed; they are imported here for the losses.
@@ -9,15 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhfx.logprobs import logits_stats, target_mask  # noqa: F401 (target_mask: for the losses)
+from rlhfx.logprobs import target_mask  # noqa: F401 (for the losses)
 
 Array = jax.Array
-
-
-def token_logps(logits_BxTxV: Array, tokens_BxT: Array) -> Array:
-  """logps_BxT[b, t] = log p(tokens[b, t] | tokens[b, :t]); position 0 (nothing to condition on) is 0."""
-  logps_BxS = logits_stats(logits_BxTxV[:, :-1], tokens_BxT[:, 1:])[0]
-  return jnp.pad(logps_BxS, ((0, 0), (1, 0)))
 
 
 def masked_sum(x_BxT: Array, mask_BxT: Array) -> Array:
@@ -26,11 +20,6 @@ def masked_sum(x_BxT: Array, mask_BxT: Array) -> Array:
 
 def masked_mean(x_BxT: Array, mask_BxT: Array) -> Array:
   return masked_sum(x_BxT, mask_BxT) / jnp.maximum(mask_BxT.sum(), 1)
-
-
-def sequence_logps(logps_BxT: Array, mask_BxT: Array) -> Array:
-  """Sum of token log-probs over the masked (completion) positions of each row -> logps_B."""
-  return jnp.sum(jnp.where(mask_BxT, logps_BxT, 0.0), axis=-1)
 
 
 def concat_pairs(batch: dict[str, Array]) -> tuple[Array, Array, Array]:

@@ -19,7 +19,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlhfx.logprobs import logits_stats
 from rlhfx.losses.common import masked_mean
 
 Array = jax.Array
@@ -177,9 +176,3 @@ def value_loss(values_BxC: Array, old_values_BxC: Array, returns_BxC: Array, mas
     loss_BxC = jnp.maximum(unclipped_BxC, clipped_BxC)
     clipfrac = masked_mean((clipped_BxC > unclipped_BxC).astype(jnp.float32), mask_BxC)
   return 0.5 * aggregate(loss_BxC, mask_BxC, aggregation, normaliser=normaliser), {"clipfrac": clipfrac}
-
-
-def entropy_from_logits(logits_BxCxV: Array) -> Array:
-  """Per-token entropy of softmax(logits): logsumexp - sum p * logits."""
-  targets_BxC = jnp.zeros(logits_BxCxV.shape[:-1], jnp.int32)
-  return logits_stats(logits_BxCxV, targets_BxC, entropy=True)[2]

@@ -5,24 +5,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhfx.losses.common import masked_sum, target_mask, token_logps
+from rlhfx.losses.common import masked_sum, target_mask
 
 Array = jax.Array
 
 
-def sft_loss(logits_BxTxV: Array, tokens_BxT: Array, loss_mask_BxT: Array, *,
-             normalizer: Array | float | None = None) -> tuple[Array, dict[str, Array]]:
-  """Mean NLL of completion tokens: -sum_t mask_t log p(x_t | x_<t) / normalizer.
-
-  `normalizer` defaults to this batch's completion-token count; gradient
-  accumulation passes the count of the whole global batch so that k micro-batches
-  of b equal one batch of k*b exactly.
-  """
-  return sft_nll(token_logps(logits_BxTxV, tokens_BxT), loss_mask_BxT, normalizer=normalizer)
-
-
 def sft_nll(logps_BxT: Array, loss_mask_BxT: Array, *, normalizer: Array | float | None = None):
-  """`sft_loss` from token log-probs (logps_BxT[t] = log p(x_t | x_<t), rlhfx.logprobs): (loss, {nll_sum, tokens})."""
+  """Mean NLL of completion tokens, -sum_t mask_t log p(x_t | x_<t) / normalizer, from token log-probs
+  (logps_BxT[t] = log p(x_t | x_<t), rlhfx.logprobs): (loss, {nll_sum, tokens}).
+
+  `normalizer` defaults to this batch's completion-token count; gradient accumulation passes
+  the count of the whole global batch so that k micro-batches of b equal one batch of k*b exactly.
+  """
   mask_BxT = target_mask(loss_mask_BxT)
   nll_sum = -masked_sum(logps_BxT, mask_BxT)
   tokens = mask_BxT.sum()

@@ -91,8 +91,7 @@ class Dense(nn.Module):
 
   The parameters are nn.DenseGeneral's (kernel: contracted shape + features; bias: features), but
   the activations are flattened to 2-D first: XLA:CPU runs the weight-gradient dot of a 3-D
-  input (contracting batch x length) with layout copies at about half speed, and a GPT-2-small
-  MLP's forward + backward took 703 ms that way against 444 ms flattened (BENCHMARKS.md).
+  input (contracting batch x length) with layout copies, at about half speed (BENCHMARKS.md).
   """
 
   features: tuple[int, ...]
@@ -154,8 +153,8 @@ def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float, softcap
   a pass over the probabilities forward and backward. A query with no visible key (padding before a row's
   first token) is zeroed, so it gets the mean of all values, as with jax.nn.dot_product_attention, and
   passes no gradient to queries or keys through the bias. With `softcap` c the scaled scores become
-  c tanh(scores / c) before the mask (Gemma 2). GPT-2-small attention forward + backward on this CPU:
-  88-99 ms with `jax.nn.dot_product_attention`, 35-56 ms this way (BENCHMARKS.md).
+  c tanh(scores / c) before the mask (Gemma 2). On the CPU this is faster than
+  `jax.nn.dot_product_attention` forward and backward (BENCHMARKS.md).
   """
   b, t, n, h = q_BxTxNxH.shape
   k, s = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]

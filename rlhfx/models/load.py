@@ -1,12 +1,18 @@
 """A run's model: its config from `config.model`, parameters placed on the mesh, frozen copies.
 
   model_config, _ = load.model_config(config, load_params=False)  # a Hugging Face model: config.json only
-  params = load.sharded_params(Transformer(model_config), runtime, key, load.pretrained(config))
-  reference = load.frozen_copy(params, model_config.jnp_dtype)
+  trees = load.Trees(runtime, seed=config.seed, pretrained=load.pretrained(config))  # a run
+  trees = load.Trees(runtime, abstract=True)                                         # the planner
+  params = trees.params(Transformer(model_config))
+  reference = trees.frozen(params, model_config.jnp_dtype)
+
+`Trees` is how an algorithm's `init` makes every tree once for both: arrays on the mesh for a
+run, ShapeDtypeStructs with the same shapes, dtypes and shardings for the planner.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -18,6 +24,9 @@ import jax.numpy as jnp
 from rlhfx import sharding
 from rlhfx.config import ConfigError
 from rlhfx.models.config import PRESETS, ModelConfig, get_preset
+from rlhfx.models.convert import from_hf, hf_model_config
+from rlhfx.models.heads import from_lm_params
+from rlhfx.models.llama2c import from_llama2c
 
 
 def resolve_attention(choice: str, platform: str) -> str:
@@ -30,10 +39,9 @@ def resolve_attention(choice: str, platform: str) -> str:
 def compute_dtype(dtype: str, platform: str) -> str:
   """The compute dtype on `platform`: as asked, except bfloat16 on CPU, which computes in float32.
 
-  XLA:CPU has no fast bf16 matmul: on the machine of BENCHMARKS.md (AMD EPYC with avx512_bf16) a
-  2048^2 matmul ran at 165 GFLOP/s in bf16 against 208 in float32, and a GPT-2-small DPO step in bf16 was
-  slower than in float32. So a config written for an accelerator (bf16) runs its CPU smoke tests at
-  float32 speed, and says so; the parameters keep `param_dtype`.
+  XLA:CPU's bf16 matmuls are slower than its float32 ones (BENCHMARKS.md), so a config written for an
+  accelerator (bf16) runs its CPU smoke tests at float32 speed, and says so; the parameters keep
+  `param_dtype`.
   """
   if dtype == "bfloat16" and platform == "cpu":
     _say_float32_on_cpu()
@@ -63,17 +71,11 @@ def model_config(config, load_params: bool = True, platform: str | None = None) 
   params = None
   if m.init_from:
     if m.init_from.startswith("llama2c:"):
-      from rlhfx.models.llama2c import from_llama2c
-
       result, params = from_llama2c(m.init_from.removeprefix("llama2c:"))
       result = result.replace(**overrides)
     elif load_params:
-      from rlhfx.models.convert import from_hf
-
       result, params = from_hf(m.init_from, **overrides)
     else:
-      from rlhfx.models.convert import hf_model_config
-
       result = hf_model_config(m.init_from, **overrides)
     changed = {k: v for k, v in shape.items() if getattr(result, k) != v}
     if changed:  # a pretrained model's shapes come from its checkpoint
@@ -156,3 +158,49 @@ def frozen_structs(tree, compute_dtype):
   """The ShapeDtypeStructs of `frozen_copy(tree, compute_dtype)` (the planner)."""
   return jax.tree_util.tree_map_with_path(lambda path, x: jax.ShapeDtypeStruct(
       x.shape, frozen_dtype(path, x.dtype, compute_dtype), sharding=x.sharding), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trees:
+  """Where a run's parameter trees come from: initialised or loaded onto the mesh (a run), or their
+  ShapeDtypeStructs with the same shardings (`abstract`: the planner, nothing allocated)."""
+
+  runtime: sharding.Runtime
+  abstract: bool = False
+  seed: int = 0
+  pretrained: Any = None  # numpy params of config.model.init_from (None: random init)
+
+  @classmethod
+  def of_run(cls, config, runtime: sharding.Runtime) -> "Trees":
+    """A run's: random init from config.seed, or config.model.init_from's weights."""
+    return cls(runtime, seed=config.seed, pretrained=pretrained(config))
+
+  def params(self, module: nn.Module):
+    """A module's parameters: the pretrained ones when given, else a random init from the seed."""
+    if self.abstract:
+      return abstract_params(module, self.runtime)
+    return sharded_params(module, self.runtime, jax.random.key(self.seed), self.pretrained)
+
+  def score_params(self, module: nn.Module):
+    """A ScoreModel's parameters: the pretrained language model as its backbone (when given) under a random head."""
+    if self.abstract:
+      return abstract_params(module, self.runtime)
+    params = sharded_params(module, self.runtime, jax.random.key(self.seed))
+    if self.pretrained is None:
+      return params
+    return put(from_lm_params(self.pretrained, jax.device_get(params["score"])), param_shardings(module, self.runtime))
+
+  def frozen(self, tree, compute_dtype):
+    """A frozen copy of `tree` (`frozen_copy`)."""
+    return (frozen_structs if self.abstract else frozen_copy)(tree, compute_dtype)
+
+  def copy(self, tree):
+    """A copy of `tree` with its own buffers (a tree that trains apart from the one it starts from)."""
+    return tree if self.abstract else jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+  def zeros(self, shape: tuple[int, ...], dtype):
+    """A zero array replicated on every device."""
+    replicated = jax.sharding.NamedSharding(self.runtime.mesh, jax.sharding.PartitionSpec())
+    if self.abstract:
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    return jax.device_put(jnp.zeros(shape, dtype), replicated)

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhfx.models.hf_config import CheckpointError
+from rlhfx.models.peft_io import load_peft
 from rlhfx.optim import param_path
 
 
@@ -95,9 +97,6 @@ def scale(cfg) -> float:
 
 def from_peft(base, cfg) -> dict:
   """The adapters of the PEFT directory `config.lora.init_from`, checked against `config.lora` and the kernels."""
-  from rlhfx.models.hf_config import CheckpointError
-  from rlhfx.models.peft_io import load_peft
-
   scanned = any(param_path(p).startswith("layers/") for p, _ in jax.tree_util.tree_leaves_with_path(base))
   adapters, settings = load_peft(cfg.init_from, scanned=scanned)
   if (settings["rank"], settings["alpha"]) != (cfg.rank, float(cfg.alpha)):
@@ -152,7 +151,6 @@ def effective(params, scale: float):
 
 def merge(params, adapters: dict, *, scale: float):
   """Base params with W + scale * A @ B on every adapted kernel (differentiable in the adapters)."""
-
   def one(path, kernel):
     name = param_path(path)
     if name not in adapters:

@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import sequence_logps, token_logps
 
 from rlhfx.algorithms import dpo, reward
 from rlhfx.config import base_config
 from rlhfx.logprobs import completion_logps
 from rlhfx.losses import preference
-from rlhfx.losses.common import sequence_logps, target_mask, token_logps
+from rlhfx.losses.common import target_mask
 from rlhfx.models import Transformer, get_preset, init_params, lora
 from rlhfx.models.heads import ScoreModel, last_token_index
 from rlhfx.optim import learning_rate_schedule, make_optimizer
@@ -101,9 +102,10 @@ def test_three_reference_modes_give_the_same_loss():
   policy = lora.merge(base, adapters, scale=2.0)  # a policy that differs from the reference (= base)
   batch = _pairs()
   loss = functools.partial(preference.dpo_loss, beta=0.5)
-  objective = functools.partial(dpo.dpo_objective, model=MODEL, loss=loss, lora_scale=2.0)
+  settings = lambda mode: dpo.Settings(model=MODEL, loss=loss, reference=mode, lora_scale=2.0)  # noqa: E731
+  objective = lambda p, b, r, mode: dpo.dpo_objective(p, b, r, s=settings(mode))  # noqa: E731
   frozen, m_frozen = objective(policy, batch, base, mode="frozen")
-  ref = dpo.reference_logps_step(base, batch, model=MODEL)
+  ref = dpo.reference_logps_step(base, batch, s=settings("frozen"))
   cached = {**batch, "ref_chosen_logps_B": ref["chosen_B"], "ref_rejected_logps_B": ref["rejected_B"]}
   precomputed, _ = objective(policy, cached, None, mode="precomputed")
   lora_base, _ = objective({"base": base, "lora": adapters}, batch, None, mode="lora_base")
@@ -119,7 +121,7 @@ def test_eval_step_gives_per_example_values_whose_mean_is_the_batch_loss():
   policy = jax.tree.map(lambda x: x * 1.05, base)
   batch = _pairs(b=6)
   loss = preference.from_config(base_config("dpo").dpo)  # the registered sigmoid loss
-  kwargs = dict(model=MODEL, loss=loss, mode="frozen")
+  kwargs = dict(s=dpo.Settings(model=MODEL, loss=loss))
   batch_loss, batch_metrics = dpo.dpo_objective(policy, batch, base, **kwargs)
   per_example = jax.jit(functools.partial(dpo.eval_step, **kwargs))(policy, batch, base)
   assert per_example["loss"].shape == (6,)
@@ -135,9 +137,9 @@ def test_eval_step_gives_per_example_values_whose_mean_is_the_batch_loss():
 
 def _dpo_step(params, reference, *, mode, loss, frozen=(), steps=1):
   optimizer = make_optimizer(_optim(), 10, params, frozen=frozen)
-  step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(_optim(), 10), loss=loss, mode=mode,
-                                   lora_scale=2.0))
+  step = jax.jit(functools.partial(dpo.train_step, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(_optim(), 10),
+                                   s=dpo.Settings(model=MODEL, loss=loss, reference=mode, lora_scale=2.0)))
   state = init_state(params, optimizer)
   for _ in range(steps):
     state, metrics = step(state, _pairs(), reference)
@@ -159,9 +161,9 @@ def test_dpo_step_moves_every_trainable_parameter_and_no_frozen_one():
   host = jax.tree.map(np.array, params)
   reference = jax.tree.map(jnp.array, params)
   optimizer = make_optimizer(_optim(), 10, params, frozen=("^embed/", "^final_norm/"))
-  step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(_optim(), 10), loss=preference.Sigmoid(beta=0.1),
-                                   mode="frozen"), donate_argnums=0)
+  step = jax.jit(functools.partial(dpo.train_step, optimizer=optimizer, schedule=learning_rate_schedule(_optim(), 10),
+                                   s=dpo.Settings(model=MODEL, loss=preference.LOSSES["sigmoid"](beta=0.1))),
+                 donate_argnums=0)
   state, metrics = step(init_state(params, optimizer), _pairs(), reference)
   frozen = {k: v for k, v in state.params.items() if k in ("embed", "final_norm")}
   trained = {k: v for k, v in state.params.items() if k not in ("embed", "final_norm")}
@@ -196,9 +198,9 @@ def test_a_custom_loss_trains_through_the_same_step():
   params = init_params(CONFIG, jax.random.key(0))
   reference = jax.tree.map(jnp.array, params)
   optimizer = make_optimizer(_optim(lr=3e-3), 20, params)
-  step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(_optim(), 20), loss=length_margin_dpo,
-                                   mode="frozen"))
+  step = jax.jit(functools.partial(dpo.train_step, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(_optim(), 20),
+                                   s=dpo.Settings(model=MODEL, loss=length_margin_dpo)))
   state = init_state(params, optimizer)
   losses = []
   for _ in range(15):
@@ -278,17 +280,18 @@ def test_kto_trains_through_the_dpo_step_on_unpaired_rows():
   loss = preference.LOSSES["kto"](beta=0.5, desirable_weight=1.0, undesirable_weight=3.0)
   batch = _unpaired()
   # at step 0 the policy is the reference: r = 0, z0 = 0, each row's loss is w * (1 - sigmoid(0)) = w / 2
-  objective = functools.partial(dpo.dpo_objective, model=MODEL, loss=loss, mode="frozen")
+  settings = lambda mode: dpo.Settings(model=MODEL, loss=loss, reference=mode, unpaired=True)  # noqa: E731
+  objective = lambda p, b, r, mode="frozen": dpo.dpo_objective(p, b, r, s=settings(mode))  # noqa: E731
   value, metrics = objective(params, batch, params)
   np.testing.assert_allclose(value, np.mean(np.where(batch["label_B"], 1.0, 3.0)) / 2, rtol=1e-6)
   # precomputed reference columns give the same objective as the frozen tree
-  ref = dpo.reference_logps_step(params, batch, model=MODEL)
+  ref = dpo.reference_logps_step(params, batch, s=settings("frozen"))
   cached = {**batch, "ref_logps_B": ref["logps_B"]}
   np.testing.assert_allclose(objective(params, cached, None, mode="precomputed")[0], value, rtol=1e-6)
   # the step moves the policy and the desirable rows' implicit reward above the undesirable rows'
   optimizer = make_optimizer(_optim(lr=3e-3), 20, params)
-  step = jax.jit(functools.partial(dpo.train_step, model=MODEL, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(_optim(lr=3e-3), 20), loss=loss, mode="frozen"))
+  step = jax.jit(functools.partial(dpo.train_step, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(_optim(lr=3e-3), 20), s=settings("frozen")))
   state = init_state(params, optimizer)
   for _ in range(10):
     state, metrics = step(state, batch, params)

@@ -78,8 +78,8 @@ def test_loss_and_metrics_equal_trl(setup, case):
   config = base_config("dpo")
   config.dpo.beta = want["config"]["beta"]
   config.dpo.update(CASES[case])
-  loss = dpo.loss_from_config(config.dpo)
-  value, metrics = dpo.dpo_objective(params, batch, reference, model=model, loss=loss, mode="frozen")
+  s = dpo.Settings(model=model, loss=dpo.Settings.from_config(config, model).loss)  # the configured loss, frozen ref
+  value, metrics = dpo.dpo_objective(params, batch, reference, s=s)
   np.testing.assert_allclose(value, want["loss"], rtol=1e-5, atol=1e-6)
   for name in METRICS:
     np.testing.assert_allclose(metrics[name], want["metrics"][name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -90,8 +90,8 @@ def test_cdpo_differs_from_trl_sigmoid_with_label_smoothing(setup):
   model, params, reference, batch = setup
   config = base_config("dpo")
   config.dpo.update(beta=0.5, label_smoothing=0.2)
-  value, _ = dpo.dpo_objective(params, batch, reference, model=model, loss=dpo.loss_from_config(config.dpo),
-                               mode="frozen")
+  s = dpo.Settings(model=model, loss=dpo.Settings.from_config(config, model).loss)
+  value, _ = dpo.dpo_objective(params, batch, reference, s=s)
   assert abs(float(value) - EXPECTED["cases"]["sigmoid_label_smoothing"]["loss"]) > 1e-2
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhfx import reward_functions, rollout
+from rlhfx import reward_functions, rollout, scoring
 from rlhfx.reward_functions import RewardFunction
 from rlhfx.algorithms import grpo, ppo
 from rlhfx.data.synthetic import byte_tokenizer
@@ -55,7 +55,7 @@ def _all_changed(a, b) -> bool:
 def ppo_setup():
   policy = init_params(CFG, jax.random.key(0))
   reward = _score_params(1)
-  scorer = rollout.Scorer(module=ScoreModel(CFG), mean=0.3, std=2.0)
+  scorer = scoring.Scorer(module=ScoreModel(CFG), mean=0.3, std=2.0)
   params = {"policy": policy, "value": from_lm_params(_copy(policy), {"kernel": np.zeros((CFG.d_model, 1),
                                                                                           np.float32)})}
   optimizer = optax.adam(1e-3)
@@ -124,8 +124,8 @@ def test_rollout_logps_match_a_forward_pass(ppo_setup):
   np.testing.assert_allclose(np.where(r.mask_BxC, logps, 0), r.sample_logps_BxC, atol=2e-5)
 
 
-def _scorer(fn) -> rollout.Scorer:
-  return rollout.Scorer(functions=(RewardFunction("fraction", fn),))
+def _scorer(fn) -> scoring.Scorer:
+  return scoring.Scorer(functions=(RewardFunction("fraction", fn),))
 
 
 def test_missing_eos_penalty_and_stop_token():
@@ -133,14 +133,14 @@ def test_missing_eos_penalty_and_stop_token():
   mask = jnp.array([[True, True, True, False], [True, True, True, True]])
   r = rollout.Rollout(prompt_BxP=jnp.ones((2, 1), jnp.int32), prompt_mask_BxP=jnp.ones((2, 1), bool),
                        tokens_BxC=tokens, mask_BxC=mask, sample_logps_BxC=jnp.zeros((2, 4)))
-  scores, has_eos = rollout.finish_scores(jnp.array([1.0, 1.0]), r, EOS, 0.5)
+  scores, has_eos = scoring.finish_scores(jnp.array([1.0, 1.0]), r, EOS, 0.5)
   np.testing.assert_array_equal(has_eos, [True, False])
   np.testing.assert_allclose(scores, [1.0, 0.5])
 
 
 def test_value_head_on_the_policy():
   policy = init_params(CFG, jax.random.key(0))
-  params = {"policy": policy, "value_head": ppo.init_value_head(CFG.d_model)}
+  params = {"policy": policy, "value_head": {"kernel": jnp.zeros((CFG.d_model, 1), jnp.float32)}}
   optimizer = optax.adam(1e-3)
   # a set that a random byte model hits often: with every score 0 and KL 0 at the first iteration, every
   # return is 0 and a zero value head gets no gradient ("abc" alone left 32 sampled tokens scoreless by chance)
@@ -223,7 +223,7 @@ def test_lora_ppo_moves_only_adapters_of_policy_and_critic():
   params = {"policy": lora.wrap(policy, cfg, 1), "value": lora.wrap(value, cfg, 2)}
   optim = _optim("ppo")
   optimizer = make_optimizer(optim, 10, params, frozen=lora.frozen(cfg))
-  scorer = rollout.Scorer(module=ScoreModel(CFG), mean=0.3, std=2.0)
+  scorer = scoring.Scorer(module=ScoreModel(CFG), mean=0.3, std=2.0)
   s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=scorer, sampling=_sampling(),
                    optimizer=optimizer, epochs=1, minibatches=1, lora_scale=lora.scale(cfg))
   state = ppo.init_state(params, optimizer=optimizer, kl_coef=0.05)
@@ -295,7 +295,7 @@ def test_combined_minibatch_losses_equal_numpy_with_every_knob(aggregation):
   params = {"policy": policy, "value": value}
   r = rollout.rollout(policy, _prompts(), jax.random.key(3), _sampling())
   m = np.asarray(r.mask_BxC)
-  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=rollout.Scorer(),
+  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=scoring.Scorer(),
                    sampling=_sampling(), optimizer=optax.sgd(0.0), clip_eps=0.2, dual_clip=3.0, value_clip=0.1,
                    vf_coef=0.7, entropy_coef=0.05, kl_in="loss", kl_estimator="k3", aggregation=aggregation)
   logps, ent, values = (np.asarray(x, np.float64) for x in ppo.policy_and_values(params, r, s, entropy=True))
@@ -317,7 +317,7 @@ def test_combined_minibatch_losses_equal_numpy_with_every_knob(aggregation):
                              [pg, vf, entropy, clipfrac], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(metrics["approxkl"], np.where(m, 0.5 * (logps - old) ** 2, 0).sum() / m.sum(), rtol=1e-5)
 
-  g = grpo.Settings(model=Transformer(CFG), scorer=rollout.Scorer(), sampling=_sampling(),
+  g = grpo.Settings(model=Transformer(CFG), scorer=scoring.Scorer(), sampling=_sampling(),
                     optimizer=optax.sgd(0.0), clip_eps=0.2, clip_eps_high=0.28, beta=0.04, aggregation=aggregation)
   adv_B = rng.normal(0, 1, shape[0])
   gmb = {"rollout": r, "old_logps_BxC": mb["old_logps_BxC"], "ref_logps_BxC": mb["ref_logps_BxC"],
@@ -357,7 +357,7 @@ def test_ppo_update_with_whitened_rewards_equals_numpy():
                                          * 0.1})
   params = {"policy": policy, "value": value}
   optimizer = optax.sgd(0.0)
-  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=rollout.Scorer(),
+  s = ppo.Settings(model=Transformer(CFG), critic=ScoreModel(CFG), scorer=scoring.Scorer(),
                    sampling=_sampling(), optimizer=optimizer, epochs=1, minibatches=1, gamma=0.9, lam=0.8,
                    whiten_rewards=True)
   state = ppo.init_state(params, optimizer=optimizer, kl_coef=0.2)

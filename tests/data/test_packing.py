@@ -98,7 +98,7 @@ def test_packed_dpo_pairs_give_each_pairs_log_probs_and_loss_as_one_pair_per_row
   reference = jax.tree.map(lambda x: x * 0.97, policy)
   model = Transformer(config)
   loss = preference.from_config(base_config("dpo").dpo)
-  per_pair = jax.jit(lambda p, b, r: dpo.eval_step(p, b, r, model=model, loss=loss, mode="frozen"))
+  per_pair = jax.jit(lambda p, b, r: dpo.eval_step(p, b, r, s=dpo.Settings(model=model, loss=loss)))
   logps = jax.jit(lambda p, b: dpo.pair_logps(model, p, b))
   results = {}
   for packing in (False, True):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlhfx.data import builders, formats
+from rlhfx.data import builders, files, formats
 from rlhfx.data.builders import DataError
 
 RECORDS = [
@@ -66,4 +66,4 @@ def test_unreadable_sources_are_one_line(tmp_path, monkeypatch):
     _examples("someorg/pairs")
   datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS[:1])}).save_to_disk(str(tmp_path / "d"))
   with pytest.raises(DataError, match="no split 'validation' \\(splits: train\\)"):
-    formats._split("d", datasets.load_from_disk(str(tmp_path / "d")), "validation")
+    files._split("d", datasets.load_from_disk(str(tmp_path / "d")), "validation")

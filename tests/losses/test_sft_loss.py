@@ -3,8 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from rlhfx.losses.common import sequence_logps, token_logps
-from rlhfx.losses.sft import sft_loss
+from references import sequence_logps, sft_loss, token_logps
 
 
 def _numpy_token_logps(logits, tokens):

@@ -80,24 +80,24 @@ def test_params_fit_the_score_model_tree():
 def test_scoring_model_takes_an_hf_reward_model_like_an_rlhfx_export(tmp_path):
   """`config.scoring.model=<HF dir>` loads the same tree (with the run's shardings) as the rlhfx export of the
   same weights, with the stats beside it when there are some and raw scores otherwise."""
-  from rlhfx import rewards, sharding
+  from rlhfx import scoring, sharding
   from rlhfx.models.load import abstract_params
 
   config, params = score_model_from_hf(GOLDENS / "reward_llama")
   stats = {"mean": 0.25, "std": 2.0, "count": 8}
-  rewards.export_reward_model(tmp_path / "native", config, params, stats)
+  scoring.export_reward_model(tmp_path / "native", config, params, stats)
   hf_dir = score_model_to_hf(config, params, tmp_path / "hf", pad_token_id=0)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
   target = abstract_params(ScoreModel(config), sharding.Runtime(mesh=mesh, rules=sharding.DEFAULT_RULES,
                                                                 workdir=tmp_path))
-  raw = rewards.load_reward_model(hf_dir, target)
+  raw = scoring.load_reward_model(hf_dir, target)
   assert (raw.mean, raw.std) == (0.0, 1.0)
   (hf_dir / "reward_stats.json").write_text(json.dumps(stats))
-  from_hf, native = rewards.load_reward_model(hf_dir, target), rewards.load_reward_model(tmp_path / "native", target)
+  from_hf, native = scoring.load_reward_model(hf_dir, target), scoring.load_reward_model(tmp_path / "native", target)
   assert (from_hf.mean, from_hf.std) == (native.mean, native.std) == (0.25, 2.0)
-  assert rewards.reward_model_config(hf_dir) == native.config.replace(param_dtype=from_hf.config.param_dtype)
+  assert scoring.reward_model_config(hf_dir) == native.config.replace(param_dtype=from_hf.config.param_dtype)
   for a, b, t in zip(jax.tree.leaves(from_hf.params), jax.tree.leaves(native.params), jax.tree.leaves(target)):
     np.testing.assert_array_equal(a, b)
     assert a.sharding == t.sharding
   with pytest.raises(Exception, match="no reward model there"):
-    rewards.load_reward_model(tmp_path, target)
+    scoring.load_reward_model(tmp_path, target)

@@ -16,15 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
-from rlhfx import reward_functions
+from rlhfx import reward_functions, sharding
 from rlhfx.config import ConfigError
-from rlhfx.models import ModelConfig
+from rlhfx.models import ModelConfig, load
+from rlhfx.models.convert import resolve
+from rlhfx.models.heads import ScoreModel
+from rlhfx.models.score_hf import is_score_model, score_model_config, score_model_from_hf
+from rlhfx.reward_functions import RewardFunction
+
+Array = jax.Array
 
 EXPORT_DIR = "reward_model"
 
@@ -34,8 +43,6 @@ EXPORT_DIR = "reward_model"
 
 def export_reward_model(directory: str | Path, model_config: ModelConfig, params, stats: dict) -> Path:
   """Write a reward model for PPO/GRPO: params (Orbax), model_config.json, reward_stats.json."""
-  import orbax.checkpoint as ocp
-
   directory = Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
@@ -56,8 +63,6 @@ class RewardModel:
 
 def _source(path: str | Path) -> tuple[str, Path | str]:
   """("rlhfx", the export folder) or ("hf", a *ForSequenceClassification directory or hub id)."""
-  from rlhfx.models.score_hf import is_score_model
-
   path = Path(path)
   for candidate in (path, path / EXPORT_DIR):
     if (candidate / "model_config.json").exists():
@@ -76,8 +81,6 @@ def reward_model_config(path: str | Path, attention: str | None = None) -> Model
   with."""
   kind, where = _source(path)
   if kind == "hf":
-    from rlhfx.models.score_hf import score_model_config
-
     config = score_model_config(where)
   else:
     config = ModelConfig(**json.loads((where / "model_config.json").read_text()))
@@ -89,20 +92,14 @@ def load_reward_model(path: str | Path, target) -> RewardModel:
   kind, where = _source(path)
   config = reward_model_config(path)
   if kind == "hf":
-    from rlhfx.models.convert import resolve
-    from rlhfx.models.load import put
-    from rlhfx.models.score_hf import score_model_from_hf
-
     directory = resolve(where)
     _, host = score_model_from_hf(directory, param_dtype=config.param_dtype, scan_layers=config.scan_layers)
-    params = put(jax.tree.map(lambda x, t: x.astype(t.dtype), host, target), jax.tree.map(lambda t: t.sharding,
+    params = load.put(jax.tree.map(lambda x, t: x.astype(t.dtype), host, target), jax.tree.map(lambda t: t.sharding,
                                                                                             target))
     stats_file = directory / "reward_stats.json"
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"mean": 0.0, "std": 1.0}
   else:
     stats = json.loads((where / "reward_stats.json").read_text())
-    import orbax.checkpoint as ocp
-
     with ocp.StandardCheckpointer() as ckpt:
       params = ckpt.restore(where / "params", target)
   return RewardModel(config=config, params=params, mean=float(stats["mean"]), std=float(stats["std"]))
@@ -111,13 +108,56 @@ def load_reward_model(path: str | Path, target) -> RewardModel:
 # ----------------------------------------------------------------------------- scorers
 
 
-def make_scorer(config, tokenizer, runtime, attention: str = "xla", columns: Sequence[str] | None = None):
-  """(rollout.Scorer, the reward model's params or None) from config.scoring; `columns` (the prompt data's extra
-  columns) are checked against what the text functions need."""
-  from rlhfx.models.heads import ScoreModel
-  from rlhfx.models.load import abstract_params
-  from rlhfx.rollout import Scorer
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+  """How completions are scored (static): a reward model (its params travel as a frozen argument) and/or reward
+  functions (rlhfx.reward_functions), whose weighted sum is added. Text functions run on the host between rollout
+  and update (`score_on_host`); the rest runs in the graph."""
 
+  module: ScoreModel | None = None
+  mean: float = 0.0  # reward-model score normalisation
+  std: float = 1.0
+  functions: tuple[RewardFunction, ...] = ()
+  missing_eos_penalty: float = 0.0
+
+  @property
+  def in_graph(self) -> bool:
+    """Whether all of the scoring runs in the graph (no text function)."""
+    return all(f.on_tokens for f in self.functions)
+
+  @property
+  def has_graph_part(self) -> bool:
+    """Whether any of it does (a reward model or a traceable function)."""
+    return self.module is not None or any(f.on_tokens for f in self.functions)
+
+
+def scores(r, reward_params, scorer: Scorer) -> tuple[Array, dict[str, Array]]:
+  """(scores_B, {name: scores_B} of each traceable reward function) computed in the graph: the reward model's
+  normalised score at the last real token plus the traceable functions' weighted scores (text functions are
+  added on the host)."""
+  total_B = jnp.zeros(r.tokens_BxC.shape[:1], jnp.float32)
+  if scorer.module is not None:
+    raw_B = scorer.module.apply({"params": reward_params}, r.sequence_BxT, r.sequence_mask_BxT)
+    total_B = (raw_B - scorer.mean) / scorer.std
+  parts = {f.name: f.fn(r.prompt_BxP, r.prompt_mask_BxP, r.tokens_BxC, r.mask_BxC).astype(jnp.float32)
+           for f in scorer.functions if f.on_tokens}
+  return total_B + reward_functions.weighted_sum(parts, scorer.functions), parts
+
+
+def finish_scores(scores_B: Array, r, eos_id: int | None, missing_eos_penalty: float) -> tuple[Array, Array]:
+  """(scores_B after the missing-EOS penalty, has_eos_B): a completion cut at max_new_tokens loses the penalty."""
+  if eos_id is None:
+    return scores_B, jnp.zeros(scores_B.shape, bool)
+  has_eos_B = jnp.any((r.tokens_BxC == eos_id) & r.mask_BxC, axis=-1)
+  return jnp.where(has_eos_B, scores_B, scores_B - missing_eos_penalty), has_eos_B
+
+
+def make_scorer(config, tokenizer, trees: load.Trees, policy_config: ModelConfig,
+                columns: Sequence[str] | None = None) -> tuple[Scorer, Any]:
+  """(Scorer, the reward model's params or None) from config.scoring, the reward model on the policy's attention
+  path; `columns` (the prompt data's extra columns) are checked against what the text functions need. With
+  abstract `trees` (the planner: no tokenizer, maybe no reward run yet) the params are ShapeDtypeStructs, of a
+  reward model of the policy's shape when `config.scoring.model` holds none."""
   sc = config.scoring
   functions = reward_functions.load(sc.functions, sc.weights, tokenizer)
   if columns is not None:
@@ -126,12 +166,22 @@ def make_scorer(config, tokenizer, runtime, attention: str = "xla", columns: Seq
   common = dict(functions=functions, missing_eos_penalty=sc.missing_eos_penalty)
   if not sc.model:
     return Scorer(**common), None
-  rm_config = reward_model_config(sc.model, attention)
-  if rm_config.vocab_size < len(tokenizer):
+  try:
+    rm_config = reward_model_config(sc.model, policy_config.attention)
+  except ConfigError:
+    if not trees.abstract:
+      raise
+    logging.warning("config.scoring.model=%r holds no reward model yet: planned with one of the policy's shape",
+                    sc.model)
+    rm_config = policy_config
+  if tokenizer is not None and rm_config.vocab_size < len(tokenizer):
     raise ConfigError(f"config.scoring.model: the reward model's vocab_size {rm_config.vocab_size} is smaller than "
                       f"the policy tokenizer ({len(tokenizer)} tokens); both must share a tokenizer")
   module = ScoreModel(rm_config)
-  rm = load_reward_model(sc.model, abstract_params(module, runtime))
+  target = load.abstract_params(module, trees.runtime)
+  if trees.abstract:
+    return Scorer(module=module, **common), target
+  rm = load_reward_model(sc.model, target)
   mean, std = (rm.mean, rm.std) if sc.normalize else (0.0, 1.0)
   return Scorer(module=module, mean=mean, std=max(std, 1e-6), **common), rm.params
 
@@ -173,20 +223,17 @@ def score_on_host(scorer, tokenizer, r, mesh, *, in_graph: tuple | None = None, 
   in-graph part (`in_graph` = (scores_B, parts) of the reward model and traceable functions; None when the scorer
   has neither) plus each text function's weighted scores on the decoded rollout. `prompt_ids` are this process's
   prompts' rows of `source`, one per prompt of the batch (each read once, then repeated for its group)."""
-  from rlhfx import sharding
-  from rlhfx.evaluation import gather
-
-  r = gather(r)
+  r = sharding.gather(r)
   rows = None
   if prompt_ids is not None:
-    ids_P = gather(np.asarray(prompt_ids))
+    ids_P = sharding.gather(np.asarray(prompt_ids))
     rows = [row for i in ids_P for row in [prompt_row(source, int(i))] * (r.tokens_BxC.shape[0] // len(ids_P))]
   prompts, completions, completion_ids, columns = _text_inputs(tokenizer, r, rows)
   text_parts = {f.name: reward_functions.call(f, prompts=prompts, completions=completions,
                                               completion_ids=completion_ids, columns=columns)
                 for f in scorer.functions if not f.on_tokens}
   scores_B = np.asarray(reward_functions.weighted_sum(text_parts, scorer.functions), np.float32)
-  scores_B = scores_B + (np.asarray(gather(in_graph[0]), np.float32) if in_graph is not None else 0.0)
+  scores_B = scores_B + (np.asarray(sharding.gather(in_graph[0]), np.float32) if in_graph is not None else 0.0)
 
   def put(x_B):
     x_B = np.broadcast_to(x_B, r.tokens_BxC.shape[:1])
