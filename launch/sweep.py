@@ -28,10 +28,12 @@ script before sweep_done.json). A summary goes to <root>/sweep.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -82,10 +84,52 @@ def expand(config: str, root: str, extra: list[str]) -> list[dict]:
   return runs
 
 
+class _Stop:
+  """SIGTERM to the sweep: passed on to the run in progress (which saves and exits 75), and no run after it
+  starts. Each run also gets SIGTERM if the sweep dies without passing it on (PR_SET_PDEATHSIG)."""
+
+  requested = False
+  child: subprocess.Popen | None = None
+
+  @classmethod
+  def handle(cls, signum, frame):
+    cls.requested = True
+    if cls.child is not None and cls.child.poll() is None:
+      cls.child.send_signal(signal.SIGTERM)
+
+
+def _die_with_parent():
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
+def _run(command, log) -> int:
+  _Stop.child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent)
+  try:
+    return _Stop.child.wait()
+  finally:
+    _Stop.child = None
+
+
 def run_local(config: str, runs: list[dict], *, dry_run: bool, out=None) -> list[dict]:
   out = out or sys.stdout
   results = []
+  previous = signal.signal(signal.SIGTERM, _Stop.handle) if not dry_run else None
+  try:
+    return _run_all(config, runs, dry_run=dry_run, out=out, results=results)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _run_all(config: str, runs: list[dict], *, dry_run: bool, out, results: list) -> list[dict]:
   for r in runs:
+    if _Stop.requested:
+      results.append({**r, "status": "stopped (SIGTERM): not started; rerun the sweep to run it"})
+      continue
     workdir = pathlib.Path(r["workdir"])
     command = [sys.executable, *shlex.split(tpu.rlhfx_command(config, str(workdir), r["overrides"], "python"))[1:]]
     if (workdir / DONE).exists():
@@ -104,8 +148,8 @@ def run_local(config: str, runs: list[dict], *, dry_run: bool, out=None) -> list
       if attempt:
         print(f"{r['name']}: stopped by SIGTERM, resuming (attempt {attempt + 1})", file=out, flush=True)
       with open(workdir / "sweep.log", "a") as log:
-        rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-      if rc != RESUME_EXIT:
+        rc = _run(command, log)
+      if rc != RESUME_EXIT or _Stop.requested:
         break
     seconds = time.time() - t0
     if rc == RESUME_EXIT:
@@ -115,7 +159,7 @@ def run_local(config: str, runs: list[dict], *, dry_run: bool, out=None) -> list
       status = "finished"
     else:
       tail = (workdir / "sweep.log").read_text().strip().splitlines()[-1:] or [""]
-      status = f"failed (exit {rc}): {tail[0][:200]}"
+      status = f"failed (exit {rc}): {tail[0]}"
     print(f"{r['name']}: {status} in {seconds:.0f} s", file=out, flush=True)
     results.append({**r, "status": status, "seconds": seconds})
   return results
@@ -221,10 +265,13 @@ def main(argv=None, out=None) -> int:
   if args.backend == "local" and not args.dry_run:
     pathlib.Path(args.root).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.root) / "sweep.json").write_text(json.dumps(results, indent=2))
-  failed = [r for r in results if r["status"].startswith(("failed", "stopped"))]
-  print(f"done: {len(results) - len(failed)} ok, {len(failed)} failed" +
-        "".join(f"\n  {r['name']}: {r['status']}" for r in failed), file=out, flush=True)
-  return 1 if failed else 0
+  failed = [r for r in results if r["status"].startswith("failed")]
+  stopped = [r for r in results if r["status"].startswith("stopped")]
+  print(f"done: {len(results) - len(failed) - len(stopped)} ok, {len(failed)} failed, {len(stopped)} stopped" +
+        "".join(f"\n  {r['name']}: {r['status']}" for r in failed + stopped), file=out, flush=True)
+  if _Stop.requested:
+    return RESUME_EXIT  # the sweep itself was stopped: rerun it to resume
+  return 1 if failed or stopped else 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ import tarfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlhfx import topology  # noqa: E402 (stdlib only: names of TPU slices)
 REMOTE_DIR = "~/rlhfx"
 REMOTE_VENV = "~/rlhfx-venv"
 
@@ -225,7 +228,8 @@ def launch(t: Target, config: str, workdir: str, overrides: list[str], *, runner
     rc = 0
     for command in run(t, config, workdir, overrides):
       rc = runner(command, stream=True, check=False)
-    runner.note(f"run exit status {rc}; logs in {runner.log}")
+    if not runner.dry_run:
+      runner.note(f"run exit status {rc}; logs in {runner.log}")
     return rc
   finally:
     if not keep:
@@ -262,11 +266,36 @@ def target_from(args) -> Target:
                 runtime_version=args.runtime_version, capacity=capacity, queued=args.queued, bucket=args.bucket)
 
 
+def check_args(args) -> str | None:
+  """What is wrong with the arguments before anything runs (a dry run too): the config file, the accelerator."""
+  path = pathlib.Path(args.config.partition(":")[0])
+  if not (path if path.is_absolute() else ROOT / path).is_file():
+    return f"--config={args.config}: no such config file (relative to {ROOT})"
+  try:
+    topology.compiler_name(args.accelerator_type)
+  except topology.TopologyError as e:
+    return f"--accelerator-type={args.accelerator_type}: {str(e).split(': ', 1)[-1]}"
+  return None
+
+
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  problem = check_args(args)
+  if problem:
+    print(f"launch/tpu.py: {problem}", file=sys.stderr, flush=True)
+    return 2
   runner = Runner(args.dry_run, pathlib.Path(args.log_dir) / f"{args.name}.log")
-  return launch(target_from(args), args.config, args.workdir, args.overrides, runner=runner, keep=args.keep,
-                plan=not args.no_plan)
+  try:
+    return launch(target_from(args), args.config, args.workdir, args.overrides, runner=runner, keep=args.keep,
+                  plan=not args.no_plan)
+  except subprocess.CalledProcessError as e:  # a gcloud step failed: its own output is above (and in the log)
+    step = " ".join(str(c) for c in e.cmd[:4])
+    print(f"launch/tpu.py: `{step} ...` failed with exit status {e.returncode}; see its output above and "
+          f"{runner.log}", file=sys.stderr, flush=True)
+    return 1
+  except FileNotFoundError as e:  # gcloud itself missing
+    print(f"launch/tpu.py: {e.filename}: not found (install the Google Cloud CLI)", file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":

@@ -6,4 +6,10 @@ Key of shape letters used in array names across the package:
   G samples per prompt.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# transformers (tokenizers and configs only here) says at import that PyTorch is missing, which rlhfx never needs;
+# its real warnings stay.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

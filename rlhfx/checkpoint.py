@@ -32,7 +32,6 @@ import math
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from rlhfx import sharding
+from rlhfx import sharding, workdir as workdirs
 from rlhfx.models.hf_config import CheckpointError
+from rlhfx.preemption import Preempted, Preemption, interruptible, raise_on_sigterm  # noqa: F401 (re-exported)
 
 _META = "metadata"
 _DATA = "data_iterator"
@@ -90,8 +90,10 @@ def fingerprints(trees: dict[str, Any]) -> dict[str, list]:
 class Checkpointer:
   """Named trees + JSON metadata (with the arrays' fingerprints) + Grain iterator state, per step."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+               identity: dict | None = None):
     self.directory = Path(directory).absolute()
+    self.identity = dict(identity or {})  # saved with every checkpoint and checked on restore (the algorithm)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -105,7 +107,7 @@ class Checkpointer:
   def save(self, step: int, trees: dict[str, Any], *, metadata: dict | None = None, data_iterator=None,
            wait: bool = False) -> None:
     items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
-    meta = {"step": step, **(metadata or {}), "fingerprints": fingerprints(trees)}
+    meta = {"step": step, **self.identity, **(metadata or {}), "fingerprints": fingerprints(trees)}
     items[_META] = ocp.args.JsonSave(meta)
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -121,7 +123,14 @@ class Checkpointer:
     """Restore the named trees onto the shardings of `abstract_trees` (and the iterator's position), checked
     against the fingerprints saved with them: `Damaged` if a file is unreadable or an array differs,
     CheckpointError if the checkpoint holds arrays of other shapes."""
-    saved = self.metadata(step).get("fingerprints")
+    meta = self.metadata(step)
+    if meta.get("step", step) != step:
+      raise Damaged(f"step {step}: the folder's name says step {step}, its metadata step {meta.get('step')}")
+    for key, value in self.identity.items():
+      if key in meta and meta[key] != value:
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} is a {key} {meta[key]!r} run's, this "
+                              f"run's {key} is {value!r}; use a new --workdir")
+    saved = meta.get("fingerprints")
     if saved is not None:
       expected = {k: v[:2] for k, v in saved.items() if k.split("/")[0] in abstract_trees}
       wanted = {k: [list(x.shape), str(x.dtype)] for k, x in _keyed(abstract_trees).items()}
@@ -142,6 +151,9 @@ class Checkpointer:
       detail = f"{type(error).__name__}: {_first_line(error)}" if error else "on another process"
       raise Damaged(f"step {step}: unreadable ({detail})") from error
     trees = {name: restored[name] for name in abstract_trees}
+    held = getattr(trees.get("state"), "step", None)
+    if held is not None and int(jax.device_get(held)) != step:
+      raise Damaged(f"step {step}: its state has taken {int(jax.device_get(held))} steps, not {step}")
     if saved is not None:
       found = fingerprints(trees)
       bad = [k for k in found if found[k][2] != saved[k][2]]
@@ -246,10 +258,12 @@ def resume(config, workdir: Path, state, train_iter, frozen: dict | None = None)
   checkpoint onto the current state's shardings, if there is one.
 
   Where every array of the state and of the `frozen` trees lives is written to <workdir>/placement.json
-  (key path -> shape, dtype, PartitionSpec, bytes on one device), after the restore.
+  (key path -> shape, dtype, PartitionSpec, bytes on one device), after the restore; then the config and inputs
+  (`workdir.record`). A checkpoint of another algorithm's run is an error; one whose folder name, metadata and
+  state disagree on the step is damaged (the previous one is taken).
   """
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                              async_save=config.train.async_checkpoints)
+                              async_save=config.train.async_checkpoints, identity={"algorithm": config.algorithm})
   target = abstract(state, jax.tree.map(lambda x: x.sharding, state))
   restored, start = restore_latest(checkpointer, {"state": target}, train_iter)
   if start:
@@ -261,6 +275,7 @@ def resume(config, workdir: Path, state, train_iter, frozen: dict | None = None)
     placement = {"step": start, "mesh": dict(state.step.sharding.mesh.shape),
                  **{name: sharding.describe(tree) for name, tree in trees.items()}}
     (workdir / "placement.json").write_text(json.dumps(placement, indent=1))
+  workdirs.record(config, workdir)  # the run has started: what it was made from is the workdir's record now
   return checkpointer, state, start
 
 
@@ -287,7 +302,7 @@ def due(step: int, train_config, preempted: bool) -> bool:
   return step % train_config.checkpoint_every == 0 or step == train_config.num_steps or preempted
 
 
-def save_or_stop(step: int, state, data_iterator, train_config, log, checkpointer, preemption: "Preemption") -> bool:
+def save_or_stop(step: int, state, data_iterator, train_config, log, checkpointer, preemption: Preemption) -> bool:
   """The end of a training step: save when `due` (the step's metrics checked finite first: only a state whose
   metrics are finite is saved); True when SIGTERM asks the loop to stop (saved already)."""
   stop = preemption.reached(step)
@@ -295,57 +310,3 @@ def save_or_stop(step: int, state, data_iterator, train_config, log, checkpointe
     log.flush()
     checkpointer.save(step, {"state": state}, data_iterator=data_iterator)
   return stop
-
-
-class Preempted(Exception):
-  """A run stopped by SIGTERM after saving a checkpoint: rerun the same command to resume it.
-
-  `python -m rlhfx.main` exits with `RESUME_EXIT` for it, which the launchers read as "resume me"."""
-
-  RESUME_EXIT = 75  # EX_TEMPFAIL: try again
-
-  def __init__(self, step: int, directory: Path):
-    super().__init__(f"stopped at step {step} (SIGTERM), checkpoint saved in {directory}; rerun the same command "
-                     f"to resume")
-    self.step = step
-
-
-class Preemption:
-  """SIGTERM (or the multi-host preemption notice) sets a flag; the loop saves and stops at the next step, and
-  leaving the block raises `Preempted` (after the blocks opened inside it, the checkpointer's, have closed).
-
-    with Preemption(checkpointer.directory) as preemption, checkpointer:
-      for step in ...:
-        if save_or_stop(step, ..., preemption):
-          break
-  """
-
-  def __init__(self, directory: Path):
-    self.directory = directory
-    self.requested = False
-    self.step = 0
-    self._previous = None
-
-  def __enter__(self) -> "Preemption":
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, kind, *exc) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
-    if self.requested and kind is None:
-      raise Preempted(self.step, self.directory)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping")
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    self.step = step
-    if jax.process_count() > 1:
-      try:
-        from jax.experimental import multihost_utils
-
-        self.requested |= multihost_utils.reached_preemption_sync_point(step)
-      except Exception:  # noqa: BLE001 (no preemption service): the local flag alone
-        pass
-    return self.requested

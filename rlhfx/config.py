@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 import types
 
 import ml_collections
@@ -43,6 +44,43 @@ def load(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
   """The config `--config=<file>.py[:variant]` names: `get_config(variant)` of the file (None without one)."""
   path, _, variant = str(spec).partition(":")
   return load_module(path).get_config(variant or None)
+
+
+def field_comments(*files: str | pathlib.Path, algorithm: str | None = None) -> dict[str, str]:
+  """{dotted field: comment} from the `c.a.b = value  # comment` lines of rlhfx/config.py (those under an
+  `if algorithm ...` that `algorithm` does not meet left out), then a config file's own `config.a.b = value  #
+  comment` lines, which win."""
+  out = {}
+  for i, file in enumerate(files):  # base_config writes `c.`, config files `config.` (its helpers too: not read)
+    name, applies = ("c" if i == 0 else "config"), True
+    for line in pathlib.Path(file).read_text().splitlines():
+      branch = re.match(r"  if algorithm (==|in) (.+):$", line)
+      if branch and i == 0:
+        names = re.findall(r'"(\w+)"', branch.group(2))
+        applies = algorithm is None or algorithm in names
+        continue
+      if i == 0 and re.match(r"  \S", line):  # back at the function's level: the branch ended
+        applies = True
+      m = re.match(rf"\s*{name}\.([\w.]+)\s*=[^#]*#\s*(.+)$", line)
+      if m and applies:
+        out[m.group(1)] = m.group(2).strip()
+  return out
+
+
+def describe(config, config_file: str | pathlib.Path | None = None) -> str:
+  """Every field of `config` with its value and comment, one per line (`python -m rlhfx.main --show_config`)."""
+  comments = field_comments(__file__, *([str(config_file).partition(":")[0]] if config_file else []),
+                            algorithm=config.algorithm)
+
+  def lines(tree, prefix=""):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from lines(value, f"{prefix}{key}.")
+      else:
+        note = comments.get(f"{prefix}{key}")
+        yield f"{prefix}{key} = {value!r}" + (f"  # {note}" if note else "")
+
+  return "\n".join(lines(config.to_dict()))
 
 
 def base_config(algorithm: str) -> ml_collections.ConfigDict:
@@ -95,6 +133,9 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.train.eval_sample_tokens = 32  # their length limit (new tokens)
   c.train.export_hf = True  # write the final model as a Hugging Face directory: <workdir>/hf (reward: reward_model/hf)
   c.train.resume = "check"  # check: a rerun must match the workdir's config and inputs | new_config: accept them
+  c.train.on_divergence = "stop"  # stop (exit 1) | warn (a loud line, the run goes on): NaN/Inf always stops
+  c.train.divergence_factor = 100.0  # diverged: the loss above this x (|first loss| + 1) (SFT, reward, DPO)
+  c.train.vanished_steps = 10  # diverged: a gradient that was not 0 is exactly 0 for this many steps in a row
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-3  # peak learning rate
@@ -176,6 +217,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.scoring.weights = ()  # one weight per function; () = 1 each
     c.scoring.normalize = True  # reward model scores -> (r - mean) / std with the reward run's statistics
     c.scoring.missing_eos_penalty = 0.0  # subtracted from the score of a completion cut before EOS
+    c.scoring.timeout_s = 300.0  # a host reward function's call may take this long (0: no limit); then one line, exit 1
   if algorithm == "ppo":
     c.ppo = ml_collections.ConfigDict()
     c.ppo.epochs = 4  # passes over each rollout

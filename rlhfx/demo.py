@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from rlhfx import sampling
-from rlhfx.data.tokenize import encode_prompt, llama2c_tokenizer
+from rlhfx import errors, sampling
+from rlhfx.data.tokenize import TokenizerError, encode_prompt, llama2c_tokenizer
 from rlhfx.models import get_preset, init_params
 from rlhfx.models.convert import from_hf
 from rlhfx.models.llama2c import from_llama2c
@@ -38,13 +38,25 @@ def _load():
     from transformers import AutoTokenizer
 
     config, params = from_hf(_HF.value)
-    return config, params, AutoTokenizer.from_pretrained(_HF.value)
+    try:
+      tokenizer = AutoTokenizer.from_pretrained(_HF.value)
+    except (OSError, ValueError, TypeError) as e:  # no or damaged tokenizer files
+      raise TokenizerError(f"--hf={_HF.value}: no usable tokenizer there ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:150]})") from None
+    return config, params, tokenizer
   config = get_preset("tiny")
   return config, init_params(config, jax.random.key(0)), None
 
 
 def main(argv):
   del argv
+  try:
+    _demo()
+  except errors.USER_ERRORS as e:  # a model directory, tokenizer or checkpoint that cannot be used: one line
+    errors.report("rlhfx-demo", e)
+
+
+def _demo():
   config, params, tokenizer = _load()
   prompt = [config.bos_token_id if config.bos_token_id is not None else 0]
   if _PROMPT.value:

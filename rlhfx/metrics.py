@@ -15,6 +15,7 @@ import html
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -63,10 +64,28 @@ def start_wandb(workdir: Path, run_config):
                     resume="allow", config=run_config.to_dict())
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+  """Keep the rows of steps up to `step` (the checkpoint a run resumes from): the steps after it run again and
+  log again, so metrics.jsonl keeps one row per step (and evaluation) whatever the restarts."""
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      if step and json.loads(line)["step"] <= step:  # from step 0 every row is written again
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue  # a row cut short by a kill: not a row
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(f"{line}\n" for line in kept))
+  os.replace(tmp, path)
+
+
 class MetricsWriter:
   """Writes metrics of a run to TensorBoard, JSONL, the console and, when configured, Weights & Biases."""
 
-  def __init__(self, workdir: str | Path, *, total_steps: int, peak_flops: float | None = None, run_config=None):
+  def __init__(self, workdir: str | Path, *, total_steps: int, peak_flops: float | None = None, run_config=None,
+               start_step: int = 0):
     self.workdir = Path(workdir)
     self.total_steps = total_steps
     self.peak_flops = peak_flops
@@ -76,6 +95,7 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
 
       self.workdir.mkdir(parents=True, exist_ok=True)
+      _drop_rows_after(self.workdir / "metrics.jsonl", start_step)
       self._jsonl = open(self.workdir / "metrics.jsonl", "a")
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
       self._wandb = start_wandb(self.workdir, run_config)
@@ -129,7 +149,35 @@ def to_host(metrics) -> dict[str, float]:
 
 
 class TrainingDiverged(RuntimeError):
-  """A metric became NaN or Inf."""
+  """A metric became NaN or Inf, the loss rose by orders of magnitude, or the gradient vanished for good."""
+
+
+class Divergence:
+  """What a degenerating run looks like (config.train): the loss above `divergence_factor` x (|first loss| + 1)
+  (`watch_loss`: losses with a scale, SFT / reward / DPO; RL losses start near 0 and move with the rewards), or
+  a gradient norm that was not 0 and has been exactly 0 for `vanished_steps` steps in a row. `check` returns why,
+  or None."""
+
+  def __init__(self, train_config, *, watch_loss: bool):
+    self.factor, self.patience = train_config.divergence_factor, train_config.vanished_steps
+    self.watch_loss = watch_loss
+    self.first_loss, self.had_gradient, self.zero_for = None, False, 0
+
+  def check(self, host: dict[str, float], loss_key: str) -> str | None:
+    loss, grad = host.get(loss_key), host.get("train/grad_norm")
+    if self.watch_loss and loss is not None:
+      if self.first_loss is None:
+        self.first_loss = loss
+      elif loss > self.factor * (abs(self.first_loss) + 1):
+        return (f"{loss_key} rose from {self.first_loss:.4g} to {loss:.4g} (over {self.factor:g} x (|first| + 1); "
+                f"config.train.divergence_factor)")
+    if grad is not None:
+      self.zero_for = self.zero_for + 1 if grad == 0 and self.had_gradient else 0
+      self.had_gradient |= grad != 0
+      if self.zero_for >= self.patience:
+        return (f"train/grad_norm has been exactly 0 for {self.zero_for} steps after it was not "
+                f"(config.train.vanished_steps): the model no longer learns")
+    return None
 
 
 class StepLog:
@@ -148,9 +196,12 @@ class StepLog:
                loss_key: str = "train/loss", counts: Callable[[], dict] = dict, run_config=None):
     self.t = train_config
     self.writer = MetricsWriter(workdir, total_steps=train_config.num_steps, peak_flops=flops.peak_flops_per_device(),
-                                run_config=run_config)
+                                run_config=run_config, start_step=start_step)
     self.flops_per_token, self.checkpointer, self.start = flops_per_token, checkpointer, start_step
     self.loss_key, self.counts = loss_key, counts
+    self.divergence = Divergence(train_config, watch_loss=run_config is None or run_config.algorithm in (
+        "sft", "reward", "dpo"))
+    self.warnings: list[str] = []
     self.last: dict[str, float] = {}
     self._pending = None
     self._ended = self._began = time.perf_counter()
@@ -177,8 +228,15 @@ class StepLog:
     host = to_host(device_metrics)
     bad = [k for k, v in host.items() if not np.isfinite(v)]
     if bad:
-      raise TrainingDiverged(f"step {step}: {', '.join(bad)} = {[host[k] for k in bad]}; stopping. The last good "
-                             f"checkpoint is step {self.checkpointer.latest_step()} in {self.checkpointer.directory}")
+      raise TrainingDiverged(f"step {step}: {', '.join(bad)} = {[host[k] for k in bad]}; stopping. "
+                             + self._last_good())
+    degenerate = self.divergence.check(host, self.loss_key)
+    if degenerate and self.t.on_divergence == "stop":
+      raise TrainingDiverged(f"step {step}: {degenerate}; stopping (config.train.on_divergence=warn goes on). "
+                             + self._last_good())
+    if degenerate and not self.warnings:
+      self.warnings.append(f"step {step}: {degenerate}")
+      print(f"WARNING: training degenerates at step {step}: {degenerate}", flush=True)
     ended = ended or time.perf_counter()
     host["perf/step_s"] = max(ended - max(self._ended, began), 1e-9)
     self._ended = ended
@@ -194,6 +252,12 @@ class StepLog:
       self.writer.write(step, host)
       eta = float(np.median(self._recent)) * (self.t.num_steps - step) if self._recent else None
       self.writer.progress(step, host, self.loss_key, eta)
+
+  def _last_good(self) -> str:
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return "No checkpoint was saved before it: rerun from scratch (a lower optim.learning_rate?)"
+    return f"The last good checkpoint is step {latest} in {self.checkpointer.directory}"
 
   def write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
     """Write other metrics of `step` (evaluation), after the pending step's; returns them."""
@@ -218,6 +282,8 @@ class StepLog:
   def close(self) -> None:
     self.flush()
     self.writer.close()
+    for warning in self.warnings:  # config.train.on_divergence=warn: said again where the run ends
+      print(f"WARNING: the run degenerated ({warning}); its exported model is the degenerate one", flush=True)
 
   def __enter__(self) -> "StepLog":
     return self

@@ -34,7 +34,7 @@ import numpy as np
 
 from rlhfx import hlo_cost, programs, sampling_layout, sharding, topology, validation
 from rlhfx.config import ConfigError
-from rlhfx.errors import USER_ERRORS, run_cli
+from rlhfx.errors import USER_ERRORS, run_cli, usage
 from rlhfx.models import Transformer, load
 from rlhfx.plan_report import render, render_rollout_search, render_search
 from rlhfx.topology import GiB
@@ -329,7 +329,7 @@ def run():
   flags.DEFINE_bool("search_rollout", False, "PPO/GRPO: plan the rollout in every sampling layout "
                     "(config.rollout.mesh); fitting and fastest first")
   flags.mark_flags_as_required(["config", "topology"])
-  run_cli(main, "rlhfx-plan")
+  run_cli(main, "rlhfx-plan", usage("rlhfx-plan", __doc__, ("config", "topology", "json", "search", "search_rollout")))
 
 
 if __name__ == "__main__":

@@ -35,16 +35,21 @@ JAX arrays and returns scores_B inside the compiled iteration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import inspect
 import re
+import signal
+import threading
+import traceback
 from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from rlhfx import preemption
 from rlhfx.config import ConfigError
 
 STANDARD_ARGS = ("prompts", "completions", "completion_ids")  # what every text function may take
@@ -203,20 +208,84 @@ def check_columns(functions: Sequence[RewardFunction], columns: Sequence[str], w
                         f"({where}) does not have; its columns: {sorted({'prompt', *columns})}")
 
 
+class RewardFunctionError(ValueError):
+  """A reward function raised, returned something that is not one score per completion, or did not return in
+  time; the message names it and what it did."""
+
+
+class _Timeout(Exception):
+  pass
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+  """Raise _Timeout in the main thread after `seconds` (0: no limit); SIGTERM meanwhile stops the run at once
+  (`preemption.interruptible`: the user code may never return)."""
+  if not seconds or threading.current_thread() is not threading.main_thread():
+    with preemption.interruptible():
+      yield
+    return
+
+  def expire(signum, frame):
+    raise _Timeout()
+
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    with preemption.interruptible():
+      yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def call(f: RewardFunction, *, prompts: list, completions: list, completion_ids: list[list[int]],
-         columns: dict[str, list]) -> np.ndarray:
-  """scores_B float32 of a text function (NaN where it returned None), called with the keyword arguments it takes."""
+         columns: dict[str, list], timeout_s: float = 0.0) -> np.ndarray:
+  """scores_B float32 of a text function (NaN where it returned None), called with the keyword arguments it takes,
+  within `timeout_s` (config.scoring.timeout_s; 0: no limit). Whatever goes wrong in it is one
+  RewardFunctionError naming the function."""
   arguments: dict[str, Any] = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids,
                                **columns}
   parameters = inspect.signature(f.fn).parameters.values()
   if not any(p.kind == p.VAR_KEYWORD for p in parameters):
     names = {p.name for p in parameters}
     arguments = {k: v for k, v in arguments.items() if k in names}
-  result = f.fn(**arguments)
-  if result is None or len(result) != len(completions):
-    raise ValueError(f"reward function {f.name} returned {None if result is None else len(result)} scores for "
-                     f"{len(completions)} completions; expected one float (or None) per completion")
-  return np.asarray([np.nan if v is None else float(v) for v in result], np.float32)
+  try:
+    with _deadline(timeout_s):
+      result = f.fn(**arguments)
+  except _Timeout:
+    raise RewardFunctionError(f"reward function {f.name} did not return within config.scoring.timeout_s="
+                              f"{timeout_s:g} s (for {len(completions)} completions)") from None
+  except preemption.Preempted:
+    raise
+  except Exception as e:  # noqa: BLE001 (user code: any failure is reported as its own)
+    where = "".join(f" ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"
+                    for frame in traceback.extract_tb(e.__traceback__)[-1:])
+    raise RewardFunctionError(f"reward function {f.name} raised {type(e).__name__}: {str(e)[:200]}{where}") from None
+  return _scores(f.name, result, len(completions))
+
+
+def _scores(name: str, result, n: int) -> np.ndarray:
+  """A text function's result as scores_B float32 (None -> NaN), or one line saying what is wrong with it."""
+  if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__len__"):
+    raise RewardFunctionError(f"reward function {name} returned {type(result).__name__} "
+                              f"{_short(result)}; expected a list of {n} floats (or None), one per completion")
+  if len(result) != n:
+    raise RewardFunctionError(f"reward function {name} returned {len(result)} scores for {n} completions; expected "
+                              f"one float (or None) per completion")
+  scores = []
+  for i, v in enumerate(result):
+    try:
+      scores.append(np.nan if v is None else float(v))
+    except (TypeError, ValueError):
+      raise RewardFunctionError(f"reward function {name} returned {type(v).__name__} {_short(v)} for completion "
+                                f"{i}; expected a float or None") from None
+  return np.asarray(scores, np.float32)
+
+
+def _short(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
 
 
 def weighted_sum(parts: dict[str, Any], functions: Sequence[RewardFunction]):

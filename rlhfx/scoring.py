@@ -119,6 +119,7 @@ class Scorer:
   std: float = 1.0
   functions: tuple[RewardFunction, ...] = ()
   missing_eos_penalty: float = 0.0
+  timeout_s: float = 0.0  # a text function's call may take this long (0: no limit)
 
   @property
   def in_graph(self) -> bool:
@@ -163,7 +164,7 @@ def make_scorer(config, tokenizer, trees: load.Trees, policy_config: ModelConfig
   if columns is not None:
     reward_functions.check_columns(functions, columns, ", ".join(map(str, config.data.train_files))
                                    or f"data.builtin={config.data.builtin}")
-  common = dict(functions=functions, missing_eos_penalty=sc.missing_eos_penalty)
+  common = dict(functions=functions, missing_eos_penalty=sc.missing_eos_penalty, timeout_s=sc.timeout_s)
   if not sc.model:
     return Scorer(**common), None
   try:
@@ -184,6 +185,9 @@ def make_scorer(config, tokenizer, trees: load.Trees, policy_config: ModelConfig
   rm = load_reward_model(sc.model, target)
   mean, std = (rm.mean, rm.std) if sc.normalize else (0.0, 1.0)
   return Scorer(module=module, mean=mean, std=max(std, 1e-6), **common), rm.params
+
+
+_SILENT: set[str] = set()  # text functions that scored none of a batch (said once each)
 
 
 def _text_inputs(tokenizer, r, rows: list[dict] | None) -> tuple[list, list, list[list[int]], dict[str, list]]:
@@ -230,8 +234,14 @@ def score_on_host(scorer, tokenizer, r, mesh, *, in_graph: tuple | None = None, 
     rows = [row for i in ids_P for row in [prompt_row(source, int(i))] * (r.tokens_BxC.shape[0] // len(ids_P))]
   prompts, completions, completion_ids, columns = _text_inputs(tokenizer, r, rows)
   text_parts = {f.name: reward_functions.call(f, prompts=prompts, completions=completions,
-                                              completion_ids=completion_ids, columns=columns)
+                                              completion_ids=completion_ids, columns=columns,
+                                              timeout_s=scorer.timeout_s)
                 for f in scorer.functions if not f.on_tokens}
+  for name, scores_B in text_parts.items():
+    if np.isnan(scores_B).all() and name not in _SILENT:  # said once per function, counted every time
+      _SILENT.add(name)
+      print(f"WARNING: reward function {name} scored none of a batch's {len(scores_B)} completions (None for "
+            f"each): it adds nothing to their rewards; rewards/{name}/applicable counts it", flush=True)
   scores_B = np.asarray(reward_functions.weighted_sum(text_parts, scorer.functions), np.float32)
   scores_B = scores_B + (np.asarray(sharding.gather(in_graph[0]), np.float32) if in_graph is not None else 0.0)
 

@@ -15,6 +15,7 @@ v5p it counts TensorCores, two per chip (v5p-128 is 64 chips, 4x4x4). A compiler
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -100,8 +101,9 @@ def devices(name: str) -> tuple[Chip, list]:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=compiler, chip_config_name="default",
                                         chips_per_host_bounds=per_host, num_slices=1)
   except Exception as e:  # noqa: BLE001 (no libtpu, or a grid the compiler does not know)
+    hint = "" if importlib.util.find_spec("libtpu") else " (libtpu is not installed: pip install 'rlhfx[tpu]')"
     raise TopologyError(f"--topology={name!r} ({compiler}): the TPU compiler could not describe it: "
-                        f"{str(e).splitlines()[0]} (is libtpu installed? pip install 'rlhfx[tpu]')") from None
+                        f"{str(e).splitlines()[0]}{hint}") from None
   found = list(desc.devices)
   chips = math.prod(grid)
   if len(found) != chips:  # one device per TensorCore (v4's default chip config): keep one per chip

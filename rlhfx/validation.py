@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple] = {
     "data.input_format": tuple(PARSERS), "data.on_error": ("raise", "skip"),
     "data.prompt_side": ("keep_end", "keep_start"), "data.on_overlong": ("truncate", "skip", "error"),
     "optim.schedule": ("cosine", "constant"), "train.resume": ("check", "new_config"),
+    "train.on_divergence": ("stop", "warn"),
     "dpo.loss": tuple(preference.LOSSES), "dpo.reference": ("frozen", "precomputed", "lora_base"),
     "rollout.sampler": ("engine", "static"),
     "ppo.kl_estimator": policy.KL_ESTIMATORS, "ppo.kl_in": ("reward", "loss"), "ppo.kl_penalty": ("token", "sequence"),
@@ -42,6 +43,7 @@ POSITIVE = {  # > 0
     "ppo.minibatches", "ppo.kl_horizon", "ppo.clip_eps", "grpo.epochs", "grpo.minibatches", "grpo.clip_eps",
     "reward.stats_batches", "dpo.beta", "lora.alpha", "optim.eps", "distributed.num_processes",
     "model.vocab_size", "model.max_seq_len", "model.n_layers", "model.d_model", "train.eval_sample_tokens",
+    "train.divergence_factor", "train.vanished_steps",
 }
 UNIT = {  # [low, high) or [low, high]
     "data.eval_fraction": (0, 1, False), "optim.b1": (0, 1, False), "optim.b2": (0, 1, False),

@@ -1,7 +1,8 @@
 """A run's work directory: one run at a time, and a record of what it was made from.
 
   path = workdir.location("--workdir value")     # an absolute local Path; gs:// and the like refused
-  workdir.claim(config, path)                      # process 0: lock, compare, record
+  workdir.claim(config, path)                      # process 0: lock, compare (set-up)
+  workdir.record(config, path)                     # process 0: once the run has started (checkpoint.resume)
 
 `claim` makes the directory (one line if it is a file or not writable), takes an
 exclusive lock on <workdir>/.lock for the life of the process (the OS releases it when
@@ -13,9 +14,12 @@ the ones the workdir was made from:
 
 A rerun whose config differs in a field that changes the result, or whose input
 files changed, stops with one line naming the first difference; `train.resume=
-"new_config"` accepts the new config and inputs (and rebuilds the workdir's own
-dataset when the data changed). Fields that change only cadence or placement
-(`IGNORED`) may differ freely.
+"new_config"` accepts the new config and inputs, except another `algorithm` (a workdir
+holds one algorithm's run). Fields that change only cadence or placement (`IGNORED`)
+may differ freely. A record that cannot be read (cut short, not JSON) stops the run: it
+is what the workdir was made from, and nothing else says so. Nothing is recorded until
+the run has started (its state restored or made): a start that fails on its data or
+its config leaves the records as they were.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import jax
@@ -35,12 +38,14 @@ import jax
 CONFIG, INPUTS, LOCK = "config.json", "inputs.json", ".lock"
 # Fields that do not change what a run computes: cadence, placement, process layout, memory knobs.
 IGNORED = re.compile(r"^(train\.(log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints|"
-                     r"async_checkpoints|export_hf|log_samples_every|eval_samples|eval_sample_tokens|time_phases|resume)|data\.read_threads|"
+                     r"async_checkpoints|export_hf|log_samples_every|eval_samples|eval_sample_tokens|time_phases|"
+                     r"resume|on_divergence|divergence_factor|vanished_steps)|data\.read_threads|"
                      r"mesh\..*|rollout\.(mesh|cache_buckets|sampler|slots)|distributed\..*|logging\..*|"
                      r"model\.(remat|lm_head_chunk))$")
-# Fields the built dataset (<workdir>/data) depends on: a change rebuilds it.
-BUILD_FIELDS = ("data.builtin", "data.train_files", "data.input_format", "data.eval_fraction", "data.on_error", "seed")
+# Fields `train.resume=new_config` cannot accept: the checkpoints would hold another kind of run.
+FIXED = ("algorithm",)
 _held: dict[Path, int] = {}  # workdir -> lock file descriptor, held until the process exits
+_hashes: dict[tuple, str] = {}  # (path, size, mtime_ns) -> SHA-256: a file is hashed once per process
 
 
 class WorkdirError(RuntimeError):
@@ -63,25 +68,34 @@ def claim(config, path: Path) -> None:
   _make(path)
   _lock(path)
   saved = _read_json(path / CONFIG)
+  if saved is None:
+    return
   current = json.loads(config.to_json_best_effort())
-  inputs = fingerprints(config)
-  accept = config.train.resume == "new_config"
-  if saved is not None:
-    fields = differences(saved, current)
-    changed = _input_change(_read_json(path / INPUTS), inputs)
-    if (fields or changed) and not accept:
-      old, new = _flat(saved), _flat(current)
-      first = (f"config.{fields[0]} {old.get(fields[0], '(absent)')!r} -> {new.get(fields[0], '(absent)')!r}"
-               if fields else changed)
-      raise WorkdirError(f"{path} was made by another run: {first}. Use a new --workdir, or "
-                         f"--config.train.resume=new_config to continue this one with the new config and inputs")
-    if changed or set(fields) & set(BUILD_FIELDS):
-      _forget_dataset(config, path)
-  _write(path / CONFIG, current)
-  _write(path / INPUTS, inputs)
+  fields = differences(saved, current)
+  changed = _input_change(_read_json(path / INPUTS), fingerprints(config))
+  old, new = _flat(saved), _flat(current)
+  fixed = [k for k in FIXED if k in fields]
+  if fixed:
+    raise WorkdirError(f"{path} holds a {old.get('algorithm')!r} run (config.{fixed[0]} {old.get(fixed[0])!r} -> "
+                       f"{new.get(fixed[0])!r}); its checkpoints are not this run's: use a new --workdir")
+  if (fields or changed) and config.train.resume != "new_config":
+    first = (f"config.{fields[0]} {old.get(fields[0], '(absent)')!r} -> {new.get(fields[0], '(absent)')!r}"
+             if fields else changed)
+    raise WorkdirError(f"{path} was made by another run: {first}. Use a new --workdir, or "
+                       f"--config.train.resume=new_config to continue this one with the new config and inputs")
+
+
+def record(config, path: Path) -> None:
+  """Write what the workdir was made from (process 0), once the run has started."""
+  if jax.process_index() != 0:
+    return
+  _write(path / CONFIG, json.loads(config.to_json_best_effort()))
+  _write(path / INPUTS, fingerprints(config))
 
 
 def _make(path: Path) -> None:
+  if path.is_symlink() and not path.exists():
+    raise WorkdirError(f"--workdir={path} is a symbolic link to {os.readlink(path)}, which does not exist")
   if path.exists() and not path.is_dir():
     raise WorkdirError(f"--workdir={path} is a file, not a directory")
   try:
@@ -97,7 +111,11 @@ def _lock(path: Path) -> None:
   """An exclusive, non-blocking lock on <path>/.lock (re-entrant within one process)."""
   if path in _held:
     return
-  fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirError(f"{path / LOCK} cannot be opened as the run's lock file ({e.strerror or e}); remove it "
+                       f"if no run of this workdir is alive") from None
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -125,12 +143,20 @@ def fingerprints(config) -> list[dict]:
     for file in files:
       if not file.is_file():
         continue  # the data build names it (a hub dataset id is not fingerprinted)
-      digest = hashlib.sha256()
-      with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          digest.update(chunk)
-      out.append({"path": str(file), "size": file.stat().st_size, "sha256": digest.hexdigest()})
+      out.append({"path": str(file), "size": file.stat().st_size, "sha256": _sha256(file)})
   return out
+
+
+def _sha256(file: Path) -> str:
+  stat = file.stat()
+  key = (str(file), stat.st_size, stat.st_mtime_ns)
+  if key not in _hashes:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    _hashes[key] = digest.hexdigest()
+  return _hashes[key]
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -160,22 +186,20 @@ def _input_change(saved: list | None, current: list[dict]) -> str | None:
   return None
 
 
-def _forget_dataset(config, path: Path) -> None:
-  """Remove the dataset this workdir built (it is rebuilt from the new inputs); a shared data.dir is left alone."""
-  if config.data.dir:
-    logging.warning("the inputs changed but data.dir=%s is shared; remove it yourself to rebuild", config.data.dir)
-    return
-  data = path / "data"
-  for info in data.glob("*/*/dataset_info.json"):
-    shutil.rmtree(info.parent.parent)
-    print(f"inputs changed: removed the built dataset {info.parent.parent}; it is rebuilt", flush=True)
-
-
 def _read_json(file: Path):
+  """A record's JSON, None when there is none; one line when it cannot be read (records are written whole, by
+  rename: one cut short or not JSON was changed from outside)."""
+  if not file.exists():
+    return None
   try:
-    return json.loads(file.read_text()) if file.exists() else None
-  except json.JSONDecodeError:
-    return None  # a torn write: nothing to compare against
+    value = json.loads(file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise WorkdirError(f"{file} cannot be read ({type(e).__name__}: {str(e)[:80]}): it records what this workdir "
+                       f"was made from, so the rerun cannot be checked; restore it, or use a new --workdir") from None
+  expected = dict if file.name == CONFIG else list
+  if not isinstance(value, expected):
+    raise WorkdirError(f"{file} is not a {expected.__name__} of records: restore it, or use a new --workdir")
+  return value
 
 
 def _write(file: Path, value) -> None:

@@ -122,36 +122,30 @@ def _config(**overrides):
 
 def test_a_rerun_with_another_config_stops_naming_the_field_and_the_override(tmp_path):
   workdir.claim(_config(), tmp_path)
+  workdir.record(_config(), tmp_path)  # recorded once the run has started
   workdir.claim(_config(**{"train.log_every": 3, "train.checkpoint_every": 7}), tmp_path)  # cadence only: fine
   with pytest.raises(workdir.WorkdirError) as e:
     workdir.claim(_config(**{"optim.learning_rate": 0.5}), tmp_path)
   assert "config.optim.learning_rate 0.001 -> 0.5" in str(e.value) and "train.resume=new_config" in str(e.value)
-  workdir.claim(_config(**{"optim.learning_rate": 0.5, "train.resume": "new_config"}), tmp_path)
+  accepted = _config(**{"optim.learning_rate": 0.5, "train.resume": "new_config"})
+  workdir.claim(accepted, tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["learning_rate"] == 0.001  # not started yet
+  workdir.record(accepted, tmp_path)
   assert json.loads((tmp_path / "config.json").read_text())["optim"]["learning_rate"] == 0.5
 
 
-def test_changed_input_files_stop_the_rerun_and_accepting_them_rebuilds_the_dataset(tmp_path):
+def test_changed_input_files_stop_the_rerun_unless_accepted(tmp_path):
   data = tmp_path / "pairs.jsonl"
   data.write_text('{"prompt": "a", "completion": "b"}\n')
   c = _config(**{"data.builtin": "", "data.train_files": (str(data),)})
   run = tmp_path / "run"
   workdir.claim(c, run)
-  built = run / "data" / "sft" / "1.0.0"
-  built.mkdir(parents=True)
-  (built / "dataset_info.json").write_text("{}")
+  workdir.record(c, run)
   data.write_text('{"prompt": "a", "completion": "c"}\n')  # same size, other bytes
   with pytest.raises(workdir.WorkdirError, match="pairs.jsonl changed .same size, different SHA-256"):
     workdir.claim(c, run)
   c.train.resume = "new_config"
-  workdir.claim(c, run)
-  assert not (run / "data" / "sft").exists()
-  built.mkdir(parents=True)  # built again from the accepted file; then another file, accepted: rebuilt too
-  (built / "dataset_info.json").write_text("{}")
-  other = tmp_path / "other.jsonl"
-  other.write_text('{"prompt": "x", "completion": "y"}\n')
-  c.data.train_files = (str(other),)
-  workdir.claim(c, run)
-  assert not (run / "data" / "sft").exists()
+  workdir.claim(c, run)  # accepted: the dataset of the new inputs is another recipe (rlhfx.data.prepare)
 
 
 def test_a_second_run_of_a_workdir_stops_until_the_first_process_is_gone(tmp_path):

@@ -11,6 +11,8 @@ each kind is one builder, and the split between train and eval is by content has
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -119,7 +121,9 @@ def build(kind: str, paths: Sequence[str | os.PathLike] | None, *, data_dir: str
   builder = BUILDERS[kind](paths=paths, input_format=input_format, eval_fraction=eval_fraction,
                            split_seed=split_seed, on_error=on_error, data_dir=str(data_dir))
   config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir else None
-  builder.download_and_prepare(download_config=config)
+  tfds.disable_progress_bar()
+  with contextlib.redirect_stdout(io.StringIO()):  # TFDS's "Downloading and preparing dataset Unknown size ..."
+    builder.download_and_prepare(download_config=config)
   return builder
 
 

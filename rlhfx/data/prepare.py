@@ -3,19 +3,34 @@
   data = prepare.prepare(config, workdir, kind="preference")
   train_iter = iter(prepare.batches(config, data, data.train, seed=config.seed))
   for batch in prepare.full_batches(config, data, data.eval): ...   # every example once (evaluation)
+
+A dataset is built in `<data.dir or workdir/data>/<recipe key>/`: the key hashes its recipe
+(kind, input format, split, error policy, seed, built-in task, and each input file's size and
+SHA-256), which `recipe.json` holds with the size of every file the build wrote. Before a
+dataset is used it is checked against both: another recipe is another folder (a shared data.dir
+holds one per recipe), and a file missing or of another size (a copy cut short, a deleted split)
+is said in one line and the dataset rebuilt from its inputs. Builds of one data.dir take turns
+(a lock on `<dir>/.build.lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from rlhfx import sharding
+from rlhfx import sharding, workdir as workdirs
 from rlhfx.config import ConfigError
 from rlhfx.data import builders, pipeline, synthetic
 from rlhfx.data.tokenize import Truncation, load_tokenizer
@@ -48,21 +63,103 @@ class Data:
                    f"{s.get('skipped/overlong', 0)} skipped as over-long")
 
 
-def prepare(config, workdir: Path, kind: str) -> Data:
-  """Build the ArrayRecord dataset once (process 0), then open its splits and the tokenizer."""
+RECIPE = "recipe.json"
+
+
+def recipe(config, kind: str) -> dict:
+  """What a built dataset is made from: a change of any of it is another dataset."""
   d = config.data
-  data_dir = Path(d.dir) if d.dir else workdir / "data"
-  files = list(d.train_files)
+  return {"kind": kind, "input_format": d.input_format, "eval_fraction": d.eval_fraction, "on_error": d.on_error,
+          "seed": config.seed, "builtin": d.builtin, "train_files": [str(f) for f in d.train_files],
+          "inputs": workdirs.fingerprints(config)}
+
+
+def _inventory(data_dir: Path) -> dict[str, int]:
+  return {str(p.relative_to(data_dir)): p.stat().st_size for p in sorted(data_dir.rglob("*"))
+          if p.is_file() and p.name != RECIPE}
+
+
+def check(data_dir: Path, wanted: dict) -> str | None:
+  """Why the dataset in `data_dir` cannot be used for `wanted` (None: it can; "" when none was built there)."""
+  if not (data_dir / RECIPE).exists():
+    return "" if not data_dir.exists() else f"{data_dir} holds no complete build ({RECIPE} missing)"
+  try:
+    saved = json.loads((data_dir / RECIPE).read_text())
+    built, files = saved["recipe"], saved["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"{data_dir / RECIPE} cannot be read ({type(e).__name__})"
+  if built != wanted:
+    return f"{data_dir} was built from another recipe"
+  found = _inventory(data_dir)
+  for name, size in files.items():
+    if name not in found:
+      return f"{data_dir / name} is missing"
+    if found[name] != size:
+      return f"{data_dir / name} has {found[name]} bytes, {size} when built"
+  return None
+
+
+@contextlib.contextmanager
+def _build_lock(base: Path):
+  """Builds of one data directory take turns (a second run waits, then finds the dataset built)."""
+  base.mkdir(parents=True, exist_ok=True)
+  fd = os.open(base / ".build.lock", os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"data: waiting for another run building in {base}", flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)
+
+
+def _build(config, kind: str, data_dir: Path, wanted: dict) -> None:
+  """Build (process 0) the dataset of `wanted` into `data_dir`, then write its recipe and file sizes."""
+  d = config.data
+  files = [data_dir / "raw" / f"{d.builtin}.jsonl"] if d.builtin else list(d.train_files)
   if d.builtin:
-    files = [data_dir / "raw" / f"{d.builtin}.jsonl"]
-  if jax.process_index() == 0 and not any(data_dir.glob("*/*/dataset_info.json")):
-    if d.builtin:
-      synthetic.write_task(d.builtin, files[0], seed=config.seed)
-    if not files:
-      raise ConfigError("config.data.train_files is empty (and config.data.builtin is not set)")
-    builders.build(kind, files, data_dir=data_dir, input_format=d.input_format, eval_fraction=d.eval_fraction,
-                   split_seed=config.seed, on_error=d.on_error)
+    synthetic.write_task(d.builtin, files[0], seed=config.seed)
+  if not files:
+    raise ConfigError("config.data.train_files is empty (and config.data.builtin is not set)")
+  print(f"data: building the {kind} dataset from {len(files)} file(s) into {data_dir}", flush=True)
+  t0 = time.perf_counter()
+  stats = builders.build(kind, files, data_dir=data_dir, input_format=d.input_format, eval_fraction=d.eval_fraction,
+                         split_seed=config.seed, on_error=d.on_error).stats
+  print(f"data: built in {time.perf_counter() - t0:.1f} s: {stats.get('written/train', 0)} train / "
+        f"{stats.get('written/eval', 0)} eval examples", flush=True)
+  tmp = data_dir / f"{RECIPE}.tmp"
+  tmp.write_text(json.dumps({"recipe": wanted, "files": _inventory(data_dir)}, indent=1))
+  os.replace(tmp, data_dir / RECIPE)
+
+
+def dataset_dir(config, workdir: Path, kind: str) -> Path:
+  """The checked (or freshly built) dataset of this run's recipe (process 0 builds; every process waits)."""
+  base = Path(config.data.dir) if config.data.dir else workdir / "data"
+  wanted = recipe(config, kind)
+  key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+  data_dir = base / key
+  if jax.process_index() == 0:
+    with _build_lock(base):
+      problem = check(data_dir, wanted)
+      if problem is not None:
+        if problem:
+          print(f"data: {problem}: rebuilding the dataset from its inputs", flush=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        _build(config, kind, data_dir, wanted)
+      if not config.data.dir:  # the workdir's own data: builds of earlier recipes are derived, not kept
+        for other in base.iterdir():
+          if other.is_dir() and other != data_dir:
+            shutil.rmtree(other, ignore_errors=True)
   sharding.sync("data_built")
+  return data_dir
+
+
+def prepare(config, workdir: Path, kind: str) -> Data:
+  """The run's dataset (`dataset_dir`: checked, built when needed), its splits and the tokenizer."""
+  d = config.data
+  data_dir = dataset_dir(config, workdir, kind)
   counts = builders.counts(data_dir)
   logging.info("data %s: %s", data_dir, counts)
   tokenizer = load_tokenizer(d.tokenizer or config.model.init_from)

@@ -162,13 +162,16 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     return path
   if path.exists():
     raise CheckpointError(f"{path}: expected a directory holding config.json and *.safetensors")
+  if path.is_absolute() or str(path_or_hub_id).startswith((".", "~")) or len(path.parts) > 2:
+    raise CheckpointError(f"{path}: no such directory (and not a hub id, which is 'org/name')")
   from huggingface_hub import snapshot_download  # a hub id: needs a network or a warm cache
 
   try:
     return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.model",
                                                                        "*.txt"]))
   except Exception as e:  # noqa: BLE001 (offline, unknown repo, ...: one clear message)
-    raise CheckpointError(f"{path_or_hub_id}: not a local directory and the hub download failed: {e}") from e
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    raise CheckpointError(f"{path_or_hub_id}: not a local directory, and the hub download failed: {reason}") from None
 
 
 def _safetensor_files(directory: Path) -> dict[str, Path]:
@@ -184,8 +187,12 @@ def _safetensor_files(directory: Path) -> dict[str, Path]:
     raise CheckpointError(f"{directory}: no *.safetensors files (and no model.safetensors.index.json)")
   located = {}
   for file in files:
-    with safe_open(str(file), framework="np") as f:
-      located.update({name: file for name in f.keys()})
+    try:
+      with safe_open(str(file), framework="np") as f:
+        located.update({name: file for name in f.keys()})
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own kinds for a damaged header)
+      raise CheckpointError(f"{file}: not a readable safetensors file ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]}); the model directory is damaged") from None
   return located
 
 
@@ -207,7 +214,13 @@ def hf_model_config(path_or_hub_id: str | os.PathLike, *, param_dtype: str | Non
   config_file = resolve(path_or_hub_id) / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
-  config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+  try:
+    raw = json.loads(config_file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{config_file}: not valid JSON ({e}); the model directory is damaged") from None
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{config_file}: not a JSON object; the model directory is damaged")
+  config = config_from_hf(raw, str(config_file))
   return config.replace(param_dtype=param_dtype or "float32", **config_overrides)
 
 
@@ -247,7 +260,11 @@ def read_tensors(directory: Path, config: ModelConfig, table: list[Entry], *,
       if not file.exists():
         raise CheckpointError(f"{file}: listed in the index for {stored!r} but not found")
       handles[file] = safe_open(str(file), framework="np")
-    tensor = handles[file].get_tensor(stored)
+    try:
+      tensor = handles[file].get_tensor(stored)
+    except Exception as e:  # noqa: BLE001 (a file cut short fails when its tensor is read)
+      raise CheckpointError(f"{file}: tensor {stored!r} cannot be read ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]}); the file is damaged or cut short") from None
     want = expected.get(entry.hf)
     if want is not None and tuple(tensor.shape) != tuple(want):
       raise CheckpointError(f"{file}: tensor {stored!r} has shape {tuple(tensor.shape)}, "
