@@ -40,9 +40,13 @@ def run(workdir, *args, config=QUICK, wait=True):
   return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
 
 
+PROGRAMS = ("rlhfx", "rlhfx-demo", "rlhfx-plan", "launch/tpu.py")  # the prefixes of their one-line errors
+
+
 def one_line_error(proc, code: int, *words: str) -> str | None:
-  """None when `proc` exited with `code`, printed no traceback and one `rlhfx:` line containing `words`."""
-  lines = [line for line in proc.stderr.splitlines() if line.startswith("rlhfx:")]
+  """None when `proc` exited with `code`, printed no traceback and one error line (`rlhfx: ...`, `rlhfx-demo: ...`,
+  ...) containing `words`."""
+  lines = [line for line in proc.stderr.splitlines() if line.split(":")[0] in PROGRAMS]
   if proc.returncode != code:
     return f"exit {proc.returncode}, expected {code}: {(lines or proc.stderr.splitlines() or [''])[-1][:200]}"
   if "Traceback" in proc.stderr:
@@ -401,17 +405,7 @@ def cli(module, *args, env=None):
                         text=True, timeout=600)
 
 
-def one_line(proc, code: int, *words: str) -> str | None:
-  """Like one_line_error, for any program prefix (rlhfx-demo:, rlhfx-plan:, launch/tpu.py:)."""
-  lines = [line for line in proc.stderr.splitlines() if line.split(":")[0] in ("rlhfx", "rlhfx-demo", "rlhfx-plan",
-                                                                               "launch/tpu.py")]
-  if proc.returncode != code:
-    return f"exit {proc.returncode}, expected {code}: {(lines or proc.stderr.splitlines() or [''])[-1][:200]}"
-  if "Traceback" in proc.stderr:
-    return "a traceback"
-  if len(lines) != 1 or not all(w in lines[0] for w in words):
-    return f"error lines {lines}, expected one with {words}"
-  return None
+one_line = one_line_error
 
 
 def missing_config(tmp):

@@ -16,6 +16,7 @@ import pytest
 from rlhfx import checkpoint, config as config_lib, metrics, reward_functions, workdir
 from rlhfx.data import prepare
 from rlhfx.models.hf_config import CheckpointError
+from test_faults import _config as _sft  # a built-in SFT task's config with overrides
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -35,11 +36,6 @@ def _one_line(proc, code: int, *words: str):
   assert any(all(w in line for w in words) for line in lines), lines
 
 
-def _sft(**overrides):
-  c = config_lib.base_config("sft")
-  c.data.builtin = "reverse"
-  c.update_from_flattened_dict(overrides)
-  return c
 
 
 # ----------------------------------------------------------------------------- 1. records are checked
