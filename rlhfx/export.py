@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir:
       lines.append(f"LoRA adapters (PEFT format: peft.PeftModel.from_pretrained(base, dir)): {workdir / 'adapters'}")
     policy = lora.merge(policy["base"], policy["lora"], scale=lora.scale(config.lora))
   if config.train.export_hf:
+    print(f"export: writing the Hugging Face model to {workdir / 'hf'}", flush=True)
     tokenizer.save_pretrained(to_hf(model_config, policy, workdir / "hf"))
     lines.append(f"Hugging Face export: {workdir / 'hf'}")
   return lines
@@ -60,6 +62,7 @@ def print_summary(title: str, lines: list[str], workdir: Path, data) -> None:
   """Process 0 prints "== summary ==", the title, `lines`, the data's counts (`prepare.Data.summary`: records
   skipped, rows truncated or dropped) and where the metrics and checkpoints are."""
   if jax.process_index() == 0:
-    where = (f"metrics: {workdir / 'metrics.jsonl'} and TensorBoard: tensorboard --logdir {workdir / 'tensorboard'}; "
-             f"checkpoints: {workdir / 'checkpoints'}")
+    view = (f"tensorboard --logdir {workdir / 'tensorboard'}" if importlib.util.find_spec("tensorboard") else
+            f"{workdir / 'tensorboard'} (to view: pip install 'rlhfx[tensorboard]', then tensorboard --logdir ...)")
+    where = f"metrics: {workdir / 'metrics.jsonl'} and TensorBoard: {view}; checkpoints: {workdir / 'checkpoints'}"
     print("\n".join(["", "== summary ==", title, *lines, data.summary(), where]), flush=True)

@@ -10,6 +10,7 @@ from `base_config` (the defaults), its allowed values from the tables below.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from ml_collections import ConfigDict
@@ -145,6 +146,9 @@ def problems(config) -> list[str]:
 def _combination_problems(config) -> list[str]:
   t, d, a = config.train, config.data, config.algorithm
   out = []
+  if config.logging.wandb.project and importlib.util.find_spec("wandb") is None:  # before any work, not after it
+    out.append(f"config.logging.wandb.project={config.logging.wandb.project!r} needs Weights & Biases: "
+               f"pip install 'rlhfx[wandb]' (or leave the project empty)")
   if t.global_batch_size % t.grad_accum_steps:
     out.append(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
                f"config.train.grad_accum_steps={t.grad_accum_steps}")

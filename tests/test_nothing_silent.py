@@ -297,3 +297,13 @@ def test_help_and_show_config_print_and_exit_0(tmp_path):
   assert "train.num_steps = 7  # optimizer steps" in proc.stdout
   assert "data.builtin = 'reverse'  # \"reverse: abcd =\"" in proc.stdout  # the config file's own comment
   _one_line(_cli("--config=configs/quickstart.py"), 2, "--workdir is required")
+
+
+def test_a_wandb_project_without_wandb_installed_is_a_config_line_before_any_work(monkeypatch):
+  from rlhfx import validation
+
+  real = validation.importlib.util.find_spec
+  monkeypatch.setattr(validation.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else
+                      real(name, *a))
+  config = _sft(**{"logging.wandb.project": "mine"})
+  assert any("pip install 'rlhfx[wandb]'" in p for p in validation.problems(config))

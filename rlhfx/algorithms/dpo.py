@@ -263,9 +263,11 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
                                          data, reference="completion" if s.unpaired else "chosen")
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   if "eval/rewards/accuracies" in before and "eval/rewards/accuracies" in after:
+    ties = " (at step 0 every pair ties: the policy is the reference)" if abs(
+        before["eval/rewards/margins"]) < 1e-6 and before["eval/rewards/accuracies"] == 0 else ""
     lines.insert(0, f"held-out rewards/accuracies {before['eval/rewards/accuracies']:.1%} -> "
                     f"{after['eval/rewards/accuracies']:.1%}; rewards/margins {before['eval/rewards/margins']:.3f} -> "
-                    f"{after['eval/rewards/margins']:.3f}")
+                    f"{after['eval/rewards/margins']:.3f}{ties}")
   lora_note = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
   export.print_summary(f"{s.name} preference tuning ({s.reference} reference{lora_note}) for "
                        f"{t.num_steps} steps", lines, workdir, data)
