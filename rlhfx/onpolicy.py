@@ -1,6 +1,7 @@
 """The jitted programs of a PPO or GRPO iteration and how a run calls them, the state donated.
 
-  steps = onpolicy.Steps.jit(iteration=..., policy=..., update_step=..., scorer=..., shardings=..., ...)
+  steps = onpolicy.Steps.jit(s, shardings, layout, iteration=ppo.iteration, policy=ppo.policy_params,
+                             update_step=ppo.update_step)
   state, metrics, r, scores_B = onpolicy.run_iteration(steps, state, batch, frozen, score, mesh, phased=False)
 
 With an in-graph score (a reward model, traceable reward functions) an iteration is one
@@ -43,11 +44,13 @@ class Steps:
   sample: Callable | None = None  # (params, batch, step) -> rollout: sampling in the layout (call under it)
 
   @classmethod
-  def jit(cls, *, iteration: Callable, policy: Callable, update_step: Callable, scorer: scoring.Scorer, shardings,
-          seed: int, sampling: rollout.SamplingSettings, layout: sampling_layout.Layout | None = None) -> "Steps":
-    """From an algorithm's pure functions with their settings bound; `policy(state)` is the policy's parameters
-    the model samples with (LoRA merged)."""
-    sample = functools.partial(rollout.sample_step, seed=seed, s=sampling)
+  def jit(cls, s, shardings, layout: sampling_layout.Layout | None = None, *, iteration: Callable,
+          policy: Callable, update_step: Callable) -> "Steps":
+    """From an algorithm's Settings `s` (scorer, seed, sampling) and its pure functions, each taking `s=`;
+    `policy(state, s=)` is the policy's parameters the model samples with (LoRA merged)."""
+    iteration, policy, update_step = (functools.partial(f, s=s) for f in (iteration, policy, update_step))
+    scorer, sampling = s.scorer, s.sampling
+    sample = functools.partial(rollout.sample_step, seed=s.seed, s=sampling)
 
     def rollout_step(state, batch):
       return sample(policy(state), batch, state.step)

@@ -185,9 +185,7 @@ def iteration(state: PPOState, batch: dict[str, Array], frozen: dict, s: Setting
 
 def jit_programs(s: Settings, shardings, layout: sampling_layout.Layout | None = None) -> onpolicy.Steps:
   """The jitted programs a run executes."""
-  return onpolicy.Steps.jit(iteration=functools.partial(iteration, s=s), policy=functools.partial(policy_params, s=s),
-                            update_step=functools.partial(update_step, s=s), scorer=s.scorer, shardings=shardings,
-                            seed=s.seed, sampling=s.sampling, layout=layout)
+  return onpolicy.Steps.jit(s, shardings, layout, iteration=iteration, policy=policy_params, update_step=update_step)
 
 
 def init_params(config, policy, scorer: scoring.Scorer, reward_params, model_config, trees: load.Trees):
