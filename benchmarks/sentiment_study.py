@@ -3,11 +3,12 @@
   python benchmarks/sentiment_study.py --out-dir /tmp/study              # full: reward vs KL, PNG + tables
   python benchmarks/sentiment_study.py --variant quick --out-dir /tmp/q  # the test suite's smaller run
 
-Real artifacts from ../shared/data, none made by this project:
-  policy = reference = the pretrained llama2.c stories260K (TinyStories), its tok512 tokenizer;
+Real artifacts, none made by this project:
+  policy = reference = the pretrained llama2.c stories260K (TinyStories), its tok512 tokenizer (the hub's
+           karpathy/tinyllamas, through the Hugging Face cache);
   reward = a ScoreModel on the stories260K backbone trained (Bradley-Terry, rlhfx.algorithms.reward)
            on the 1,000 labelled IMDb sentences (UCI Sentiment Labelled Sentences), each pair one
-           positive and one negative sentence; held-out pairwise accuracy is reported;
+           positive and one negative sentence (--imdb: imdb_labelled.txt); held-out pairwise accuracy is reported;
   prompts = story openings ("One day, Lily went to the park."), disjoint train / eval sets.
 Methods:
   best-of-N  N samples of the reference, keep the highest-scoring (KL = log N - (N-1)/N);
@@ -37,7 +38,8 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+STORIES = "hf://karpathy/tinyllamas/stories260K"  # llama2.c's stories260K on the Hugging Face hub (rlhfx.hub)
+IMDB = ROOT.parent / "shared" / "data" / "sentiment" / "imdb_labelled.txt"  # the default --imdb, where it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +99,8 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> pathlib.Path:
 
 
 def common(config, *, steps: int, batch: int) -> None:
-  config.model.init_from = f"llama2c:{DATA / 'stories260k' / 'stories260K.bin'}"  # the pretrained policy
-  config.data.tokenizer = str(DATA / "stories260k" / "tok512.bin")  # its tokenizer
+  config.model.init_from = f"llama2c:{STORIES}/stories260K.bin"  # the pretrained policy
+  config.data.tokenizer = f"{STORIES}/tok512.bin"  # its tokenizer
   config.train.num_steps = steps
   config.train.global_batch_size = batch
   config.train.log_every = max(1, steps // 4)
@@ -171,8 +173,8 @@ class Evaluator:
     from rlhfx.models.heads import ScoreModel
     from rlhfx.sampling import pad_prompts
 
-    self.tokenizer = load_tokenizer(str(DATA / "stories260k" / "tok512.bin"))
-    self.model_config, self.reference = from_llama2c(DATA / "stories260k" / "stories260K.bin")
+    self.tokenizer = load_tokenizer(f"{STORIES}/tok512.bin")
+    self.model_config, self.reference = from_llama2c(f"{STORIES}/stories260K.bin")
     rm_config = scoring.reward_model_config(rm_dir)
     module = ScoreModel(rm_config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -292,7 +294,7 @@ def at_kl(points: list[dict], kl: float) -> dict | None:
   return inside[-1] if inside else None
 
 
-def run(variant: str, out: pathlib.Path) -> dict:
+def run(variant: str, out: pathlib.Path, imdb: pathlib.Path = IMDB) -> dict:
   from rlhfx.algorithms import dpo, ppo, reward
 
   v = VARIANTS[variant]
@@ -305,7 +307,7 @@ def run(variant: str, out: pathlib.Path) -> dict:
   t0 = time.perf_counter()
   rm_dir = out / "reward_model"
   rm_final = reward.train(reward_config(write_jsonl(out / "inputs" / "imdb_pairs.jsonl",
-                                                    imdb_pairs(DATA / "sentiment" / "imdb_labelled.txt")),
+                                                    imdb_pairs(imdb)),
                                         v.rm_steps), rm_dir)
   timings["reward_model_s"] = time.perf_counter() - t0
   evaluator = Evaluator(rm_dir, eval_prompts, v)
@@ -413,9 +415,14 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--variant", default="full", choices=sorted(VARIANTS))
   p.add_argument("--out-dir", default="/tmp/sentiment_study")
+  p.add_argument("--imdb", type=pathlib.Path, default=IMDB,
+                 help="imdb_labelled.txt of the UCI Sentiment Labelled Sentences (archive.ics.uci.edu, dataset 331)")
   args = p.parse_args()
+  if not args.imdb.is_file():
+    p.error(f"--imdb {args.imdb}: not found; download 'Sentiment Labelled Sentences' from the UCI repository "
+            "(https://archive.ics.uci.edu/dataset/331) and pass its imdb_labelled.txt")
   sys.path.insert(0, str(ROOT))
-  results = run(args.variant, pathlib.Path(args.out_dir))
+  results = run(args.variant, pathlib.Path(args.out_dir), args.imdb)
   print(table(results))
   print(json.dumps({k: results[k] for k in ("reward_model", "reference", "timings")}))
 

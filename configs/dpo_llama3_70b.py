@@ -10,17 +10,14 @@ moments, full rematerialisation of each scanned layer, a frozen bfloat16 referen
 tree, the LM head only over the 1,024 completion positions, 256 at a time.
 """
 
-import pathlib
+from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_llama3_on_tpu
 
-from rlhfx.config import base_config, use_hh_pairs, use_llama3_on_tpu
-
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def get_config(arg=None):
   del arg
   config = base_config("dpo")
-  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
+  use_hh_pairs(config, [HH_HARMLESS_TEST])  # data.* fields: see rlhfx/config.py
   use_llama3_on_tpu(config, "70b", prompt_tokens=1024, completion_tokens=1024)  # model.*, data.* lengths
   config.dpo.loss = "sigmoid"  # DPO
   config.dpo.beta = 0.1  # KL strength

@@ -12,17 +12,14 @@ once (no second 8B tree in HBM), the LM head only over the 512 completion positi
 with 8% headroom; `rlhfx.plan --search` lists every setting that fits.
 """
 
-import pathlib
+from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_llama3_on_tpu
 
-from rlhfx.config import base_config, use_hh_pairs, use_llama3_on_tpu
-
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def get_config(arg=None):
   del arg
   config = base_config("dpo")
-  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
+  use_hh_pairs(config, [HH_HARMLESS_TEST])  # data.* fields: see rlhfx/config.py
   use_llama3_on_tpu(config, "8b", prompt_tokens=512, completion_tokens=512)  # model.*, data.* lengths
   config.dpo.loss = "sigmoid"  # DPO
   config.dpo.beta = 0.1  # KL strength

@@ -8,16 +8,13 @@
 Writes the adapters to <workdir>/adapters (their own tree) and the merged policy to <workdir>/hf.
 """
 
-import pathlib
+from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
-from rlhfx.config import base_config, use_hh_pairs, use_tiny_cpu_model
-
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def get_config(arg=None):
   config = base_config("dpo")
-  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
+  use_hh_pairs(config, [HH_HARMLESS_TEST])  # data.* fields: see rlhfx/config.py
   config.data.eval_fraction = 0.135  # about 312 held-out pairs
   config.model.init_from = "openai-community/gpt2"  # the model to adapt
   config.model.dtype = "bfloat16"  # compute dtype
@@ -36,7 +33,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 50  # linear warmup
   config.optim.schedule = "constant"  # after warmup
   if arg == "tiny":
-    use_tiny_cpu_model(config, DATA / "gpt2_tokenizer", max_length=192)  # model.* and data.* for CPU
+    use_tiny_cpu_model(config, max_length=192)  # model.* and data.* for CPU
     config.lora.rank = 4  # adapter rank
     config.lora.alpha = 8.0  # scale 2
     config.model.lm_head_chunk = 64  # LM-head chunks

@@ -12,16 +12,13 @@ Variants: "" (GPT-2-size SFT policy, bf16), "tiny" (CPU: random tiny policy, GPT
 reward model from /tmp/reward_hh unless --config.scoring.model says otherwise).
 """
 
-import pathlib
+from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
-from rlhfx.config import base_config, use_hh_pairs, use_tiny_cpu_model
-
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def get_config(arg=None):
   config = base_config("ppo")
-  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"], "hh_prompts")  # data.* fields
+  use_hh_pairs(config, [HH_HARMLESS_TEST], "hh_prompts")  # data.* fields
   config.data.eval_fraction = 0.05  # held-out prompts for eval/scores and eval/kl
   config.model.init_from = "openai-community/gpt2"  # ideally the SFT model's Hugging Face export
   config.model.dtype = "bfloat16"  # compute dtype
@@ -41,7 +38,7 @@ def get_config(arg=None):
   config.ppo.minibatches = 4  # updates per pass
   config.ppo.kl_coef = 0.05  # per-token KL penalty
   if arg == "tiny":
-    use_tiny_cpu_model(config, DATA / "gpt2_tokenizer", max_length=256)  # model.* and data.* for CPU
+    use_tiny_cpu_model(config, max_length=256)  # model.* and data.* for CPU
     config.data.max_prompt_length = 128  # prompt tokens (the most recent turns)
     config.data.buckets = (128,)  # one prompt shape
     config.rollout.max_new_tokens = 24  # reply tokens

@@ -12,17 +12,14 @@ iteration, one fused program (rollout, scoring, 4 epochs x 4 minibatches of upda
 Until the reward run exists the planner assumes a reward model of the policy's shape.
 """
 
-import pathlib
+from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_llama3_on_tpu
 
-from rlhfx.config import base_config, use_hh_pairs, use_llama3_on_tpu
-
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def get_config(arg=None):
   del arg
   config = base_config("ppo")
-  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"], "hh_prompts")  # data.* fields
+  use_hh_pairs(config, [HH_HARMLESS_TEST], "hh_prompts")  # data.* fields
   use_llama3_on_tpu(config, "8b", prompt_tokens=512, completion_tokens=512)  # model.*, data.* lengths
   config.scoring.model = "/mnt/ckpt/rm8b"  # an 8B reward run (configs/reward_hh.py with model.preset=llama3-8b)
   config.scoring.missing_eos_penalty = 1.0  # completions cut at max_new_tokens lose 1 (normalised) point

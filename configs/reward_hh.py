@@ -8,16 +8,13 @@ Variants: "" (from an SFT'd GPT-2-size Hugging Face checkpoint), "tiny" (CPU: a 
 random model, GPT-2 tokenizer, 312 held-out pairs of the harmless-base test file).
 """
 
-import pathlib
+from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
-from rlhfx.config import base_config, use_hh_pairs, use_tiny_cpu_model
-
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def get_config(arg=None):
   config = base_config("reward")
-  use_hh_pairs(config, [DATA / "hh_rlhf" / "harmless-base-test.jsonl.gz"])  # data.* fields: see rlhfx/config.py
+  use_hh_pairs(config, [HH_HARMLESS_TEST])  # data.* fields: see rlhfx/config.py
   config.data.eval_fraction = 0.135  # about 312 of the 2,303 usable pairs held out
   config.model.init_from = "openai-community/gpt2"  # ideally the SFT model's Hugging Face export
   config.model.dtype = "bfloat16"  # compute dtype
@@ -31,7 +28,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 50  # linear warmup
   config.reward.center_coef = 0.01  # keep rewards near 0
   if arg == "tiny":
-    use_tiny_cpu_model(config, DATA / "gpt2_tokenizer", max_length=256)  # model.* and data.* for CPU
+    use_tiny_cpu_model(config, max_length=256)  # model.* and data.* for CPU
     config.train.global_batch_size = 16  # pairs per step
     config.train.num_steps = 300  # a few CPU minutes
     config.train.log_every = 25  # console and metrics

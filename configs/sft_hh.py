@@ -7,17 +7,13 @@
 Variants: "" (GPT-2 small from a Hugging Face checkpoint, bf16 compute), "tiny" (CPU smoke run).
 """
 
-import pathlib
+from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
-from rlhfx.config import base_config, use_hh_pairs, use_tiny_cpu_model
-
-HH = str(pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_rlhf" /
-         "harmless-base-test.jsonl.gz")
 
 
 def get_config(arg=None):
   config = base_config("sft")
-  use_hh_pairs(config, [HH], input_format="hh_chosen")  # prompt + chosen reply; data.* in rlhfx/config.py
+  use_hh_pairs(config, [HH_HARMLESS_TEST], input_format="hh_chosen")  # prompt + chosen reply; data.* in rlhfx/config.py
   config.model.init_from = "openai-community/gpt2"  # Hugging Face dir or hub id
   config.model.dtype = "bfloat16"  # compute dtype (params stay float32)
   config.train.global_batch_size = 32  # rows per step
@@ -29,7 +25,7 @@ def get_config(arg=None):
   config.optim.warmup_steps = 100  # linear warmup
   config.optim.weight_decay = 0.01  # AdamW decay on matrices
   if arg == "tiny":
-    use_tiny_cpu_model(config, pathlib.Path(HH).parents[1] / "gpt2_tokenizer")  # model.* and data.* for CPU
+    use_tiny_cpu_model(config)  # model.* and data.* for CPU
     config.train.global_batch_size = 8  # rows per step
     config.train.num_steps = 50  # a smoke run
     config.train.log_every = 10  # console and metrics

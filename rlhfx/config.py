@@ -104,12 +104,12 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.builtin = ""  # a task generated in code instead of files: reverse | arithmetic (rlhfx.data.synthetic)
-  c.data.train_files = ()  # input files: JSONL or JSON arrays, optionally .gz
+  c.data.train_files = ()  # input files: JSONL or JSON arrays (.gz too), Parquet, save_to_disk dirs, hf:// files, hub datasets "org/name[:split]"
   c.data.input_format = "sft"  # pairs | hh | sharegpt | unpaired | prompts | sft (rlhfx.data.builders)
   c.data.eval_fraction = 0.05  # share of examples in the eval split (by content hash)
   c.data.on_error = "raise"  # bad input records: raise (file:line) | skip (counted, logged, in dataset_info.json)
   c.data.dir = ""  # where the ArrayRecord dataset is built; "" = <workdir>/data
-  c.data.tokenizer = ""  # tokenizer: HF dir / hub id / encoder.json dir / .model / .bin / builtin:bytes; "" = init_from
+  c.data.tokenizer = ""  # tokenizer: HF dir / hub id / hf:// file / encoder.json dir / .model / .bin / builtin:bytes; "" = init_from
   c.data.max_length = 256  # prompt + completion tokens per row
   c.data.max_prompt_length = 128  # prompt tokens kept (its end, with prompt_side=keep_end)
   c.data.max_completion_length = 0  # completion tokens kept (0 = what max_length leaves); DPO's LM head sees only these
@@ -251,9 +251,16 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   return c
 
 
+# The HH configs' data and the tiny variants' tokenizer, as users name them: a file of the hub dataset
+# Anthropic/hh-rlhf (2,312 pairs, 0.7 MB) and the GPT-2 repository, both read through the Hugging Face cache
+# (`rlhfx.hub`; `python -m rlhfx.fetch --config=...` fetches a config's ahead of time).
+HH_HARMLESS_TEST = "hf://datasets/Anthropic/hh-rlhf/harmless-base/test.jsonl.gz"
+GPT2_TOKENIZER = "openai-community/gpt2"
+
+
 def use_hh_pairs(config, files, input_format: str = "hh") -> None:
   """Anthropic HH transcripts as the data (shared by the HH experiment files)."""
-  config.data.train_files = tuple(str(f) for f in files)  # HH JSONL(.gz) transcripts
+  config.data.train_files = tuple(str(f) for f in files)  # HH JSONL(.gz) transcripts (paths or hf:// files)
   config.data.input_format = input_format  # hh: split at the last shared "\n\nAssistant:"
   config.data.on_error = "skip"  # count and skip the unsplittable pairs and empty replies
   config.data.max_length = 512  # prompt + reply tokens
@@ -261,13 +268,13 @@ def use_hh_pairs(config, files, input_format: str = "hh") -> None:
   config.data.buckets = (128, 256, 512)  # padded lengths
 
 
-def use_tiny_cpu_model(config, tokenizer, *, max_length: int = 256) -> None:
+def use_tiny_cpu_model(config, tokenizer=GPT2_TOKENIZER, *, max_length: int = 256) -> None:
   """The `:tiny` variants: a random 2-layer model with the GPT-2 vocabulary, float32, shorter rows."""
   config.model.init_from = ""  # random init of the preset
   config.model.preset = "tiny"  # 2 layers, width 64
   config.model.vocab_size = 50257  # GPT-2's vocabulary
   config.model.dtype = "float32"  # CPU
-  config.data.tokenizer = str(tokenizer)  # GPT-2 BPE files (encoder.json + vocab.bpe)
+  config.data.tokenizer = str(tokenizer)  # GPT-2's BPE (a hub id, or a folder with its vocab.json + merges.txt)
   config.data.max_length = max_length  # prompt + reply tokens
   config.data.max_prompt_length = max_length * 3 // 4  # prompt tokens
   config.data.buckets = (128, max_length) if max_length > 128 else (max_length,)  # padded lengths

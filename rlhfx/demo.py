@@ -1,7 +1,8 @@
 """Generation demo: sample from a model with the jit-compiled KV-cache sampler.
 
   python -m rlhfx.demo                                   # built-in tiny model, random weights
-  python -m rlhfx.demo --llama2c=stories260K.bin --tokenizer=tok512.bin --prompt="Once upon a time"
+  python -m rlhfx.demo --llama2c=hf://karpathy/tinyllamas/stories260K/stories260K.bin \
+      --tokenizer=hf://karpathy/tinyllamas/stories260K/tok512.bin --prompt="Once upon a time"
   python -m rlhfx.demo --hf=path/to/hf_model_dir --prompt="Hello"
 """
 
@@ -18,8 +19,8 @@ from rlhfx.models import get_preset, init_params
 from rlhfx.models.convert import from_hf
 from rlhfx.models.llama2c import from_llama2c
 
-_LLAMA2C = flags.DEFINE_string("llama2c", None, "llama2.c checkpoint (.bin), e.g. stories260K.bin")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "llama2.c tokenizer (.bin) for --llama2c")
+_LLAMA2C = flags.DEFINE_string("llama2c", None, "llama2.c checkpoint (.bin): a path or an hf:// file")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "llama2.c tokenizer (.bin) for --llama2c: a path or an hf:// file")
 _HF = flags.DEFINE_string("hf", None, "Hugging Face model directory or hub id (tokenizer files alongside)")
 _PROMPT = flags.DEFINE_string("prompt", "", "prompt text (needs a tokenizer); empty: start from BOS")
 _NEW = flags.DEFINE_integer("max_new_tokens", 60, "tokens to generate per sample")

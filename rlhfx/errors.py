@@ -9,6 +9,7 @@ from pathlib import Path
 from absl import app, flags
 
 from rlhfx.config import ConfigError
+from rlhfx.hub import HubError
 from rlhfx.data.builders import DataError
 from rlhfx.data.tokenize import Overlong, TokenizerError
 from rlhfx.metrics import TrainingDiverged
@@ -17,7 +18,7 @@ from rlhfx.reward_functions import RewardFunctionError
 from rlhfx.workdir import WorkdirError
 
 USER_ERRORS = (ConfigError, DataError, Overlong, TokenizerError, TrainingDiverged, CheckpointError,
-               WorkdirError, RewardFunctionError)
+               WorkdirError, RewardFunctionError, HubError)
 CONFIG_EXIT = 2  # like a usage error
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the configs a checkout ships
 

@@ -20,6 +20,8 @@ import math
 import os
 import re
 
+import rlhfx
+
 GiB = 2**30
 
 
@@ -90,6 +92,9 @@ def devices(name: str) -> tuple[Chip, list]:
   """(chip, the slice's devices, one per chip) for the TPU compiler; needs libtpu."""
   # compiling only: several planners (or a planner beside a test session) may load libtpu at once
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if not rlhfx.tpu_chips_here():  # what libtpu would otherwise ask a TPU VM's metadata server for, printing errors
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # when there is none; the compiler's results
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)  # do not depend on either
   try:
     from jax.experimental import topologies
   except ImportError as e:  # pragma: no cover

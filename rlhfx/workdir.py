@@ -35,6 +35,8 @@ from pathlib import Path
 
 import jax
 
+from rlhfx import hub
+
 CONFIG, INPUTS, LOCK = "config.json", "inputs.json", ".lock"
 # Fields that do not change what a run computes: cadence, placement, process layout, memory knobs.
 IGNORED = re.compile(r"^(train\.(log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints|"
@@ -138,6 +140,10 @@ def fingerprints(config) -> list[dict]:
     return []
   out = []
   for name in config.data.train_files:
+    if hub.is_hub_file(name):  # named as the config names it; its bytes are the cached copy's
+      file = hub.local_file(name)
+      out.append({"path": str(name), "size": file.stat().st_size, "sha256": _sha256(file)})
+      continue
     path = Path(name).absolute()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # save_to_disk folders
     for file in files:

@@ -3,6 +3,7 @@
 import atexit
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -13,13 +14,60 @@ import tempfile
 # no TPU backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# What the configs, notebooks and demo name on the Hugging Face hub (`rlhfx.hub`), and the local copies in
+# ../shared/data of the same bytes: the session's hub cache is made of these, offline.
+HUB_FILES = {
+    ("datasets", "Anthropic/hh-rlhf"): {"harmless-base/test.jsonl.gz": "hh_rlhf/harmless-base-test.jsonl.gz"},
+    ("models", "openai-community/gpt2"): {"vocab.json": "gpt2_tokenizer/encoder.json",
+                                          "merges.txt": "gpt2_tokenizer/vocab.bpe"},
+    ("models", "karpathy/tinyllamas"): {"stories260K/stories260K.bin": "stories260k/stories260K.bin",
+                                        "stories260K/tok512.bin": "stories260k/tok512.bin"},
+}
+# the GPT-2 repository's small JSON files (what its tokenizer needs to be loaded; the same values as the hub's)
+GPT2_JSON = {"tokenizer_config.json": {"model_max_length": 1024},
+             "config.json": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 50257,
+                             "n_positions": 1024, "n_ctx": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                             "bos_token_id": 50256, "eos_token_id": 50256, "layer_norm_epsilon": 1e-05,
+                             "activation_function": "gelu_new"}}
+
+
+def _hub_cache_of_shared_data() -> None:
+  """An offline Hugging Face cache for this session (and every run it starts) whose files link to ../shared/data:
+  the configs' hf:// files and hub ids are read through huggingface_hub's own cache lookup, as on a user's
+  machine that fetched them (`python -m rlhfx.fetch`), with no network. Made before huggingface_hub is imported
+  (it reads HF_HUB_CACHE and HF_HUB_OFFLINE once); removed at exit by the process that made it."""
+  if os.environ.get("RLHFX_TEST_HUB_CACHE"):
+    return  # a pytest-xdist worker: its parent made it
+  cache = tempfile.mkdtemp(prefix="rlhfx-tests-hub-cache-")
+  owner = os.getpid()
+  atexit.register(lambda: os.getpid() == owner and shutil.rmtree(cache, ignore_errors=True))
+  revision = "0" * 40
+  for (kind, repo), files in HUB_FILES.items():
+    root = pathlib.Path(cache) / f"{kind}--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    for name, shared in files.items():
+      if (SHARED_DATA / shared).exists():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(SHARED_DATA / shared)
+    if repo == "openai-community/gpt2":
+      for name, content in GPT2_JSON.items():
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_text(json.dumps(content))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+  os.environ.update(RLHFX_TEST_HUB_CACHE=cache, HF_HUB_CACHE=cache, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+_hub_cache_of_shared_data()
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from rlhfx.models import Transformer
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GOLDENS = pathlib.Path(__file__).resolve().parent / "goldens"
 
 

@@ -1,5 +1,5 @@
 """Reading input files record by record: JSONL or a JSON array (gzip accepted), Parquet, a `datasets.save_to_disk`
-folder, a hub dataset id "org/name[:split]". A record that cannot be read is a `RecordError` in the stream, so
+folder, a hub dataset id "org/name[:split]", a hub repository's file "hf://datasets/org/name/path" (`rlhfx.hub`). A record that cannot be read is a `RecordError` in the stream, so
 the caller counts or raises it with its file:line (`rlhfx.data.formats`).
 """
 
@@ -11,6 +11,8 @@ import os
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
+
+from rlhfx import hub
 
 
 class DataError(ValueError):
@@ -45,7 +47,7 @@ _FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".txt")
 def is_hub_dataset(name: str) -> bool:
   """A `data.train_files` entry that is a hub dataset id ("org/name", optionally ":split"), not a local path."""
   path = Path(name.split(":")[0])
-  return not path.exists() and path.suffix not in _FILE_SUFFIXES and len(path.parts) <= 2 and not path.is_absolute()
+  return not hub.is_hub_file(name) and not path.exists() and path.suffix not in _FILE_SUFFIXES and len(path.parts) <= 2 and not path.is_absolute()
 
 
 def read_records(path: str | os.PathLike, on_error: str = "raise") -> Iterator[tuple[str, Any]]:
@@ -58,7 +60,7 @@ def read_records(path: str | os.PathLike, on_error: str = "raise") -> Iterator[t
   if is_hub_dataset(str(path)):
     yield from _hub_dataset(str(path))
     return
-  path = Path(path)
+  path = hub.local_file(path)  # an hf:// file: its copy in the Hugging Face cache
   if not path.exists():
     raise DataError(f"{path}: file not found")
   if path.is_dir():

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhfx import hub
 from rlhfx.data.synthetic import byte_tokenizer
 
 SPACE = "\u2581"  # SentencePiece's visible space
@@ -50,10 +51,13 @@ class TokenizerError(ValueError):
 
 
 def load_tokenizer(spec: str | os.PathLike):
-  """A fast tokenizer from a path (directory or file), a Hugging Face hub id, or "builtin:bytes"."""
+  """A fast tokenizer from a path (directory or file), a hub repository id or hf:// file (`rlhfx.hub`: through the
+  Hugging Face cache), or "builtin:bytes"."""
   if str(spec) == "builtin:bytes":
     return byte_tokenizer()
-  path = Path(spec)
+  if hub.is_repo_id(spec):
+    spec = hub.local_repo(str(spec), hub.TOKENIZER_FILES)
+  path = hub.local_file(spec)
   if path.is_file():
     if path.suffix == ".bin":
       return llama2c_tokenizer(path)
@@ -133,7 +137,7 @@ def llama2c_tokenizer(path: str | os.PathLike):
   from tokenizers import Tokenizer, decoders, models, normalizers
   from transformers import PreTrainedTokenizerFast
 
-  path = Path(path)
+  path = hub.local_file(path)  # an hf:// file: its cached copy
   pieces = _read_llama2c_vocab(path)
   if len(pieces) < 259:
     raise TokenizerError(f"{path}: {len(pieces)} tokens; a llama2.c tokenizer has <unk>, <s>, </s> and 256 bytes")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhfx import hub
 from rlhfx.models.config import ModelConfig
 from rlhfx.models.hf_config import FAMILIES, CheckpointError, config_from_hf, config_to_hf  # noqa: F401
 from rlhfx.models.transformer import init_params
@@ -156,22 +157,19 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------- Hugging Face directories
 
 
-def resolve(path_or_hub_id: str | os.PathLike) -> Path:
+def resolve(path_or_hub_id: str | os.PathLike, *, weights: bool = True) -> Path:
+  """A Hugging Face model directory, or a hub id's snapshot in the Hugging Face cache (`rlhfx.hub`): its config,
+  tokenizer and (with `weights`) safetensors, downloaded when missing."""
   path = Path(path_or_hub_id)
   if path.is_dir():
     return path
   if path.exists():
     raise CheckpointError(f"{path}: expected a directory holding config.json and *.safetensors")
-  if path.is_absolute() or str(path_or_hub_id).startswith((".", "~")) or len(path.parts) > 2:
+  if not hub.is_repo_id(path_or_hub_id):
     raise CheckpointError(f"{path}: no such directory (and not a hub id, which is 'org/name')")
-  from huggingface_hub import snapshot_download  # a hub id: needs a network or a warm cache
-
-  try:
-    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                                       "*.txt"]))
-  except Exception as e:  # noqa: BLE001 (offline, unknown repo, ...: one clear message)
-    reason = (str(e).splitlines() or [type(e).__name__])[0]
-    raise CheckpointError(f"{path_or_hub_id}: not a local directory, and the hub download failed: {reason}") from None
+  if not weights:
+    return hub.local_repo(str(path_or_hub_id), hub.TOKENIZER_FILES, required=("config.json",))
+  return hub.local_repo(str(path_or_hub_id), hub.CHECKPOINT_FILES, required=("config.json", "*.safetensors"))
 
 
 def _safetensor_files(directory: Path) -> dict[str, Path]:
@@ -211,7 +209,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 def hf_model_config(path_or_hub_id: str | os.PathLike, *, param_dtype: str | None = None,
                     **config_overrides) -> ModelConfig:
   """The ModelConfig of a Hugging Face directory or hub id, from its config.json alone (no tensors read)."""
-  config_file = resolve(path_or_hub_id) / "config.json"
+  config_file = resolve(path_or_hub_id, weights=False) / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
   try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhfx import hub
 from rlhfx.models.config import ModelConfig
 from rlhfx.models.convert import CheckpointError, params_from_hf_tensors, tensor_table
 
@@ -23,12 +24,15 @@ def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def from_llama2c(path: str | os.PathLike, **config_overrides):
-  """(ModelConfig, params) from a llama2.c legacy checkpoint (e.g. stories260K.bin).
+  """(ModelConfig, params) from a llama2.c legacy checkpoint (e.g. stories260K.bin; an hf:// file is read from the
+  Hugging Face cache, `rlhfx.hub`).
 
   Layout: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
   a negative vocab_size means an unshared classifier), then float32 arrays.
   """
-  path = Path(path)
+  path = hub.local_file(path)
+  if not path.is_file():
+    raise CheckpointError(f"{path}: no such llama2.c checkpoint file")
   data = path.read_bytes()
   if len(data) < 28:
     raise CheckpointError(f"{path}: {len(data)} bytes is too short for a llama2.c header (28 bytes)")

@@ -43,7 +43,7 @@ def is_score_model(path_or_hub_id: str | os.PathLike) -> bool:
 
 def score_model_config(path_or_hub_id: str | os.PathLike, **config_overrides) -> ModelConfig:
   """The ModelConfig of a `*ForSequenceClassification` directory or hub id with one label (config.json alone)."""
-  config_file = convert.resolve(path_or_hub_id) / "config.json"
+  config_file = convert.resolve(path_or_hub_id, weights=False) / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"{config_file}: missing; a Hugging Face reward model directory needs config.json")
   hf = json.loads(config_file.read_text())
