@@ -49,11 +49,16 @@ def load(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
 def field_comments(*files: str | pathlib.Path, algorithm: str | None = None) -> dict[str, str]:
   """{dotted field: comment} from the `c.a.b = value  # comment` lines of rlhfx/config.py (those under an
   `if algorithm ...` that `algorithm` does not meet left out), then a config file's own `config.a.b = value  #
-  comment` lines, which win."""
+  comment` lines, which win. A comment line indented under a field's comment (`  #        more`) continues it."""
   out = {}
   for i, file in enumerate(files):  # base_config writes `c.`, config files `config.` (its helpers too: not read)
-    name, applies = ("c" if i == 0 else "config"), True
+    name, applies, last = ("c" if i == 0 else "config"), True, None
     for line in pathlib.Path(file).read_text().splitlines():
+      more = re.match(r"\s*#\s{8,}(\S.*)$", line)
+      if more and last:
+        out[last] += " " + more.group(1).strip()
+        continue
+      last = None
       branch = re.match(r"  if algorithm (==|in) (.+):$", line)
       if branch and i == 0:
         names = re.findall(r'"(\w+)"', branch.group(2))
@@ -64,6 +69,7 @@ def field_comments(*files: str | pathlib.Path, algorithm: str | None = None) -> 
       m = re.match(rf"\s*{name}\.([\w.]+)\s*=[^#]*#\s*(.+)$", line)
       if m and applies:
         out[m.group(1)] = m.group(2).strip()
+        last = m.group(1)
   return out
 
 
@@ -104,12 +110,14 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.builtin = ""  # a task generated in code instead of files: reverse | arithmetic (rlhfx.data.synthetic)
-  c.data.train_files = ()  # input files: JSONL or JSON arrays (.gz too), Parquet, save_to_disk dirs, hf:// files, hub datasets "org/name[:split]"
+  c.data.train_files = ()  # input files: JSONL or JSON arrays (.gz too), Parquet, save_to_disk dirs, hf:// files,
+  #                          hub datasets "org/name[:split]"
   c.data.input_format = "sft"  # pairs | hh | sharegpt | unpaired | prompts | sft (rlhfx.data.builders)
   c.data.eval_fraction = 0.05  # share of examples in the eval split (by content hash)
   c.data.on_error = "raise"  # bad input records: raise (file:line) | skip (counted, logged, in dataset_info.json)
   c.data.dir = ""  # where the ArrayRecord dataset is built; "" = <workdir>/data
-  c.data.tokenizer = ""  # tokenizer: HF dir / hub id / hf:// file / encoder.json dir / .model / .bin / builtin:bytes; "" = init_from
+  c.data.tokenizer = ""  # tokenizer: HF dir / hub id / hf:// file / encoder.json dir / .model / .bin /
+  #                       builtin:bytes; "" = init_from
   c.data.max_length = 256  # prompt + completion tokens per row
   c.data.max_prompt_length = 128  # prompt tokens kept (its end, with prompt_side=keep_end)
   c.data.max_completion_length = 0  # completion tokens kept (0 = what max_length leaves); DPO's LM head sees only these

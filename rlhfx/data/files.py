@@ -1,5 +1,6 @@
 """Reading input files record by record: JSONL or a JSON array (gzip accepted), Parquet, a `datasets.save_to_disk`
-folder, a hub dataset id "org/name[:split]", a hub repository's file "hf://datasets/org/name/path" (`rlhfx.hub`). A record that cannot be read is a `RecordError` in the stream, so
+folder, a hub dataset id "org/name[:split]", a hub repository's file "hf://datasets/org/name/path"
+(`rlhfx.hub`). A record that cannot be read is a `RecordError` in the stream, so
 the caller counts or raises it with its file:line (`rlhfx.data.formats`).
 """
 
@@ -47,7 +48,8 @@ _FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".txt")
 def is_hub_dataset(name: str) -> bool:
   """A `data.train_files` entry that is a hub dataset id ("org/name", optionally ":split"), not a local path."""
   path = Path(name.split(":")[0])
-  return not hub.is_hub_file(name) and not path.exists() and path.suffix not in _FILE_SUFFIXES and len(path.parts) <= 2 and not path.is_absolute()
+  return (not hub.is_hub_file(name) and not path.exists() and path.suffix not in _FILE_SUFFIXES
+          and len(path.parts) <= 2 and not path.is_absolute())
 
 
 def read_records(path: str | os.PathLike, on_error: str = "raise") -> Iterator[tuple[str, Any]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-from pathlib import Path
 
 import numpy as np
 
