@@ -189,12 +189,15 @@ class StepLog:
 
   Step time: from the later of the previous step's end and this iteration's start (`steps` marks it, so a save
   or an evaluation between steps is not counted) to this step's end, which is when `record` finds its metrics
-  ready or, if they are not, when they are read. The ETA uses the median of the last 20 step times after the
-  first one of the run (which includes compilation)."""
+  ready or, if they are not, when they are read. The ETA is the median of the last 20 step times after the
+  first one of the run (which includes compilation) times the steps left, plus the evaluations left times the
+  last one's time (`evaluation`)."""
 
   def __init__(self, workdir: Path, train_config, *, flops_per_token: float, checkpointer, start_step: int,
-               loss_key: str = "train/loss", counts: Callable[[], dict] = dict, run_config=None):
+               loss_key: str = "train/loss", counts: Callable[[], dict] = dict, run_config=None,
+               evaluates: bool = True):
     self.t = train_config
+    self.evaluates = evaluates  # the run has held-out data (else evaluations are empty: not said, not in the ETA)
     self.writer = MetricsWriter(workdir, total_steps=train_config.num_steps, peak_flops=flops.peak_flops_per_device(),
                                 run_config=run_config, start_step=start_step)
     self.flops_per_token, self.checkpointer, self.start = flops_per_token, checkpointer, start_step
@@ -206,12 +209,45 @@ class StepLog:
     self._pending = None
     self._ended = self._began = time.perf_counter()
     self._recent: collections.deque = collections.deque(maxlen=20)
+    self._eval_s: float | None = None  # the last evaluation's time
+
+  @classmethod
+  def of_run(cls, config, workdir: Path, data, checkpointer, start_step: int, flops_per_token: float) -> "StepLog":
+    """A training run's log: its data's counts in the metrics, evaluations when it has held-out data."""
+    return cls(workdir, config.train, flops_per_token=flops_per_token, checkpointer=checkpointer,
+               start_step=start_step, counts=data.report, run_config=config, evaluates=data.eval is not None)
 
   def steps(self, first: int, last: int) -> Iterator[int]:
     """first, ..., last, marking when each iteration begins."""
     for step in range(first, last + 1):
       self._began = time.perf_counter()
+      if step == first and self.writer.is_main:
+        print(f"train: compiling step {first} (the first step's time includes it) ...", flush=True)
       yield step
+
+  def evaluation(self, step: int, evaluate: Callable[[], dict]) -> dict[str, float]:
+    """`evaluate()` after `step`, timed (said on the console; its time goes into the ETA) and written. A resumed
+    run's first call (step = the resumed step) evaluates nothing: it returns the run's first evaluation, the
+    step-0 row of metrics.jsonl, so the summary's before/after lines survive a restart."""
+    if step == self.start and step > 0:
+      return first_evaluation(self.writer.workdir)
+    self.flush()
+    if not self.evaluates:
+      return self.write(step, evaluate())
+    if self.writer.is_main:
+      print(f"eval: step {step} ...", end="", flush=True)
+    began = time.perf_counter()
+    result = evaluate()
+    self._eval_s = time.perf_counter() - began
+    if self.writer.is_main:
+      print(f" {self._eval_s:.1f} s", flush=True)
+    return self.write(step, result)
+
+  def _eta(self, step: int) -> float | None:
+    if not self._recent:
+      return None
+    evals_left = sum(evaluation_due(s, self.t) for s in range(step + 1, self.t.num_steps + 1))
+    return float(np.median(self._recent)) * (self.t.num_steps - step) + evals_left * (self._eval_s or 0.0)
 
   def record(self, step: int, device_metrics: dict, *, tokens: float) -> None:
     ready = all(x.is_ready() for x in jax.tree.leaves(device_metrics) if isinstance(x, jax.Array))
@@ -242,6 +278,8 @@ class StepLog:
     self._ended = ended
     if step > self.start + 1:
       self._recent.append(host["perf/step_s"])
+    elif self.writer.is_main:
+      print(f"train: step {step} took {host['perf/step_s']:.1f} s (compiling included)", flush=True)
     host["perf/tokens_per_s"] = tokens / host["perf/step_s"]
     if self.writer.peak_flops:
       host["perf/mfu"] = host["perf/tokens_per_s"] * self.flops_per_token / (self.writer.peak_flops
@@ -250,8 +288,7 @@ class StepLog:
     self.last = host
     if step % self.t.log_every == 0 or step == self.t.num_steps:
       self.writer.write(step, host)
-      eta = float(np.median(self._recent)) * (self.t.num_steps - step) if self._recent else None
-      self.writer.progress(step, host, self.loss_key, eta)
+      self.writer.progress(step, host, self.loss_key, self._eta(step))
 
   def _last_good(self) -> str:
     latest = self.checkpointer.latest_step()
@@ -293,6 +330,20 @@ class StepLog:
       self.close()
     else:  # a diverged or failed run: what was written stays, the pending step is not read again
       self.writer.close()
+
+
+def first_evaluation(workdir: Path) -> dict[str, float]:
+  """The eval/* metrics a run wrote at step 0 (its evaluation before training), from its metrics.jsonl."""
+  path = Path(workdir) / "metrics.jsonl"
+  found = {}
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and row.get("step") == 0:
+      found.update({k: v for k, v in row.items() if k.startswith("eval/")})
+  return found
 
 
 def evaluation_due(step: int, train_config) -> bool:

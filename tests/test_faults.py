@@ -226,6 +226,31 @@ def test_perf_step_time_excludes_saves_and_evals_and_is_never_zero(tmp_path):
   assert len(step_s) == 5 and all(0.04 < s < 0.3 for s in step_s), step_s
 
 
+def test_the_eta_counts_the_evaluations_left(tmp_path, capsys):
+  """10 steps of ~0.05 s with an evaluation of ~0.4 s every 4 steps and at the end: at step 2 the ETA is 8 steps
+  plus 3 evaluations (steps 4, 8, 10), timed from the one before training."""
+  from rlhfx import metrics
+
+  class NoCheckpoints:
+    directory = tmp_path
+
+    def latest_step(self):
+      return None
+
+  train = _config(**{"train.num_steps": 10, "train.log_every": 2, "train.eval_every": 4}).train
+  log = metrics.StepLog(tmp_path, train, flops_per_token=1.0, checkpointer=NoCheckpoints(), start_step=0)
+  with log:
+    log.evaluation(0, lambda: time.sleep(0.4) or {"eval/loss": 1.0})
+    for step in log.steps(1, 3):
+      time.sleep(0.05)
+      log.record(step, {"train/loss": jnp.float32(1.0)}, tokens=10)
+  out = capsys.readouterr().out
+  assert "eval: step 0 ..." in out and "train: compiling step 1" in out and "train: step 1 took" in out
+  eta = [line for line in out.splitlines() if line.startswith("step 2/10")][0].split("ETA ")[1]
+  minutes, seconds = eta.removesuffix("s").split("m")
+  assert 8 * 0.05 + 3 * 0.4 <= 60 * int(minutes) + int(seconds) + 1 <= 8 * 0.3 + 3 * 0.6 + 1
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_and_during_a_save_then_resume_equals_the_unbroken_run(tmp_path):
   overrides = ["--config.train.num_steps=60", "--config.train.checkpoint_every=5"]

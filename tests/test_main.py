@@ -17,6 +17,7 @@ import pytest
 
 from rlhfx.checkpoint import Checkpointer, abstract
 from rlhfx.config import base_config
+from rlhfx.metrics import first_evaluation
 from rlhfx.models import get_preset, init_params
 from rlhfx.models.convert import from_hf
 from rlhfx.optim import make_optimizer
@@ -115,6 +116,20 @@ def test_sigterm_then_restart_equals_the_uninterrupted_run(baseline, tmp_path):
   _, straight = from_hf(baseline / "hf")
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_resumed_runs_summary_keeps_the_first_evaluation(tmp_path):
+  """The before/after lines of a run stopped by SIGTERM and resumed: "before" is the evaluation made before the
+  first step (metrics.jsonl's step-0 rows), not evaluated again and not dropped."""
+  held_out = ("--config.data.eval_fraction=0.05", "--config.train.eval_every=0")
+  _run(tmp_path, *held_out, sigterm_at=10)
+  first = first_evaluation(tmp_path)
+  assert {"eval/loss", "eval/exact_match"} <= set(first)
+  second = _run(tmp_path, *held_out)
+  assert "eval: step 0" not in second.stdout and "eval: step 20" in second.stdout
+  summary = second.stdout.split("== summary ==")[1]
+  assert f"eval loss {first['eval/loss']:.3f} -> " in summary
+  assert f"exact-match accuracy on held-out prompts {first['eval/exact_match']:.0%} -> " in summary
 
 
 def test_checkpoint_from_one_mesh_restores_on_another(baseline, tmp_path):

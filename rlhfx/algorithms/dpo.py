@@ -246,9 +246,8 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
                         t.global_batch_size)
       return {f"eval/{k}": float(np.mean([o[k] for o in full])) for k in (full[0] if full else {})}
 
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config, flops_per_token=run.flops_per_token)
-    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    log = metrics.StepLog.of_run(config, workdir, data, checkpointer, start, run.flops_per_token)
+    before, after = log.evaluation(start, lambda: evaluate(state)), {}
     with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
@@ -258,7 +257,7 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
         if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
-          after = log.write(step, evaluate(state))
+          after = log.evaluation(step, lambda: evaluate(state))
           evaluation.log_heldout_samples(log, step, config, lora.effective(state.params, s.lora_scale), model_config,
                                          data, reference="completion" if s.unpaired else "chosen")
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)

@@ -183,9 +183,8 @@ def train(config, workdir: str) -> dict[str, float]:
     evaluate = lambda state: heldout(state.params)  # noqa: E731
 
     samples = metrics.SampleLog(workdir, data.tokenizer, t.log_samples_every)
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config, flops_per_token=run.flops_per_token)
-    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    log = metrics.StepLog.of_run(config, workdir, data, checkpointer, start, run.flops_per_token)
+    before, after = log.evaluation(start, lambda: evaluate(state)), {}
     with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
@@ -196,7 +195,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
-          after = log.write(step, evaluate(state))
+          after = log.evaluation(step, lambda: evaluate(state))
       samples.flush()
   lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   export.print_summary(f"GRPO ({config.grpo.advantage} advantages) for {t.num_steps} iterations",

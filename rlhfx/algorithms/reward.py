@@ -112,9 +112,8 @@ def train(config, workdir: str) -> dict[str, float]:
     def evaluate(state) -> dict[str, float]:
       return accuracy(rewards_of(state, data.eval)) if data.eval is not None else {}
 
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config, flops_per_token=run.flops_per_token)
-    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    log = metrics.StepLog.of_run(config, workdir, data, checkpointer, start, run.flops_per_token)
+    before, after = log.evaluation(start, lambda: evaluate(state)), {}
     with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
@@ -123,7 +122,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
-          after = log.write(step, evaluate(state))
+          after = log.evaluation(step, lambda: evaluate(state))
     stats = reward_stats(rewards_of(state, data.train, limit=config.reward.stats_batches))
     scorer_params = lora.effective(state.params, lora_scale)  # a LoRA run exports the merged model
   exported = scoring.export_reward_model(workdir / scoring.EXPORT_DIR, model_config, scorer_params, stats)

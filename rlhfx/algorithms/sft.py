@@ -111,10 +111,11 @@ def train(config, workdir: str) -> dict[str, float]:
     def accuracy(state) -> float:
       return exact_match(lora.effective(state.params, lora_scale), model_config, data.eval, data.tokenizer)
 
-    accuracy_before = accuracy(state) if config.data.builtin and data.eval is not None and start == 0 else None
-    log = metrics.StepLog(workdir, t, checkpointer=checkpointer, start_step=start, counts=data.report,
-                          run_config=config, flops_per_token=run.flops_per_token)
-    before, after = log.write(start, evaluate(state) if start == 0 else {}), {}
+    exact = bool(config.data.builtin) and data.eval is not None  # a built-in task: exact match of the answers
+    log = metrics.StepLog.of_run(config, workdir, data, checkpointer, start, run.flops_per_token)
+    before, after = log.evaluation(start, lambda: evaluate(state)), {}
+    if exact and start == 0:  # once, before training (not in the periodic evaluations, nor their time)
+      before.update(log.write(0, {"eval/exact_match": accuracy(state)}))
     with checkpoint.Preemption(checkpointer.directory) as preemption, checkpointer, log:
       for step in log.steps(start + 1, t.num_steps):
         batch = next(train_iter)
@@ -123,7 +124,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if checkpoint.save_or_stop(step, state, train_iter, t, log, checkpointer, preemption):
           break
         if metrics.evaluation_due(step, t):
-          after = log.write(step, evaluate(state))
+          after = log.evaluation(step, lambda: evaluate(state))
           evaluation.log_heldout_samples(log, step, config, lora.effective(state.params, lora_scale), model_config,
                                          data, reference="completion")
   final = {**log.last, **after}
@@ -131,9 +132,10 @@ def train(config, workdir: str) -> dict[str, float]:
   if before and after:
     lines.append(f"eval loss {before['eval/loss']:.3f} -> {after['eval/loss']:.3f} "
                  f"(perplexity {before['eval/perplexity']:.2f} -> {after['eval/perplexity']:.2f})")
-  if accuracy_before is not None:
+  if exact and "eval/exact_match" in before:
     final["eval/exact_match"] = accuracy(state)
-    lines.append(f"exact-match accuracy on held-out prompts {accuracy_before:.0%} -> {final['eval/exact_match']:.0%}")
+    lines.append(f"exact-match accuracy on held-out prompts {before['eval/exact_match']:.0%} -> "
+                 f"{final['eval/exact_match']:.0%}")
   lines += export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   export.print_summary(f"SFT of a {model_config.num_params():,}-parameter model for {t.num_steps} steps"
                        + (f" (resumed at step {start})" if start else ""), lines, workdir, data)
