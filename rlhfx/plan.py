@@ -1,7 +1,7 @@
 """Will it fit? Compile a config's programs for a TPU slice on any host and report memory, FLOPs and collectives.
 
   python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 [--config.a.b=v] [--json]
-  python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 --search
+  python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 --search [--search_limit=4]
   python -m rlhfx.plan --config=configs/grpo_llama3_8b.py --topology=v5p-64 --search_rollout
 
 The programs are the ones a run executes (`rlhfx.programs`), built from ShapeDtypeStructs
@@ -115,6 +115,7 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
         p.kv_cache)) // sharding.data_parallel_size(mesh)
   resident = sum(per_chip_bytes(v) for v in (p.resident or {}).values() if v is not None)
   flops = p.flops / chips
+  print(f"plan: compiling {p.name} for {chips} chips ...", end="", file=sys.stderr, flush=True)  # minutes at scale
   t0 = time.perf_counter()
   cache = jax.config.jax_enable_compilation_cache
   try:  # a persistent compilation cache holds executables to load on a client; these have none to load on
@@ -122,10 +123,12 @@ def plan_program(p: programs.Program, runtime, chip: topology.Chip, remat: str =
     with sharding.active(mesh, rules):
       compiled = p.fn.lower(*p.args).compile()
   except Exception as e:  # noqa: BLE001 (the compiler's own message is the report)
+    print(f" did not compile ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     return ProgramPlan(p.name, False, {}, parts, flops, None, {}, None, time.perf_counter() - t0, _first_line(e))
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
   compile_s = time.perf_counter() - t0
+  print(f" {compile_s:.0f} s", file=sys.stderr, flush=True)
   m = compiled.memory_analysis()
   outputs = m.output_size_in_bytes - m.alias_size_in_bytes
   total = m.argument_size_in_bytes + outputs + m.temp_size_in_bytes + m.generated_code_size_in_bytes + resident
@@ -241,14 +244,20 @@ def candidates(chips: int, model_config) -> list[dict[str, Any]]:
   return out
 
 
-def search(config, topology_name: str, *, max_accum: int = 16, log=print) -> list[dict[str, Any]]:
-  """Try mesh shapes x remat policies, each with the fewest accumulation steps that fit; fastest estimate first."""
+def search(config, topology_name: str, *, max_accum: int = 16, limit: int = 0, log=print) -> list[dict[str, Any]]:
+  """Try mesh shapes x remat policies (the first `limit` of them; 0: all), each with the fewest accumulation steps
+  that fit; fastest estimate first."""
   chip, devices = topology.devices(topology_name)
   validation.check(config)
   model_config, _ = load.model_config(config, load_params=False, platform="tpu")
   found = []
   rows = config.train.global_batch_size
-  for c in candidates(len(devices), model_config):
+  settings = candidates(len(devices), model_config)
+  tried = settings[:limit] if limit else settings
+  log(f"search: {len(tried)} of {len(settings)} mesh x remat settings (--search_limit), each compiled with 1, 2, "
+      f"4, ... accumulation steps until one fits")
+  for i, c in enumerate(tried, 1):
+    log(f"[{i}/{len(tried)}] mesh {c['mesh']}, remat {c['remat']}")
     dp = c["mesh"]["data"] * c["mesh"]["fsdp"]
     for accum in [k for k in _divisors(rows) if k <= max_accum and (rows // k) % dp == 0]:
       trial = copy.deepcopy(config)
@@ -305,7 +314,8 @@ def main(argv):
                 "search": (search, "fitting", render_search)}
     for flag, (find, key, show) in searches.items():
       if FLAGS[flag].value:
-        found = find(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print)
+        limit = {"limit": FLAGS.search_limit} if flag == "search" else {}
+        found = find(config, FLAGS.topology, log=(lambda s: None) if FLAGS.json else print, **limit)
         print(json.dumps({"topology": FLAGS.topology, key: found}, indent=2) if FLAGS.json
               else show(found, FLAGS.topology))
         return
@@ -326,10 +336,12 @@ def run():
   flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5p-128, v6e-64, v4-32 or a compiler name (v5e:4x4)")
   flags.DEFINE_bool("json", False, "print one JSON object instead of tables")
   flags.DEFINE_bool("search", False, "try mesh shapes, remat policies and accumulation steps; print those that fit")
+  flags.DEFINE_integer("search_limit", 0, "--search: try at most this many mesh x remat settings (0: all)")
   flags.DEFINE_bool("search_rollout", False, "PPO/GRPO: plan the rollout in every sampling layout "
                     "(config.rollout.mesh); fitting and fastest first")
   flags.mark_flags_as_required(["config", "topology"])
-  run_cli(main, "rlhfx-plan", usage("rlhfx-plan", __doc__, ("config", "topology", "json", "search", "search_rollout")))
+  run_cli(main, "rlhfx-plan", usage("rlhfx-plan", __doc__, ("config", "topology", "json", "search", "search_limit",
+                                                             "search_rollout")))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ reported as not fitting with the compiler's figures, not as a traceback.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import pytest
 
 from rlhfx import plan, topology
 from rlhfx.config import load
+from rlhfx.models.load import model_config
 
 pytest.importorskip("libtpu", reason="the planner needs libtpu: pip install -e '.[test,tpu]'")
 
@@ -70,6 +72,19 @@ def test_cli_json_report(tmp_path):
   assert step["collectives"]["all-gather"]["count"] > 0, "FSDP gathers weights"
   assert step["collective_bytes"] > 0 and step["hbm_bytes"] > 0 and step["estimate_s"] > 0
   assert report["estimate_s"] == step["estimate_s"]
+  # stderr: the compile said while it runs, and none of libtpu's start-up errors off a TPU VM
+  assert re.fullmatch(r"plan: compiling dpo_step for 4 chips \.\.\. \d+ s", proc.stderr.strip()), proc.stderr
+
+
+def test_search_limit_tries_that_many_settings():
+  proc = subprocess.run([sys.executable, "-m", "rlhfx.plan", "--config=configs/dpo_hh.py:tiny", "--topology=v5e-4",
+                         "--search", "--search_limit=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout.splitlines()
+  settings = len(plan.candidates(4, model_config(_config(), load_params=False, platform="tpu")[0]))
+  assert out[0] == (f"search: 1 of {settings} mesh x remat settings (--search_limit), each compiled with 1, 2, 4, "
+                    "... accumulation steps until one fits")
+  assert [line for line in out if line.startswith("[")] == [out[1]] and out[1].startswith("[1/1] mesh ")
 
 
 def test_fsdp_state_per_chip_shrinks_4x_from_4_to_16_chips(v5e_4):
