@@ -12,7 +12,6 @@ Other losses: --config.dpo.loss=sigmoid|robust|ipo|hinge|simpo|orpo; reference m
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
 
-
 def get_config(arg=None):
   config = base_config("dpo")
   use_hh_pairs(config, [HH_HARMLESS_TEST])  # data.* fields: see rlhfx/config.py

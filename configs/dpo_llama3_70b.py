@@ -13,7 +13,6 @@ tree, the LM head only over the 1,024 completion positions, 256 at a time.
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_llama3_on_tpu
 
 
-
 def get_config(arg=None):
   del arg
   config = base_config("dpo")

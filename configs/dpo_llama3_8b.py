@@ -15,7 +15,6 @@ with 8% headroom; `rlhfx.plan --search` lists every setting that fits.
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_llama3_on_tpu
 
 
-
 def get_config(arg=None):
   del arg
   config = base_config("dpo")

@@ -11,7 +11,6 @@ Writes the adapters to <workdir>/adapters (their own tree) and the merged policy
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
 
-
 def get_config(arg=None):
   config = base_config("dpo")
   use_hh_pairs(config, [HH_HARMLESS_TEST])  # data.* fields: see rlhfx/config.py

@@ -14,7 +14,6 @@ reward model are frozen in bfloat16. A verifiable reward instead of the reward m
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_llama3_on_tpu
 
 
-
 def get_config(arg=None):
   del arg
   config = base_config("grpo")

@@ -15,7 +15,6 @@ reward model from /tmp/reward_hh unless --config.scoring.model says otherwise).
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
 
-
 def get_config(arg=None):
   config = base_config("ppo")
   use_hh_pairs(config, [HH_HARMLESS_TEST], "hh_prompts")  # data.* fields

@@ -15,7 +15,6 @@ Until the reward run exists the planner assumes a reward model of the policy's s
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_llama3_on_tpu
 
 
-
 def get_config(arg=None):
   del arg
   config = base_config("ppo")

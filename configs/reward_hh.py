@@ -11,7 +11,6 @@ random model, GPT-2 tokenizer, 312 held-out pairs of the harmless-base test file
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
 
-
 def get_config(arg=None):
   config = base_config("reward")
   use_hh_pairs(config, [HH_HARMLESS_TEST])  # data.* fields: see rlhfx/config.py

@@ -10,7 +10,6 @@ Variants: "" (GPT-2 small from a Hugging Face checkpoint, bf16 compute), "tiny" 
 from rlhfx.config import HH_HARMLESS_TEST, base_config, use_hh_pairs, use_tiny_cpu_model
 
 
-
 def get_config(arg=None):
   config = base_config("sft")
   use_hh_pairs(config, [HH_HARMLESS_TEST], input_format="hh_chosen")  # prompt + chosen reply; data.* in rlhfx/config.py

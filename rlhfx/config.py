@@ -112,7 +112,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.data.builtin = ""  # a task generated in code instead of files: reverse | arithmetic (rlhfx.data.synthetic)
   c.data.train_files = ()  # input files: JSONL or JSON arrays (.gz too), Parquet, save_to_disk dirs, hf:// files,
   #                          hub datasets "org/name[:split]"
-  c.data.input_format = "sft"  # pairs | hh | sharegpt | unpaired | prompts | sft (rlhfx.data.builders)
+  c.data.input_format = "sft"  # pairs | hh | sharegpt | unpaired | hh_unpaired | prompts | sft | hh_chosen |
+  #                              hh_prompts (rlhfx.data.formats)
   c.data.eval_fraction = 0.05  # share of examples in the eval split (by content hash)
   c.data.on_error = "raise"  # bad input records: raise (file:line) | skip (counted, logged, in dataset_info.json)
   c.data.dir = ""  # where the ArrayRecord dataset is built; "" = <workdir>/data

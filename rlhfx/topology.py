@@ -92,9 +92,12 @@ def devices(name: str) -> tuple[Chip, list]:
   """(chip, the slice's devices, one per chip) for the TPU compiler; needs libtpu."""
   # compiling only: several planners (or a planner beside a test session) may load libtpu at once
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  if not rlhfx.tpu_chips_here():  # what libtpu would otherwise ask a TPU VM's metadata server for, printing errors
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # when there is none; the compiler's results
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)  # do not depend on either
+  # Off a TPU VM, what libtpu would otherwise ask the metadata server for (printing errors when there is none),
+  # set while libtpu loads and removed after: processes this one starts must not read it as a TPU pod's
+  # (`rlhfx.sharding` initialises jax.distributed when it sees TPU_WORKER_HOSTNAMES). The compiler's results
+  # depend on neither.
+  added = {} if rlhfx.tpu_chips_here() else {k: v for k, v in (("TPU_WORKER_HOSTNAMES", "localhost"),
+                                                                ("TPU_ACCELERATOR_TYPE", name)) if k not in os.environ}
   try:
     from jax.experimental import topologies
   except ImportError as e:  # pragma: no cover
@@ -102,6 +105,7 @@ def devices(name: str) -> tuple[Chip, list]:
   chip, compiler = compiler_name(name)
   grid = [int(s) for s in compiler.split(":")[1].split("x")]
   per_host = tuple(min(g, b) for g, b in zip(grid + [1] * (3 - len(grid)), (2, 2, 1)))
+  os.environ.update(added)
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=compiler, chip_config_name="default",
                                         chips_per_host_bounds=per_host, num_slices=1)
@@ -109,6 +113,9 @@ def devices(name: str) -> tuple[Chip, list]:
     hint = "" if importlib.util.find_spec("libtpu") else " (libtpu is not installed: pip install 'rlhfx[tpu]')"
     raise TopologyError(f"--topology={name!r} ({compiler}): the TPU compiler could not describe it: "
                         f"{str(e).splitlines()[0]}{hint}") from None
+  finally:
+    for key in added:
+      os.environ.pop(key, None)
   found = list(desc.devices)
   chips = math.prod(grid)
   if len(found) != chips:  # one device per TensorCore (v4's default chip config): keep one per chip

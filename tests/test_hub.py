@@ -19,7 +19,8 @@ from rlhfx.data.tokenize import load_tokenizer
 from rlhfx.models.llama2c import from_llama2c
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HH_CONFIGS = ["sft_hh.py:tiny", "reward_hh.py:tiny", "dpo_hh.py:tiny", "dpo_lora.py:tiny", "ppo_hh.py:tiny"]
+HH_CONFIGS = ["sft_hh.py:tiny", "reward_hh.py:tiny", "dpo_hh.py:tiny", "dpo_lora.py:tiny", "kto_hh.py:tiny",
+              "ppo_hh.py:tiny"]
 
 
 def _sha(path) -> str:

@@ -59,30 +59,18 @@ def test_reward_model_reports_heldout_accuracy_and_stats(tmp_path):
   assert margins[-1] > margins[0]
 
 
-def test_kto_trains_on_unpaired_examples(tmp_path, shared_data):
-  """--config.dpo.loss=kto on unpaired records (each HH pair as a desirable and an undesirable example)."""
-  import gzip
-
-  from rlhfx.data.builders import split_hh
-
-  records = []
-  with gzip.open(shared_data("hh_rlhf/harmless-base-test.jsonl.gz"), "rt") as f:
-    for line in list(f)[:400]:
-      pair = json.loads(line)
-      try:
-        prompt, chosen, rejected = split_hh(pair["chosen"], pair["rejected"])
-      except ValueError:
-        continue
-      if chosen.strip() and rejected.strip():
-        records += [{"prompt": prompt, "completion": chosen, "label": True},
-                    {"prompt": prompt, "completion": rejected, "label": False}]
-  path = tmp_path / "unpaired.jsonl"
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def test_kto_config_trains_on_the_hh_pairs_unpaired(tmp_path, shared_data):
+  """configs/kto_hh.py:tiny: each HH pair a desirable and an undesirable example; the summary's held-out line."""
   tok512 = shared_data("stories260k/tok512.bin")
-  summary = _run("configs/dpo_hh.py:tiny", tmp_path / "run", "--config.train.num_steps=30", "--config.dpo.loss=kto",
-                 "--config.data.input_format=unpaired", f"--config.data.train_files=('{path}',)",
-                 f"--config.data.tokenizer={tok512}", "--config.model.vocab_size=512", "--config.train.log_every=30")
+  summary = _run("configs/kto_hh.py:tiny", tmp_path / "run", "--config.train.num_steps=30",
+                 "--config.data.eval_fraction=0.03", f"--config.data.tokenizer={tok512}", "--config.model.vocab_size=512",
+                 "--config.train.log_every=30", "--config.train.export_hf=False")
   assert "kto preference tuning (frozen reference) for 30 steps" in summary
+  assert "data: 2312 records read, 4478 train / 128 eval examples, 9 skipped at build" in summary  # 2 per pair
+  found = re.search(r"held-out rewards: desirable ([-\d.]+) -> ([-\d.]+), undesirable ([-\d.]+) -> ([-\d.]+) "
+                    r"\(gap ([-\d.]+) -> ([-\d.]+)\)", summary)
+  d0, d1, u0, u1, gap0, gap1 = map(float, found.groups())
+  assert d0 == u0 == gap0 == 0.0 and abs(gap1 - (d1 - u1)) < 2e-3
   lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   first_eval, last_train = lines[0], [r for r in lines if "train/loss" in r][-1]
   assert first_eval["step"] == 0 and first_eval["eval/kl"] == 0.0  # the policy starts as the reference

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Callable
 
 import jax
@@ -196,13 +197,22 @@ def jit_reference_logps(s: Settings):
 
 
 def precompute_reference(config, data, source, params, fn, mesh) -> dict[str, np.ndarray]:
-  """{column: [N] reference log-probs} of every example of `source`, indexed by example id."""
+  """{column: [N] reference log-probs} of every example of `source`, indexed by example id; progress said about
+  every 10 s (a long pass over a large split)."""
   table: dict[str, np.ndarray] = {}
   batches = prepare.full_batches(config, data, source, keep_ids=True)
+  began = said = time.perf_counter()
+  done, show = 0, jax.process_index() == 0
   for out, valid_B, local in evaluation.outputs(lambda b: fn(params, prepare.drop_ids(b)), batches, mesh):
     ids = sharding.gather(local["example_id_B"])[valid_B]
     for k, v in out.items():
       table.setdefault(k, np.full(len(source), np.nan, np.float32))[ids] = v[valid_B]
+    done += int(valid_B.sum())
+    if show and time.perf_counter() - said > 10:
+      said = time.perf_counter()
+      print(f"reference: {done}/{len(source)} examples ({said - began:.0f} s)", flush=True)
+  if show:
+    print(f"reference: log-probs of {done} examples precomputed in {time.perf_counter() - began:.1f} s", flush=True)
   return table
 
 
@@ -267,6 +277,11 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
     lines.insert(0, f"held-out rewards/accuracies {before['eval/rewards/accuracies']:.1%} -> "
                     f"{after['eval/rewards/accuracies']:.1%}; rewards/margins {before['eval/rewards/margins']:.3f} -> "
                     f"{after['eval/rewards/margins']:.3f}{ties}")
+  if s.unpaired and "eval/rewards/chosen" in before and "eval/rewards/chosen" in after:
+    gap = {k: v["eval/rewards/chosen"] - v["eval/rewards/rejected"] for k, v in (("before", before), ("after", after))}
+    lines.insert(0, f"held-out rewards: desirable {before['eval/rewards/chosen']:.3f} -> "
+                    f"{after['eval/rewards/chosen']:.3f}, undesirable {before['eval/rewards/rejected']:.3f} -> "
+                    f"{after['eval/rewards/rejected']:.3f} (gap {gap['before']:.3f} -> {gap['after']:.3f})")
   lora_note = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
   export.print_summary(f"{s.name} preference tuning ({s.reference} reference{lora_note}) for "
                        f"{t.num_steps} steps", lines, workdir, data)

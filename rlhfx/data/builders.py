@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhfx.data.formats import (KINDS, PARSERS, DataError, RecordError, is_eval, parse_files,  # noqa: F401
-                                split_hh)
+                                SPLIT_BY, split_hh)
 
 
 # ----------------------------------------------------------------------------- TFDS builders
@@ -70,8 +70,8 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                       f"{names}: no usable records (read {self.stats['read']}, skipped {skipped})")
     splits = {"train": [], "eval": []}
     for index, (_, example) in enumerate(examples):  # keys by position: the stored order ignores file paths
-      splits["eval" if is_eval(example, self._eval_fraction, self._split_seed) else "train"].append(
-          (index, example))
+      held_out = is_eval(example, self._eval_fraction, self._split_seed, SPLIT_BY.get(self._input_format))
+      splits["eval" if held_out else "train"].append((index, example))
     if not splits["train"]:
       raise DataError(f"all {len(examples)} examples fell in the eval split (data.eval_fraction="
                       f"{self._eval_fraction}); lower it or give more data")

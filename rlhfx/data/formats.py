@@ -23,6 +23,8 @@ of the two is empty. Input formats (JSONL or a JSON array, optionally gzipped; P
   sft       {"prompt", "completion"} or {"messages"} (the last message is the assistant reply)
   hh_chosen Anthropic HH transcripts as SFT data: the prompt and the chosen reply
   hh_prompts Anthropic HH transcripts as RL prompts: the conversation up to the last "\n\nAssistant:"
+  hh_unpaired Anthropic HH pairs as KTO data: each pair two examples, the chosen reply desirable (label 1)
+            and the rejected one undesirable (label 0), both in the same split (split by prompt)
 
 Bad records raise `DataError` naming file:line by default; with on_error="skip"
 they are counted by reason, logged, and stored in the dataset's metadata
@@ -133,6 +135,13 @@ def _hh_prompts(record):
   return dict(prompt=example["prompt"], messages="", extra="")
 
 
+def _hh_unpaired(record):
+  """Two examples of one pair (TRL's `unpair_preference_dataset` does the same)."""
+  example = _hh(record)
+  return [dict(prompt=example["prompt"], messages="", completion=example[side], label=side == "chosen")
+          for side in ("chosen", "rejected")]
+
+
 def _sharegpt(record):
   messages = _messages(_field(record, "conversations", list), "conversations")
   system = record.get("system")
@@ -190,6 +199,7 @@ PARSERS: dict[str, tuple[str, Callable[[Any], dict]]] = {
     "hh": ("preference", _hh),
     "hh_chosen": ("sft", _hh_chosen),
     "hh_prompts": ("prompts", _hh_prompts),
+    "hh_unpaired": ("unpaired", _hh_unpaired),
     "sharegpt": ("preference", _sharegpt),
     "unpaired": ("unpaired", _unpaired),
     "prompts": ("prompts", _prompts),
@@ -197,9 +207,14 @@ PARSERS: dict[str, tuple[str, Callable[[Any], dict]]] = {
 }
 
 
-def is_eval(example: dict, eval_fraction: float, seed: int = 0) -> bool:
-  """Deterministic split by content hash: the same example lands in the same split whatever the file order."""
-  example = {k: v for k, v in example.items() if k != "extra"}  # a prompt's split is by the prompt alone
+# formats whose examples are split by some fields only (the examples made from one record stay together)
+SPLIT_BY = {"hh_unpaired": ("prompt", "messages")}
+
+
+def is_eval(example: dict, eval_fraction: float, seed: int = 0, fields: Sequence[str] | None = None) -> bool:
+  """Deterministic split by content hash (of `fields` only when given): the same example lands in the same split
+  whatever the file order."""
+  example = {k: v for k, v in example.items() if k != "extra" and (fields is None or k in fields)}
   digest = hashlib.sha256((str(seed) + json.dumps(example, sort_keys=True)).encode()).digest()
   return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
@@ -220,10 +235,11 @@ def parse_files(paths: Sequence[str | os.PathLike], input_format: str, *, on_err
       try:
         if isinstance(record, RecordError):
           raise record
-        example = parser(record)
+        examples = parser(record)
       except RecordError as e:
         if on_error == "raise":
           raise DataError(f"{location}: {e} (set on_error='skip' to skip and count such records)") from None
         stats[f"skipped/{e.reason}"] += 1
         continue
-      yield location, example
+      for example in examples if isinstance(examples, list) else [examples]:  # a record may make several
+        yield location, example

@@ -41,6 +41,32 @@ def test_hh_harmless_all_records_accounted_for(shared_data, tmp_path, capsys):
   assert "Human:" not in out.out + out.err
 
 
+def test_hh_unpaired_makes_each_pair_two_labelled_examples_in_one_split(shared_data, tmp_path):
+  """hh_unpaired (configs/kto_hh.py): the chosen reply desirable, the rejected one undesirable, as TRL's
+  unpair_preference_dataset; a pair's two examples never straddle the train/eval split."""
+  path = shared_data("hh_rlhf/harmless-base-test.jsonl.gz")
+  builders.build("preference", [path], data_dir=tmp_path / "pairs", input_format="hh", eval_fraction=0.1,
+                 on_error="skip")
+  builders.build("unpaired", [path], data_dir=tmp_path / "unpaired", input_format="hh_unpaired", eval_fraction=0.1,
+                 on_error="skip")
+  pairs, unpaired = builders.counts(tmp_path / "pairs"), builders.counts(tmp_path / "unpaired")
+  assert unpaired["read"] == 2312 and unpaired["skipped/unsplittable"] == 5
+  assert unpaired["written/train"] + unpaired["written/eval"] == 2 * (pairs["written/train"] + pairs["written/eval"])
+  splits = {}
+  for split in ("train", "eval"):
+    for example in builders.data_source(tmp_path / "unpaired", split):
+      splits.setdefault(example["prompt"], []).append((split, bool(example["label"]), example["completion"]))
+  want = {}
+  for split in ("train", "eval"):
+    for example in builders.data_source(tmp_path / "pairs", split):
+      want.setdefault(example["prompt"], []).extend([(True, example["chosen"]), (False, example["rejected"])])
+  assert sorted((label, text) for rows in splits.values() for _, label, text in rows) == sorted(
+      pair for rows in want.values() for pair in rows)
+  assert all(len({split for split, _, _ in rows}) == 1 for rows in splits.values())
+  labels = [label for rows in splits.values() for _, label, _ in rows]
+  assert labels.count(True) == labels.count(False)
+
+
 def test_split_hh_on_synthetic_transcripts():
   chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this"
   rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: no"
