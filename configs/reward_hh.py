@@ -23,6 +23,7 @@ def get_config(arg=None):
   config.train.eval_every = 200  # held-out accuracy
   config.train.checkpoint_every = 500  # checkpoints
   config.train.export_hf = True  # also as a Hugging Face *ForSequenceClassification: <workdir>/reward_model/hf
+  config.reward.export_pad_token = "<|pad|>"  # GPT-2 has none: a distinct one, so transformers scores as rlhfx
   config.optim.learning_rate = 1e-5  # fine-tuning rate
   config.optim.warmup_steps = 50  # linear warmup
   config.reward.center_coef = 0.01  # keep rewards near 0

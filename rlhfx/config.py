@@ -189,6 +189,10 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict()
     c.reward.center_coef = 0.0  # + c * mean((r_w + r_l)^2): keeps rewards centred (Eisenstein et al. 2023)
     c.reward.stats_batches = 16  # batches of train data for the reward mean/std stored for PPO
+    c.reward.export_pad_token = ""  # the HF export's pad token: "" = the tokenizer's (EOS when it has none: then
+    #                                  transformers scores the token before a final EOS, rlhfx the EOS); a new
+    #                                  token such as "<|pad|>" is added to the tokenizer and the embedding, so
+    #                                  transformers and TRL score rows that end in EOS as rlhfx does
   if algorithm == "dpo":
     c.dpo = ml_collections.ConfigDict()
     c.dpo.loss = "sigmoid"  # rlhfx.losses.preference.LOSSES (README: the DPO family), e.g. sigmoid | ipo | simpo | kto

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
 
 import jax
+import numpy as np
 
+from rlhfx.config import ConfigError
 from rlhfx.models import ModelConfig, lora
 from rlhfx.models.convert import to_hf
 from rlhfx.models.peft_io import save_peft
@@ -44,18 +47,41 @@ def export_reward_model_hf(config, model_config: ModelConfig, params, tokenizer,
   `directory` when `config.train.export_hf`; returns summary lines naming what it wrote or why it did not."""
   if jax.process_index() != 0 or not config.train.export_hf:
     return []
+  params = jax.device_get(params)
+  if config.reward.export_pad_token:
+    model_config, params, tokenizer = with_pad_token(model_config, params, tokenizer, config.reward.export_pad_token)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.pad_token_id
   if pad is None:
     return ["no Hugging Face reward model export: the tokenizer has no pad token, which transformers needs to "
-            "find each sequence's last token"]
-  out = score_model_to_hf(model_config, jax.device_get(params), directory, pad_token_id=pad)
+            "find each sequence's last token (config.reward.export_pad_token='<|pad|>' adds one)"]
+  out = score_model_to_hf(model_config, params, directory, pad_token_id=pad)
   tokenizer.save_pretrained(out)
   (out / "reward_stats.json").write_text(json.dumps(stats, indent=2))
   lines = [f"Hugging Face reward model (AutoModelForSequenceClassification): {out}"]
   if pad == tokenizer.eos_token_id:
     lines.append("  note: its pad token is EOS, so transformers scores the token before a final EOS (rlhfx scores the "
-                 "EOS itself); give the tokenizer a distinct pad token for equal scores")
+                 "EOS itself); config.reward.export_pad_token='<|pad|>' exports a distinct one for equal scores")
   return lines
+
+
+def with_pad_token(model_config: ModelConfig, params, tokenizer, token: str):
+  """(model config, ScoreModel params, tokenizer) whose pad token is `token`, distinct from EOS: a token the
+  tokenizer lacks is added (a copy of the tokenizer), and an id past the embedding gets a zero row (never read:
+  transformers' attention mask hides padding), so transformers' last-token rule (the last id that is not
+  pad_token_id) lands where rlhfx's (the last position of the mask) does, EOS included."""
+  tokenizer = copy.deepcopy(tokenizer)
+  if token not in tokenizer.get_vocab():
+    tokenizer.add_special_tokens({"pad_token": token})
+  tokenizer.pad_token = token
+  pad = tokenizer.pad_token_id
+  if pad == tokenizer.eos_token_id:
+    raise ConfigError(f"config.reward.export_pad_token={token!r} is the tokenizer's EOS; name another token")
+  if pad >= model_config.vocab_size:
+    table = params["backbone"]["embed"]["embedding"]
+    grown = np.concatenate([table, np.zeros((pad + 1 - table.shape[0], table.shape[1]), table.dtype)])
+    params = {**params, "backbone": {**params["backbone"], "embed": {"embedding": grown}}}
+    model_config = model_config.replace(vocab_size=pad + 1)
+  return model_config, params, tokenizer
 
 
 def print_summary(title: str, lines: list[str], workdir: Path, data) -> None:

@@ -63,8 +63,8 @@ def test_kto_config_trains_on_the_hh_pairs_unpaired(tmp_path, shared_data):
   """configs/kto_hh.py:tiny: each HH pair a desirable and an undesirable example; the summary's held-out line."""
   tok512 = shared_data("stories260k/tok512.bin")
   summary = _run("configs/kto_hh.py:tiny", tmp_path / "run", "--config.train.num_steps=30",
-                 "--config.data.eval_fraction=0.03", f"--config.data.tokenizer={tok512}", "--config.model.vocab_size=512",
-                 "--config.train.log_every=30", "--config.train.export_hf=False")
+                 "--config.data.eval_fraction=0.03", f"--config.data.tokenizer={tok512}",
+                 "--config.model.vocab_size=512", "--config.train.log_every=30", "--config.train.export_hf=False")
   assert "kto preference tuning (frozen reference) for 30 steps" in summary
   assert "data: 2312 records read, 4478 train / 128 eval examples, 9 skipped at build" in summary  # 2 per pair
   found = re.search(r"held-out rewards: desirable ([-\d.]+) -> ([-\d.]+), undesirable ([-\d.]+) -> ([-\d.]+) "

@@ -101,3 +101,49 @@ def test_scoring_model_takes_an_hf_reward_model_like_an_rlhfx_export(tmp_path):
     assert a.sharding == t.sharding
   with pytest.raises(Exception, match="no reward model there"):
     scoring.load_reward_model(tmp_path, target)
+
+
+def test_a_distinct_export_pad_token_puts_transformers_last_token_on_the_final_eos(tmp_path):
+  """config.reward.export_pad_token: with GPT-2's tokenizer (no pad; pad = EOS in TRL's recipes) transformers scores
+  the last id that is not pad_token_id, the token before a row's final EOS, where rlhfx scores the EOS. The export
+  with a new "<|pad|>" (id 50257, one zero row added to the embedding) makes the two rules agree on every row, and
+  its weights score the run's rows as before."""
+  from rlhfx.config import GPT2_TOKENIZER, base_config
+  from rlhfx.data.tokenize import load_tokenizer
+  from rlhfx.export import export_reward_model_hf
+  from rlhfx.models import get_preset, init_params
+  from rlhfx.models.heads import last_token_index
+
+  tokenizer = load_tokenizer(GPT2_TOKENIZER)
+  config = get_preset("tiny").replace(vocab_size=len(tokenizer))
+  params = {"backbone": {k: v for k, v in init_params(config, jax.random.key(0)).items() if k != "lm_head"},
+            "score": {"kernel": np.asarray(jax.random.normal(jax.random.key(1), (config.d_model, 1)))}}
+  run = base_config("reward")
+  run.train.export_hf, run.reward.export_pad_token = True, "<|pad|>"
+  lines = export_reward_model_hf(run, config, params, tokenizer, {"mean": 0.0, "std": 1.0}, tmp_path / "hf")
+  assert lines == [f"Hugging Face reward model (AutoModelForSequenceClassification): {tmp_path / 'hf'}"]
+  assert tokenizer.pad_token is None  # the run's tokenizer is left as it was
+  hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+  exported_tokenizer = load_tokenizer(tmp_path / "hf")
+  pad, eos = exported_tokenizer.pad_token_id, exported_tokenizer.eos_token_id
+  assert (exported_tokenizer.pad_token, pad, eos, hf["pad_token_id"], hf["vocab_size"]) == (
+      "<|pad|>", 50257, 50256, 50257, 50258)
+  texts = ["Human: hi Assistant: hello", "Human: what is two plus two? Assistant: four, I think", "a b c"]
+  rows = [tokenizer(t).input_ids + [eos] for t in texts]  # the form rlhfx trains and scores: replies end in EOS
+  width = max(map(len, rows))
+  mask = np.array([[i < len(r) for i in range(width)] for r in rows])
+  rlhfx_last = np.asarray(last_token_index(mask))
+
+  def transformers_last(pad_id):  # *ForSequenceClassification: the rightmost token that is not pad_token_id
+    ids = np.array([r + [pad_id] * (width - len(r)) for r in rows])
+    return (np.arange(width) * (ids != pad_id)).argmax(-1), ids
+
+  with_eos_pad, _ = transformers_last(eos)
+  np.testing.assert_array_equal(with_eos_pad, rlhfx_last - 1)  # the mismatch the setting removes
+  distinct, ids = transformers_last(pad)
+  np.testing.assert_array_equal(distinct, rlhfx_last)
+  exported_config, exported = score_model_from_hf(tmp_path / "hf")
+  np.testing.assert_array_equal(exported["backbone"]["embed"]["embedding"][pad], 0)
+  before = ScoreModel(config).apply({"params": params}, np.where(mask, ids, 0), mask)
+  after = ScoreModel(exported_config).apply({"params": exported}, ids, mask)
+  np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
