@@ -4,6 +4,10 @@
   python -m rlhfx.main --config=configs/grpo_math.py --workdir=/tmp/grpo_math          # Qwen2.5-0.5B-Instruct
   python -m rlhfx.main --config=configs/grpo_math.py:tiny --workdir=/tmp/grpo_math_tiny  # CPU, a minute
 
+`:tiny` runs the plumbing only (sampling, math-verify, think_format, the update, evaluation,
+checkpoints): a random byte-level policy never writes a right answer or the format, so every
+score is 0, every group ties, and its summary says there was no learning signal.
+
 Prompts come with a gold `answer` column; every text reward function receives that column
 (and any other) as a keyword argument, one value per completion (rlhfx.reward_functions).
 The score is 1.0 x math_answer (1 when the final answer, or the text inside

@@ -332,18 +332,23 @@ class StepLog:
       self.writer.close()
 
 
-def first_evaluation(workdir: Path) -> dict[str, float]:
-  """The eval/* metrics a run wrote at step 0 (its evaluation before training), from its metrics.jsonl."""
+def rows(workdir: Path) -> list[dict]:
+  """The rows of a run's metrics.jsonl (none when there is none; a row cut short by a kill left out)."""
   path = Path(workdir) / "metrics.jsonl"
-  found = {}
+  out = []
   for line in path.read_text().splitlines() if path.exists() else []:
     try:
       row = json.loads(line)
     except ValueError:
       continue
-    if isinstance(row, dict) and row.get("step") == 0:
-      found.update({k: v for k, v in row.items() if k.startswith("eval/")})
-  return found
+    if isinstance(row, dict) and "step" in row:
+      out.append(row)
+  return out
+
+
+def first_evaluation(workdir: Path) -> dict[str, float]:
+  """The eval/* metrics a run wrote at step 0 (its evaluation before training), from its metrics.jsonl."""
+  return {k: v for row in rows(workdir) if row["step"] == 0 for k, v in row.items() if k.startswith("eval/")}
 
 
 def evaluation_due(step: int, train_config) -> bool:

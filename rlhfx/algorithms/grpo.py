@@ -167,6 +167,17 @@ def init(config, model_config: ModelConfig, trees: load.Trees, tokenizer=None, c
                                        False))
 
 
+def no_signal(workdir) -> list[str]:
+  """A summary line when every logged iteration's groups scored alike (objective/zero_std_groups = 1): every
+  advantage was 0, so the loss was 0 and the policy never moved, whatever the learning rate."""
+  zero = [r["objective/zero_std_groups"] for r in metrics.rows(workdir) if "objective/zero_std_groups" in r]
+  if not zero or min(zero) < 1.0:
+    return []
+  return [f"no learning signal: in all {len(zero)} logged iterations every group's completions scored alike "
+          "(objective/zero_std_groups = 1), so every advantage and the loss were 0 and the policy did not move; "
+          "GRPO needs a policy that sometimes earns the reward (an SFT'd model, an easier task)"]
+
+
 def train(config, workdir: str) -> dict[str, float]:
   """Train per `config` (see the module docstring); returns the final metrics."""
   runtime, model_config, data = setup.run(config, workdir)
@@ -197,7 +208,7 @@ def train(config, workdir: str) -> dict[str, float]:
         if metrics.evaluation_due(step, t):
           after = log.evaluation(step, lambda: evaluate(state))
       samples.flush()
-  lines = export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
+  lines = no_signal(workdir) + export.export_policy(config, model_config, state.params, data.tokenizer, workdir)
   export.print_summary(f"GRPO ({config.grpo.advantage} advantages) for {t.num_steps} iterations",
                        rollout.summary(before, after, workdir) + lines, workdir, data)
   return {**log.last, **after}

@@ -382,3 +382,21 @@ def test_ppo_update_with_whitened_rewards_equals_numpy():
   assert float(metrics["policy/approxkl_avg"]) == 0.0 and float(metrics["policy/clipfrac_avg"]) == 0.0
   assert float(metrics["val/clipfrac_avg"]) == 0.0  # values equal the rollout's: nothing to clip
   assert not _changed(params, new.params)  # learning rate 0
+
+
+def test_grpo_says_when_no_group_ever_had_a_learning_signal(tmp_path):
+  """configs/grpo_math.py:tiny's case: every iteration's groups scored alike, so every advantage was 0."""
+  import json
+
+  from rlhfx.algorithms.grpo import no_signal
+
+  def write(values):
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": i + 1, "objective/zero_std_groups": v}) + "\n" for i, v in enumerate(values)))
+
+  write([1.0, 1.0, 1.0])
+  (line,) = no_signal(tmp_path)
+  assert line.startswith("no learning signal: in all 3 logged iterations every group's completions scored alike")
+  write([1.0, 0.75, 1.0])  # one group with different scores once: a signal
+  assert no_signal(tmp_path) == []
+  assert no_signal(tmp_path / "nothing") == []
