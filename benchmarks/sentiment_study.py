@@ -311,7 +311,10 @@ def run(variant: str, out: pathlib.Path, imdb: pathlib.Path = IMDB) -> dict:
                                         v.rm_steps), rm_dir)
   timings["reward_model_s"] = time.perf_counter() - t0
   evaluator = Evaluator(rm_dir, eval_prompts, v)
+  from compare_trl import machine  # the CPU and flags the times were measured on (benchmarks/compare_trl.py)
+
   results = {"variant": variant, "config": dataclasses.asdict(v),
+             "measured": {"date": time.strftime("%Y-%m-%d"), **machine()},
              "reward_model": {k: rm_final[k] for k in ("eval/accuracy", "eval/accuracy_low95", "eval/accuracy_high95",
                                                        "eval/pairs")},
              "reference": evaluator.evaluate(evaluator.reference), "best_of_n": evaluator.best_of_n(v.best_of),
