@@ -74,14 +74,21 @@ def _offline() -> bool:
   return bool(constants.HF_HUB_OFFLINE)
 
 
-def fetch_command() -> str:
-  """The command that fetches this program's config's hub files (its --config as given)."""
-  config = next((a.removeprefix("--config=") for a in sys.argv[1:] if a.startswith("--config=")), "<config>")
-  return f"python -m rlhfx.fetch --config={config}"
+def fetch_command(what: str = "") -> str:
+  """The command that fetches what this program needs: `rlhfx.fetch` with its --config as given, or (a program
+  without a config, the demo) the hub's own `hf download` of the file or repository `what`."""
+  config = next((a.removeprefix("--config=") for a in sys.argv[1:] if a.startswith("--config=")), None)
+  if config is not None or not what:
+    return f"python -m rlhfx.fetch --config={config or '<config>'}"
+  if not is_hub_file(what):
+    return f"hf download {what}"
+  f = HubFile.parse(what)
+  return (f"hf download {f.repo_id} {f.filename}" + (f" --repo-type {f.repo_type}" if f.repo_type != "model" else "")
+          + (f" --revision {f.revision}" if f.revision else ""))
 
 
 def _unavailable(what: str, cause: str) -> HubError:
-  fix = "run this command" if Path(sys.argv[0]).name == "fetch.py" else f"fetch it with `{fetch_command()}`"
+  fix = "run this command" if Path(sys.argv[0]).name == "fetch.py" else f"fetch it with `{fetch_command(what)}`"
   return HubError(f"{what}: not in the Hugging Face cache ({cache_dir()}) and {cause}; {fix} where there is a "
                   f"network and bring that cache here (or set HF_HOME to a shared disk)")
 

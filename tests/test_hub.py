@@ -104,3 +104,14 @@ def test_fetch_lists_every_reference_and_builds_the_dataset_the_run_then_uses(tm
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "data: building" not in proc.stdout  # the fetched dataset, checked against its recipe
   assert "data: 2312 records read" in proc.stdout
+
+
+def test_a_program_without_a_config_names_the_hubs_own_download_command(tmp_path):
+  """The demo has no config for rlhfx.fetch: its one line names `hf download` of the missing file."""
+  proc = subprocess.run([sys.executable, "-m", "rlhfx.demo", "--llama2c=hf://karpathy/tinyllamas/stories260K/x.bin"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty")})
+  assert proc.returncode == 1
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith("rlhfx-demo: HubError: hf://karpathy/tinyllamas/stories260K/x.bin: not in the Hugging Face")
+  assert "fetch it with `hf download karpathy/tinyllamas stories260K/x.bin` where there is a network" in line
