@@ -147,14 +147,21 @@ def is_spec(spec: str) -> bool:
   return spec in BUILTIN or ":" in spec
 
 
+def missing_extra(spec: str) -> str | None:
+  """What a built-in function lacks to run (an optional package), or None."""
+  if spec == "math_answer" and importlib.util.find_spec("math_verify") is None:
+    return "'math_answer' needs math-verify: pip install 'rlhfx[math]'"
+  return None
+
+
 # ----------------------------------------------------------------------------- loading and calling
 
 
 def load_function(spec: str, tokenizer, field: str = "config.scoring.functions") -> Callable:
   """The function a spec names (see the module docstring); `tokenizer` is needed only by fraction:."""
   if spec in BUILTIN:
-    if spec == "math_answer" and importlib.util.find_spec("math_verify") is None:
-      raise ConfigError(f"{field}: 'math_answer' needs math-verify: pip install 'rlhfx[math]'")
+    if missing_extra(spec):
+      raise ConfigError(f"{field}: {missing_extra(spec)}")
     return BUILTIN[spec]
   kind, _, rest = spec.partition(":")
   if kind == "fraction":

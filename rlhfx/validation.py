@@ -197,6 +197,9 @@ def _combination_problems(config) -> list[str]:
     for i, spec in enumerate(sc.functions):
       if not reward_functions.is_spec(spec):
         out.append(f"config.scoring.functions[{i}]={spec!r}: expected {reward_functions.SPECS}")
+      missing = reward_functions.missing_extra(spec)
+      if missing:  # before any data is built, like every other field
+        out.append(f"config.scoring.functions[{i}]={spec!r}: {missing}")
 
     if not SPEC.fullmatch(str(config.rollout.mesh)):
       out.append(f"config.rollout.mesh={config.rollout.mesh!r}: expected auto, training or tensor=<k>")

@@ -151,3 +151,17 @@ def test_the_cli_exits_2_with_one_line_before_building_anything(tmp_path, overri
   lines = [line for line in proc.stderr.splitlines() if line.startswith("rlhfx: ")]
   assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert not workdir.exists()  # no data built, no directory made
+
+
+def test_a_reward_function_whose_package_is_missing_is_a_config_problem(monkeypatch):
+  """math_answer without math-verify: one line at validation, before any data is built."""
+  import importlib.util
+
+  from rlhfx.config import load
+
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else find_spec(
+      name, *a))
+  config = load(pathlib.Path(__file__).resolve().parents[1] / "configs" / "grpo_math.py:tiny")
+  assert "config.scoring.functions[0]='math_answer': 'math_answer' needs math-verify: pip install 'rlhfx[math]'" in (
+      validation.problems(config))
