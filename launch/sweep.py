@@ -7,6 +7,7 @@
   python launch/sweep.py --config configs/dpo_hh.py --root /shared/sweeps/dpo --backend slurm --nodes 2
   ... --dry-run          # print the commands instead of running them
   ... -- --config.train.num_steps=500     # overrides applied to every run
+  python launch/sweep.py report --root /tmp/sweeps/quickstart [--sort M] [--format F] [--plot M]  # launch/report.py
 
 `sweep()` in the config file returns a list of {"dotted.field": value} dicts; run i is
 named `NN-field=value-...` (last component of each field) and writes to
@@ -41,7 +42,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch import slurm, tpu  # noqa: E402
+from launch import report, slurm, tpu  # noqa: E402
 from rlhfx.config import load_module  # noqa: E402
 
 DONE = slurm.DONE
@@ -251,6 +252,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None, out=None) -> int:
   out = out or sys.stdout
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["report"]:  # the sweep's runs side by side (launch/report.py)
+    return report.main(argv[1:], out)
   args = parser().parse_args(argv)
   runs = expand(args.config, args.root, args.overrides)
   print(f"sweep of {len(runs)} runs from {args.config} ({args.backend})", file=out, flush=True)

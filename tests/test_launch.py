@@ -144,6 +144,28 @@ def test_local_sweep_reports_failures_and_resumes_after_a_kill(tmp_path):
   summary = json.loads((root / "sweep.json").read_text())
   assert [r["status"].split(" ")[0] for r in summary] == ["skipped", "failed", "finished"]
 
+  # the sweep's report: one row per run, from sweep.json and the runs' own metrics (no held-out split here)
+  out = io.StringIO()
+  assert sweep.main(["report", "--root", str(root), "--format", "json", "--sort", "train/loss",
+                     "--plot", "train/loss"], out=out) == 0
+  rows = json.loads(out.getvalue())
+  finals = {}
+  for name in ("00-learning_rate=0.003", "02-learning_rate=0.001"):
+    records = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+    finals[name] = [r for r in records if "train/loss" in r][-1]["train/loss"]
+  assert [r["run"] for r in rows] == [*sorted(finals, key=finals.get), "01-learning_rate=bad"]  # lowest first
+  by_name = {r["run"]: r for r in rows}
+  ok, bad = by_name["00-learning_rate=0.003"], by_name["01-learning_rate=bad"]
+  assert (ok["state"], ok["steps"], ok["overrides"], ok["algorithm"], ok["train/loss"]) == (
+      "done", "150/150", "optim.learning_rate=0.003", "sft", finals["00-learning_rate=0.003"])
+  assert ok["eval/loss last"] is None and ok["eval/loss best"] is None
+  assert bad["state"].startswith("failed") and bad["steps"] == "0/?" and bad["train/loss"] is None
+  assert (root / "train_loss.png").stat().st_size > 10_000
+  table = io.StringIO()
+  sweep.main(["report", "--root", str(root), "--format", "markdown"], out=table)
+  assert table.getvalue().splitlines()[0] == ("| run | overrides | algorithm | state | steps | train/loss | "
+                                              "eval/loss last | eval/loss best |")
+
 
 # 2.1B embedding and LM-head parameters, replicated (data parallelism only): ~25 GiB of state per v5e chip
 TOO_BIG = ["--", "--config.model.d_model=16384", "--config.model.vocab_size=65536", "--config.mesh.shape.data=-1"]
