@@ -54,12 +54,17 @@ def is_hub_file(spec) -> bool:
   return str(spec).startswith(PREFIX)
 
 
+# a name ending so is a file the user meant, not a repository ("Qwen/Qwen2.5-0.5B" has a dot and is a repository)
+FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".txt", ".bin", ".model", ".safetensors")
+
+
 def is_repo_id(spec) -> bool:
-  """"org/name" that is no local path: a hub repository (a model's or tokenizer's)."""
+  """"org/name" or a canonical "name" that is no local path: a hub repository (a model, a tokenizer, a dataset:
+  `rlhfx.data.files.is_hub_dataset` is this with an optional ":split")."""
   text = str(spec)
   path = Path(text)
   return (not is_hub_file(text) and not path.exists() and not path.is_absolute() and not text.startswith((".", "~"))
-          and len(path.parts) == 2 and not path.suffix)
+          and 1 <= len(path.parts) <= 2 and path.suffix not in FILE_SUFFIXES)
 
 
 def cache_dir() -> str:

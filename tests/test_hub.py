@@ -115,3 +115,13 @@ def test_a_program_without_a_config_names_the_hubs_own_download_command(tmp_path
   (line,) = proc.stderr.strip().splitlines()
   assert line.startswith("rlhfx-demo: HubError: hf://karpathy/tinyllamas/stories260K/x.bin: not in the Hugging Face")
   assert "fetch it with `hf download karpathy/tinyllamas stories260K/x.bin` where there is a network" in line
+
+
+@pytest.mark.parametrize("spec, is_id", [
+    ("openai-community/gpt2", True), ("Qwen/Qwen2.5-0.5B-Instruct", True), ("meta-llama/Llama-3.1-8B", True),
+    ("gpt2", True), ("hf://datasets/Anthropic/hh-rlhf/harmless-base/test.jsonl.gz", False), ("./gpt2", False),
+    ("/abs/model", False), ("~/model", False), ("a/b/c", False), ("tok512.bin", False), ("org/train.jsonl.gz", False),
+])
+def test_a_hub_repository_id_is_told_from_a_path(spec, is_id):
+  """One rule for models, tokenizers and datasets: a dot inside a name (Qwen2.5, Llama-3.1) is not a file suffix."""
+  assert hub.is_repo_id(spec) is is_id

@@ -42,14 +42,9 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                     f"({type(e).__name__}: {e})") from None
 
 
-_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".txt")
-
-
 def is_hub_dataset(name: str) -> bool:
   """A `data.train_files` entry that is a hub dataset id ("org/name", optionally ":split"), not a local path."""
-  path = Path(name.split(":")[0])
-  return (not hub.is_hub_file(name) and not path.exists() and path.suffix not in _FILE_SUFFIXES
-          and len(path.parts) <= 2 and not path.is_absolute())
+  return not hub.is_hub_file(name) and hub.is_repo_id(name.split(":")[0])
 
 
 def read_records(path: str | os.PathLike, on_error: str = "raise") -> Iterator[tuple[str, Any]]:
