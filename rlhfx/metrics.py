@@ -246,8 +246,8 @@ class StepLog:
   def _eta(self, step: int) -> float | None:
     if not self._recent:
       return None
-    evals_left = sum(evaluation_due(s, self.t) for s in range(step + 1, self.t.num_steps + 1))
-    return float(np.median(self._recent)) * (self.t.num_steps - step) + evals_left * (self._eval_s or 0.0)
+    return (float(np.median(self._recent)) * (self.t.num_steps - step)
+            + evaluations_after(step, self.t) * (self._eval_s or 0.0))
 
   def record(self, step: int, device_metrics: dict, *, tokens: float) -> None:
     ready = all(x.is_ready() for x in jax.tree.leaves(device_metrics) if isinstance(x, jax.Array))
@@ -349,6 +349,15 @@ def rows(workdir: Path) -> list[dict]:
 def first_evaluation(workdir: Path) -> dict[str, float]:
   """The eval/* metrics a run wrote at step 0 (its evaluation before training), from its metrics.jsonl."""
   return {k: v for row in rows(workdir) if row["step"] == 0 for k, v in row.items() if k.startswith("eval/")}
+
+
+def evaluations_after(step: int, train_config) -> int:
+  """How many steps in (step, num_steps] have `evaluation_due` (counted, not walked: a long run logs often)."""
+  last, every = train_config.num_steps, train_config.eval_every
+  if step >= last:
+    return 0
+  periodic = last // every - step // every if every else 0
+  return periodic + (0 if every and last % every == 0 else 1)  # the evaluation after the last step
 
 
 def evaluation_due(step: int, train_config) -> bool:

@@ -341,3 +341,13 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == ("rlhfx: WorkdirError: --workdir=/mnt/run is not writable: "
                                                   "Read-only file system")
+
+
+@pytest.mark.parametrize("num_steps, every", [(10, 4), (12, 4), (7, 0), (5, 1), (100, 25), (3, 10)])
+def test_evaluations_after_counts_what_evaluation_due_says(num_steps, every):
+  from rlhfx import metrics
+
+  train = _config(**{"train.num_steps": num_steps, "train.eval_every": every}).train
+  for step in range(0, num_steps + 1):
+    walked = sum(metrics.evaluation_due(s, train) for s in range(step + 1, num_steps + 1))
+    assert metrics.evaluations_after(step, train) == walked, step
