@@ -66,8 +66,9 @@ def fetch(field: str, value: str) -> Path:
       raise hub.HubError(f"{value}: the hub dataset could not be loaded ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0]})") from None
   if field == "data.tokenizer":
-    load_tokenizer(value)
-    return hub.local_repo(value, hub.TOKENIZER_FILES)
+    path = hub.local_repo(value, hub.TOKENIZER_FILES)
+    load_tokenizer(path)  # it loads
+    return path
   return convert.resolve(value)  # a model: config, tokenizer and weights
 
 

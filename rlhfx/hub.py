@@ -113,14 +113,14 @@ def _quiet_retries():
 def _failure(what: str, error: Exception) -> HubError:
   from huggingface_hub import errors
 
+  if isinstance(error, errors.GatedRepoError):  # a kind of RepositoryNotFoundError: asked first
+    return HubError(f"{what}: a gated repository; accept its terms on the hub and log in with `hf auth login`")
   if isinstance(error, errors.RepositoryNotFoundError):
-    return HubError(f"{what}: no such repository on the hub, or a gated/private one (log in with `hf auth login`)")
+    return HubError(f"{what}: no such repository on the hub, or a private one (log in with `hf auth login`)")
   if isinstance(error, errors.RevisionNotFoundError):
     return HubError(f"{what}: no such revision on the hub")
   if isinstance(error, errors.EntryNotFoundError) and not isinstance(error, errors.LocalEntryNotFoundError):
     return HubError(f"{what}: no such file in the repository")
-  if isinstance(error, errors.GatedRepoError):
-    return HubError(f"{what}: a gated repository; accept its terms on the hub and log in with `hf auth login`")
   if isinstance(error, errors.LocalEntryNotFoundError):
     return _unavailable(what, "the hub could not be reached")
   return _unavailable(what, f"the download failed ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})")

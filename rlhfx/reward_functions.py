@@ -160,8 +160,8 @@ def missing_extra(spec: str) -> str | None:
 def load_function(spec: str, tokenizer, field: str = "config.scoring.functions") -> Callable:
   """The function a spec names (see the module docstring); `tokenizer` is needed only by fraction:."""
   if spec in BUILTIN:
-    if missing_extra(spec):
-      raise ConfigError(f"{field}: {missing_extra(spec)}")
+    if missing := missing_extra(spec):
+      raise ConfigError(f"{field}: {missing}")
     return BUILTIN[spec]
   kind, _, rest = spec.partition(":")
   if kind == "fraction":

@@ -278,10 +278,9 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
                     f"{after['eval/rewards/accuracies']:.1%}; rewards/margins {before['eval/rewards/margins']:.3f} -> "
                     f"{after['eval/rewards/margins']:.3f}{ties}")
   if s.unpaired and "eval/rewards/chosen" in before and "eval/rewards/chosen" in after:
-    gap = {k: v["eval/rewards/chosen"] - v["eval/rewards/rejected"] for k, v in (("before", before), ("after", after))}
-    lines.insert(0, f"held-out rewards: desirable {before['eval/rewards/chosen']:.3f} -> "
-                    f"{after['eval/rewards/chosen']:.3f}, undesirable {before['eval/rewards/rejected']:.3f} -> "
-                    f"{after['eval/rewards/rejected']:.3f} (gap {gap['before']:.3f} -> {gap['after']:.3f})")
+    (d0, u0), (d1, u1) = ((m["eval/rewards/chosen"], m["eval/rewards/rejected"]) for m in (before, after))
+    lines.insert(0, f"held-out rewards: desirable {d0:.3f} -> {d1:.3f}, undesirable {u0:.3f} -> {u1:.3f} "
+                    f"(gap {d0 - u0:.3f} -> {d1 - u1:.3f})")
   lora_note = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
   export.print_summary(f"{s.name} preference tuning ({s.reference} reference{lora_note}) for "
                        f"{t.num_steps} steps", lines, workdir, data)

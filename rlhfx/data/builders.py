@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhfx import hub
 from rlhfx.data.formats import (KINDS, PARSERS, DataError, RecordError, is_eval, parse_files,  # noqa: F401
                                 SPLIT_BY, split_hh)
 
@@ -46,7 +47,7 @@ class LocalFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if PARSERS.get(input_format, ("",))[0] != self.KIND:
       formats = sorted(f for f, (k, _) in PARSERS.items() if k == self.KIND)
       raise ValueError(f"input_format={input_format!r} does not make {self.KIND} data; use one of {formats}")
-    self._paths = [Path(p) for p in paths] if paths else None
+    self._paths = [hub.local_file(p) for p in paths] if paths else None  # an hf:// file: its cached copy
     self._input_format, self._eval_fraction, self._split_seed = input_format, eval_fraction, split_seed
     self._on_error = on_error
     self.stats: collections.Counter = collections.Counter()

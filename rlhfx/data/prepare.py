@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhfx import hub, sharding, workdir as workdirs
+from rlhfx import sharding, workdir as workdirs
 from rlhfx.config import ConfigError
 from rlhfx.data import builders, pipeline, synthetic
 from rlhfx.data.tokenize import Truncation, load_tokenizer
@@ -118,7 +118,7 @@ def _build_lock(base: Path):
 def _build(config, kind: str, data_dir: Path, wanted: dict) -> None:
   """Build (process 0) the dataset of `wanted` into `data_dir`, then write its recipe and file sizes."""
   d = config.data
-  files = [data_dir / "raw" / f"{d.builtin}.jsonl"] if d.builtin else [hub.local_file(f) for f in d.train_files]
+  files = [data_dir / "raw" / f"{d.builtin}.jsonl"] if d.builtin else list(d.train_files)
   if d.builtin:
     synthetic.write_task(d.builtin, files[0], seed=config.seed)
   if not files:
