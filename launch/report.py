@@ -22,6 +22,8 @@ import math
 import pathlib
 import sys
 
+from rlhfx import metrics
+
 # the held-out numbers each algorithm is judged by
 MAIN = {"sft": ("eval/loss",), "reward": ("eval/accuracy",),
         "dpo": ("eval/rewards/accuracies", "eval/rewards/margins"), "ppo": ("eval/scores", "eval/kl"),
@@ -32,18 +34,6 @@ LOWER_IS_BETTER = ("loss", "kl", "perplexity")
 
 def lower_is_better(metric: str) -> bool:
   return any(word in metric.rsplit("/", 1)[-1] for word in LOWER_IS_BETTER)
-
-
-def _rows(path: pathlib.Path) -> list[dict]:
-  out = []
-  for line in path.read_text().splitlines() if path.exists() else []:
-    try:
-      row = json.loads(line)
-    except ValueError:
-      continue  # a row cut short by a kill
-    if isinstance(row, dict) and "step" in row:
-      out.append(row)
-  return out
 
 
 def _state(run: pathlib.Path, status: str | None, rows: list[dict]) -> str:
@@ -59,16 +49,14 @@ def run_row(run: pathlib.Path, entry: dict | None) -> dict:
   that never started, e.g. a bad override, has its sweep.json status and nothing else)."""
   config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
   algorithm = config.get("algorithm", "")
-  rows = _rows(run / "metrics.jsonl")
+  rows = metrics.rows(run)
   train = [r for r in rows if "train/loss" in r]
-  metrics = MAIN.get(algorithm, ())
-  if algorithm == "dpo" and config.get("dpo", {}).get("loss") == "kto":
-    metrics = KTO
+  judged_by = KTO if algorithm == "dpo" and config.get("dpo", {}).get("loss") == "kto" else MAIN.get(algorithm, ())
   row = {"run": run.name, "overrides": " ".join((entry or {}).get("overrides", [])).replace("--config.", ""),
          "algorithm": algorithm, "state": _state(run, (entry or {}).get("status"), rows),
          "steps": f"{train[-1]['step'] if train else 0}/{config.get('train', {}).get('num_steps', '?')}",
          "train/loss": train[-1]["train/loss"] if train else None}
-  for metric in metrics:
+  for metric in judged_by:
     values = [r[metric] for r in rows if metric in r and isinstance(r[metric], (int, float))]
     best = (min if lower_is_better(metric) else max)(values) if values else None
     row[f"{metric} last"], row[f"{metric} best"] = (values[-1] if values else None), best
@@ -138,7 +126,7 @@ def plot(root: pathlib.Path, rows: list[dict], metric: str) -> pathlib.Path:
   fig, ax = plt.subplots(figsize=(8, 5))
   drawn = 0
   for row in rows:
-    points = [(r["step"], r[metric]) for r in _rows(root / row["run"] / "metrics.jsonl") if metric in r]
+    points = [(r["step"], r[metric]) for r in metrics.rows(root / row["run"]) if metric in r]
     if points:
       ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=row["run"])
       drawn += 1

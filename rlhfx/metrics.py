@@ -69,15 +69,9 @@ def _drop_rows_after(path: Path, step: int) -> None:
   log again, so metrics.jsonl keeps one row per step (and evaluation) whatever the restarts."""
   if not path.exists():
     return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      if step and json.loads(line)["step"] <= step:  # from step 0 every row is written again
-        kept.append(line)
-    except (ValueError, KeyError, TypeError):
-      continue  # a row cut short by a kill: not a row
+  kept = [row for row in rows(path.parent) if step and row["step"] <= step]  # from step 0 all is written again
   tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(f"{line}\n" for line in kept))
+  tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
   os.replace(tmp, path)
 
 
@@ -341,7 +335,7 @@ def rows(workdir: Path) -> list[dict]:
       row = json.loads(line)
     except ValueError:
       continue
-    if isinstance(row, dict) and "step" in row:
+    if isinstance(row, dict) and isinstance(row.get("step"), int):
       out.append(row)
   return out
 
