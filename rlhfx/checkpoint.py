@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from rlhfx import sharding, workdir as workdirs
+from rlhfx import sharding, storage, workdir as workdirs
 from rlhfx.models.hf_config import CheckpointError
 from rlhfx.preemption import Preempted, Preemption, interruptible, raise_on_sigterm  # noqa: F401 (re-exported)
 
@@ -92,7 +92,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                identity: dict | None = None):
-    self.directory = Path(directory).absolute()
+    self.directory = storage.path(directory)  # Orbax writes gs:// straight (TensorStore's GCS driver)
     self.identity = dict(identity or {})  # saved with every checkpoint and checked on restore (the algorithm)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -179,7 +179,7 @@ class Checkpointer:
     while target.exists():
       target, n = target.with_name(f"{step}.{n}"), n + 1
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.directory / str(step)), target)
+    storage.move(self.directory / str(step), target)
     self._manager.reload()
     return target
 
@@ -193,10 +193,13 @@ class Checkpointer:
     finally:
       self._manager.close()
       for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):  # a save that failed: nothing to keep
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp)
 
   def _check_space(self, step: int, nbytes: int) -> None:
-    """Refuse a save the disk cannot hold (before any file is written: no partial checkpoint, no noise)."""
+    """Refuse a save the disk cannot hold (before any file is written: no partial checkpoint, no noise). A bucket
+    has no free-space figure: what `workdir.claim` checked (it exists, it takes a write) is what is known."""
+    if storage.is_remote(self.directory):
+      return
     free = shutil.disk_usage(self.directory).free
     if free < nbytes * 1.05 + 2**20:
       raise CheckpointError(f"saving a checkpoint of step {step} to {self.directory} failed: "
@@ -212,11 +215,12 @@ class Checkpointer:
       raise
     except Exception as e:  # noqa: BLE001 (Orbax re-raises a background thread's error, TensorStore's as text)
       code = _disk_errno(e)
-      if code is None:
+      if code is None and not storage.is_remote(self.directory):
         raise
+      cause = os.strerror(code) if code is not None else storage._cause(e)  # TensorStore retried it already
       kept = [s for s in self._complete_steps() if s != step]
       raise CheckpointError(f"saving a checkpoint{f' of step {step}' if step else ''} to {self.directory} failed: "
-                            f"{os.strerror(code)}; complete checkpoints kept: {kept or 'none'}") from None
+                            f"{cause}; complete checkpoints kept: {kept or 'none'}") from None
 
   def _complete_steps(self) -> list[int]:
     return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
@@ -274,7 +278,7 @@ def resume(config, workdir: Path, state, train_iter, frozen: dict | None = None)
     trees = {"state": state, **{k: v for k, v in (frozen or {}).items() if v is not None}}
     placement = {"step": start, "mesh": dict(state.step.sharding.mesh.shape),
                  **{name: sharding.describe(tree) for name, tree in trees.items()}}
-    (workdir / "placement.json").write_text(json.dumps(placement, indent=1))
+    storage.write_text(workdir / "placement.json", json.dumps(placement, indent=1))
   workdirs.record(config, workdir)  # the run has started: what it was made from is the workdir's record now
   return checkpointer, state, start
 
@@ -308,5 +312,6 @@ def save_or_stop(step: int, state, data_iterator, train_config, log, checkpointe
   stop = preemption.reached(step)
   if due(step, train_config, stop):
     log.flush()
+    log.writer.publish()  # gs://: the logs of the steps saved go up with the checkpoint
     checkpointer.save(step, {"state": state}, data_iterator=data_iterator)
   return stop

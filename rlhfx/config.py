@@ -141,6 +141,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c.train.eval_samples = 4  # SFT/DPO: greedy completions of this many held-out prompts at each evaluation
   c.train.eval_sample_tokens = 32  # their length limit (new tokens)
   c.train.export_hf = True  # write the final model as a Hugging Face directory: <workdir>/hf (reward: reward_model/hf)
+  c.train.lock_lease_s = 60.0  # gs:// workdirs: the lock's lease; a run killed without releasing it is taken over after
   c.train.resume = "check"  # check: a rerun must match the workdir's config and inputs | new_config: accept them
   c.train.on_divergence = "stop"  # stop (exit 1) | warn (a loud line, the run goes on): NaN/Inf always stops
   c.train.divergence_factor = 100.0  # diverged: the loss above this x (|first loss| + 1) (SFT, reward, DPO)

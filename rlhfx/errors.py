@@ -15,10 +15,11 @@ from rlhfx.data.tokenize import Overlong, TokenizerError
 from rlhfx.metrics import TrainingDiverged
 from rlhfx.models.convert import CheckpointError
 from rlhfx.reward_functions import RewardFunctionError
+from rlhfx.storage import StorageError
 from rlhfx.workdir import WorkdirError
 
 USER_ERRORS = (ConfigError, DataError, Overlong, TokenizerError, TrainingDiverged, CheckpointError,
-               WorkdirError, RewardFunctionError, HubError)
+               WorkdirError, RewardFunctionError, HubError, StorageError)
 CONFIG_EXIT = 2  # like a usage error
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the configs a checkout ships
 

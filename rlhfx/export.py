@@ -1,4 +1,7 @@
-"""The end of a run: the trained model written out (Hugging Face directory, LoRA adapters) and the summary."""
+"""The end of a run: the trained model written out (Hugging Face directory, LoRA adapters) and the summary.
+
+Exports are folders of files written by libraries that take local paths (transformers, safetensors): for a gs://
+workdir they are written to `storage.staging(workdir)` and then uploaded (`storage.publish`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rlhfx import storage
 from rlhfx.config import ConfigError
 from rlhfx.models import ModelConfig, lora
 from rlhfx.models.convert import to_hf
@@ -23,26 +27,28 @@ def export_policy(config, model_config: ModelConfig, params, tokenizer, workdir:
   what it wrote."""
   if jax.process_index() != 0:
     return []
-  policy, lines = jax.device_get(params), []
+  policy, lines, local = jax.device_get(params), [], storage.staging(workdir)
   if lora.is_wrapped(policy):
     if model_config.arch == "gpt2":  # fused c_attn: no per-projection adapter in PEFT's format
-      lora.save(policy["lora"], workdir / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
+      lora.save(policy["lora"], local / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
                 patterns=tuple(config.lora.patterns))
       lines.append(f"LoRA adapters (rlhfx format; PEFT's has no GPT-2 q/k/v adapters): {workdir / 'adapters'}")
     else:
-      save_peft(policy["lora"], workdir / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
+      save_peft(policy["lora"], local / "adapters", rank=config.lora.rank, alpha=config.lora.alpha,
                 base_model=config.model.init_from)
       lines.append(f"LoRA adapters (PEFT format: peft.PeftModel.from_pretrained(base, dir)): {workdir / 'adapters'}")
+    storage.publish(local / "adapters", workdir / "adapters")
     policy = lora.merge(policy["base"], policy["lora"], scale=lora.scale(config.lora))
   if config.train.export_hf:
     print(f"export: writing the Hugging Face model to {workdir / 'hf'}", flush=True)
-    tokenizer.save_pretrained(to_hf(model_config, policy, workdir / "hf"))
+    tokenizer.save_pretrained(to_hf(model_config, policy, local / "hf"))
+    storage.publish(local / "hf", workdir / "hf")
     lines.append(f"Hugging Face export: {workdir / 'hf'}")
   return lines
 
 
 def export_reward_model_hf(config, model_config: ModelConfig, params, tokenizer, stats: dict,
-                           directory: Path) -> list[str]:
+                           directory) -> list[str]:
   """Process 0 writes a ScoreModel as `<Arch>ForSequenceClassification` (+ tokenizer and reward_stats.json) to
   `directory` when `config.train.export_hf`; returns summary lines naming what it wrote or why it did not."""
   if jax.process_index() != 0 or not config.train.export_hf:
@@ -54,10 +60,11 @@ def export_reward_model_hf(config, model_config: ModelConfig, params, tokenizer,
   if pad is None:
     return ["no Hugging Face reward model export: the tokenizer has no pad token, which transformers needs to "
             "find each sequence's last token (config.reward.export_pad_token='<|pad|>' adds one)"]
-  out = score_model_to_hf(model_config, params, directory, pad_token_id=pad)
+  out = score_model_to_hf(model_config, params, storage.staging(directory), pad_token_id=pad)
   tokenizer.save_pretrained(out)
   (out / "reward_stats.json").write_text(json.dumps(stats, indent=2))
-  lines = [f"Hugging Face reward model (AutoModelForSequenceClassification): {out}"]
+  storage.publish(out, directory)
+  lines = [f"Hugging Face reward model (AutoModelForSequenceClassification): {directory}"]
   if pad == tokenizer.eos_token_id:
     lines.append("  note: its pad token is EOS, so transformers scores the token before a final EOS (rlhfx scores the "
                  "EOS itself); config.reward.export_pad_token='<|pad|>' exports a distinct one for equal scores")

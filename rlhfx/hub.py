@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from rlhfx import storage
+
 PREFIX = "hf://"
 TOKENIZER_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")  # a repository's tokenizer (and its config.json)
 CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.model", "*.txt")  # config, weights, tokenizer
@@ -63,7 +65,7 @@ def is_repo_id(spec) -> bool:
   `rlhfx.data.files.is_hub_dataset` is this with an optional ":split")."""
   text = str(spec)
   path = Path(text)
-  return (not is_hub_file(text) and not path.exists() and not path.is_absolute() and not text.startswith((".", "~"))
+  return (not is_hub_file(text) and "://" not in text and not path.exists() and not path.is_absolute() and not text.startswith((".", "~"))
           and 1 <= len(path.parts) <= 2 and path.suffix not in FILE_SUFFIXES)
 
 
@@ -151,9 +153,10 @@ def _download(what: str, fetch, complete=lambda path: True):
 
 
 def local_file(spec: str | os.PathLike) -> Path:
-  """The cached copy of an `hf://` file (downloaded when missing); any other path as it is."""
+  """The cached copy of an `hf://` file (downloaded when missing) or of a gs:// object (`storage.local`); any
+  other path as it is."""
   if not is_hub_file(spec):
-    return Path(spec)
+    return storage.local(spec)
   from huggingface_hub import hf_hub_download
 
   f = HubFile.parse(str(spec))

@@ -4,6 +4,8 @@ Everything lands in the work directory:
   <workdir>/metrics.jsonl     one JSON object per logged step: {"step": n, "train/loss": ...}
   <workdir>/tensorboard/      event files: tensorboard --logdir <workdir>/tensorboard
   <workdir>/wandb/            with config.logging.wandb.project set: a Weights & Biases run (online or offline)
+On gs:// (objects cannot be appended to) these are written to `storage.staging(workdir)` and uploaded whole
+(`MetricsWriter.publish`: at logged steps at most every `storage.UPLOAD_EVERY_S`, before every save, at the end).
 Only process 0 writes. A train loop records each step's device metrics with `StepLog.record`,
 which reads them one step late, so the host never waits on the device except to save.
 """
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from rlhfx import flops, sharding
+from rlhfx import flops, sharding, storage
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -47,7 +49,7 @@ PROGRESS = {"train/accuracy": "acc", "rewards/accuracies": "acc", "rewards/margi
             "objective/scores": "score", "objective/kl": "KL"}
 
 
-def start_wandb(workdir: Path, run_config):
+def start_wandb(workdir, run_config, local: Path):
   """A Weights & Biases run per `config.logging.wandb` (None when its project is empty): named by
   `logging.wandb.name` or the work directory's name (a sweep's runs are named by their overrides), the whole
   config attached, resumed by id when the work directory is resumed."""
@@ -60,7 +62,7 @@ def start_wandb(workdir: Path, run_config):
   if not run_id.exists():
     run_id.write_text(uuid.uuid4().hex[:8])
   return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,
-                    group=cfg.group or None, mode=cfg.mode, dir=str(workdir), id=run_id.read_text(),
+                    group=cfg.group or None, mode=cfg.mode, dir=str(local), id=run_id.read_text(),
                     resume="allow", config=run_config.to_dict())
 
 
@@ -75,24 +77,47 @@ def _drop_rows_after(path: Path, step: int) -> None:
   os.replace(tmp, path)
 
 
+LOGS = ("metrics.jsonl", "samples.jsonl")  # appended to as a run goes
+
+
 class MetricsWriter:
   """Writes metrics of a run to TensorBoard, JSONL, the console and, when configured, Weights & Biases."""
 
-  def __init__(self, workdir: str | Path, *, total_steps: int, peak_flops: float | None = None, run_config=None,
+  def __init__(self, workdir, *, total_steps: int, peak_flops: float | None = None, run_config=None,
                start_step: int = 0):
-    self.workdir = Path(workdir)
+    self.workdir = storage.path(workdir)
+    self.local = storage.staging(self.workdir)  # the work directory itself, or its local stand-in (gs://)
     self.total_steps = total_steps
     self.peak_flops = peak_flops
     self.is_main = jax.process_index() == 0
     self._jsonl = self._tb = self._wandb = None
+    self._published = 0.0
     if self.is_main:
       from tensorboardX import SummaryWriter
 
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      _drop_rows_after(self.workdir / "metrics.jsonl", start_step)
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-      self._wandb = start_wandb(self.workdir, run_config)
+      self.local.mkdir(parents=True, exist_ok=True)
+      if storage.is_remote(self.workdir):  # the logs go on from the bucket's copies, not from a stale local one
+        for name in LOGS:
+          (self.local / name).unlink(missing_ok=True)
+          storage.download(self.workdir / name, self.local / name)
+      _drop_rows_after(self.local / "metrics.jsonl", start_step)
+      self._jsonl = open(self.local / "metrics.jsonl", "a")
+      self._tb = SummaryWriter(str(self.local / "tensorboard"))
+      self._wandb = start_wandb(self.workdir, run_config, self.local)
+
+  def publish(self, force: bool = True) -> None:
+    """gs://: the logs uploaded whole (when `force`, or when UPLOAD_EVERY_S has passed since the last upload)."""
+    if not (self.is_main and storage.is_remote(self.workdir)):
+      return
+    if not force and time.monotonic() - self._published < storage.UPLOAD_EVERY_S:
+      return
+    if not self._jsonl.closed:
+      self._jsonl.flush()
+      self._tb.flush()
+    for name in (*LOGS, "tensorboard"):
+      if (self.local / name).exists():
+        storage.publish(self.local / name, self.workdir / name)
+    self._published = time.monotonic()
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.is_main:
@@ -105,6 +130,7 @@ class MetricsWriter:
         self._tb.add_scalar(k, v, step)
     if self._wandb is not None:
       self._wandb.log(clean, step=step)
+    self.publish(force=False)
 
   def write_text(self, step: int, name: str, text: str) -> None:
     if self.is_main:
@@ -135,6 +161,7 @@ class MetricsWriter:
       self._tb.close()
       if self._wandb is not None:
         self._wandb.finish()
+      self.publish()
 
 
 def to_host(metrics) -> dict[str, float]:
@@ -303,7 +330,7 @@ class StepLog:
     TensorBoard (and W&B) as text."""
     if not samples or not self.writer.is_main:
       return
-    with open(self.writer.workdir / "samples.jsonl", "a") as f:
+    with open(self.writer.local / "samples.jsonl", "a") as f:
       for sample in samples:
         f.write(json.dumps({"step": step, **sample}) + "\n")
     self.writer.write_text(step, "eval/samples", "\n\n".join(
@@ -326,11 +353,11 @@ class StepLog:
       self.writer.close()
 
 
-def rows(workdir: Path) -> list[dict]:
-  """The rows of a run's metrics.jsonl (none when there is none; a row cut short by a kill left out)."""
-  path = Path(workdir) / "metrics.jsonl"
+def rows(workdir) -> list[dict]:
+  """The rows of a run's metrics.jsonl, local or on gs:// (none when there is none; a row cut short by a kill left
+  out)."""
   out = []
-  for line in path.read_text().splitlines() if path.exists() else []:
+  for line in (storage.read_text(storage.path(workdir) / "metrics.jsonl") or "").splitlines():
     try:
       row = json.loads(line)
     except ValueError:
@@ -365,7 +392,8 @@ class SampleLog:
   it) or at `flush`."""
 
   def __init__(self, workdir: Path, tokenizer, every: int, n: int = 4):
-    self.path, self.tokenizer, self.every, self.n = Path(workdir) / "samples.jsonl", tokenizer, every, n
+    self.path = storage.staging(storage.path(workdir)) / "samples.jsonl"  # uploaded with the logs (gs://)
+    self.tokenizer, self.every, self.n = tokenizer, every, n
     self._due = None
 
   def record(self, step: int, rollout, scores_B) -> None:

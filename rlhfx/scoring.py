@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhfx import reward_functions, sharding
+from rlhfx import reward_functions, sharding, storage
 from rlhfx.config import ConfigError
 from rlhfx.models import ModelConfig, load
 from rlhfx.models.convert import resolve
@@ -42,8 +42,8 @@ EXPORT_DIR = "reward_model"
 
 
 def export_reward_model(directory: str | Path, model_config: ModelConfig, params, stats: dict) -> Path:
-  """Write a reward model for PPO/GRPO: params (Orbax), model_config.json, reward_stats.json."""
-  directory = Path(directory).absolute()
+  """Write a reward model for PPO/GRPO: params (Orbax), model_config.json, reward_stats.json (local or gs://)."""
+  directory = storage.path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(directory / "params", params, force=True)
@@ -62,8 +62,9 @@ class RewardModel:
 
 
 def _source(path: str | Path) -> tuple[str, Path | str]:
-  """("rlhfx", the export folder) or ("hf", a *ForSequenceClassification directory or hub id)."""
-  path = Path(path)
+  """("rlhfx", the export folder) or ("hf", a *ForSequenceClassification directory or hub id); a gs:// folder is
+  read from its local copy (`storage.local`)."""
+  path = storage.local(path)
   for candidate in (path, path / EXPORT_DIR):
     if (candidate / "model_config.json").exists():
       return "rlhfx", candidate.absolute()

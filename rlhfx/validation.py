@@ -44,7 +44,7 @@ POSITIVE = {  # > 0
     "ppo.minibatches", "ppo.kl_horizon", "ppo.clip_eps", "grpo.epochs", "grpo.minibatches", "grpo.clip_eps",
     "reward.stats_batches", "dpo.beta", "lora.alpha", "optim.eps", "distributed.num_processes",
     "model.vocab_size", "model.max_seq_len", "model.n_layers", "model.d_model", "train.eval_sample_tokens",
-    "train.divergence_factor", "train.vanished_steps",
+    "train.divergence_factor", "train.vanished_steps", "train.lock_lease_s",
 }
 UNIT = {  # [low, high) or [low, high]
     "data.eval_fraction": (0, 1, False), "optim.b1": (0, 1, False), "optim.b2": (0, 1, False),

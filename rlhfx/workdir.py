@@ -1,12 +1,13 @@
 """A run's work directory: one run at a time, and a record of what it was made from.
 
-  path = workdir.location("--workdir value")     # an absolute local Path; gs:// and the like refused
+  path = workdir.location("--workdir value")     # an absolute local Path, or gs://BUCKET/... (rlhfx.storage)
   workdir.claim(config, path)                      # process 0: lock, compare (set-up)
   workdir.record(config, path)                     # process 0: once the run has started (checkpoint.resume)
 
 `claim` makes the directory (one line if it is a file or not writable), takes an
 exclusive lock on <workdir>/.lock for the life of the process (the OS releases it when
-the process ends, however it ends), and compares the config and the input files with
+the process ends, however it ends; on gs:// a lease renewed while the run lives,
+`storage.Lease`: a killed run's is taken over once `train.lock_lease_s` has passed), and compares the config and the input files with
 the ones the workdir was made from:
 
   <workdir>/config.json   the resolved config
@@ -35,13 +36,13 @@ from pathlib import Path
 
 import jax
 
-from rlhfx import hub
+from rlhfx import hub, storage
 
 CONFIG, INPUTS, LOCK = "config.json", "inputs.json", ".lock"
 # Fields that do not change what a run computes: cadence, placement, process layout, memory knobs.
 IGNORED = re.compile(r"^(train\.(log_every|eval_every|eval_batches|checkpoint_every|keep_checkpoints|"
                      r"async_checkpoints|export_hf|log_samples_every|eval_samples|eval_sample_tokens|time_phases|"
-                     r"resume|on_divergence|divergence_factor|vanished_steps)|data\.read_threads|"
+                     r"resume|lock_lease_s|on_divergence|divergence_factor|vanished_steps)|data\.read_threads|"
                      r"mesh\..*|rollout\.(mesh|cache_buckets|sampler|slots)|distributed\..*|logging\..*|"
                      r"model\.(remat|lm_head_chunk))$")
 # Fields `train.resume=new_config` cannot accept: the checkpoints would hold another kind of run.
@@ -54,21 +55,27 @@ class WorkdirError(RuntimeError):
   """The work directory cannot be used as asked; the message says why and what to do."""
 
 
-def location(workdir: str | os.PathLike) -> Path:
-  """The work directory as an absolute local path; URLs (gs://, s3://) are refused with what to do instead."""
-  text = os.fspath(workdir)
-  if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
-    raise WorkdirError(f"--workdir={text}: object-store URLs are not supported; mount the bucket with gcsfuse "
-                       f"(launch/tpu.py mounts gs://BUCKET at /gcs/BUCKET) and pass the mounted path")
-  return Path(text).absolute()
+def location(workdir: str | os.PathLike):
+  """The work directory: an absolute local Path, or an epath.Path on gs:// (other URL schemes are refused)."""
+  try:
+    return storage.path(workdir)
+  except storage.StorageError as e:
+    raise WorkdirError(f"--workdir={e}") from None
 
 
 def claim(config, path: Path) -> None:
   """Make, lock and check `path` for this run (process 0; see the module docstring)."""
   if jax.process_index() != 0:
     return
-  _make(path)
-  _lock(path)
+  if storage.is_remote(path):
+    try:
+      storage.check_writable(path)  # the bucket exists, credentials, permission: one line before any work
+      storage.Lease(path / LOCK, config.train.lock_lease_s).acquire()
+    except storage.StorageError as e:
+      raise WorkdirError(f"--workdir={e}") from None
+  else:
+    _make(path)
+    _lock(path)
   saved = _read_json(path / CONFIG)
   if saved is None:
     return
@@ -140,7 +147,7 @@ def fingerprints(config) -> list[dict]:
     return []
   out = []
   for name in config.data.train_files:
-    if hub.is_hub_file(name):  # named as the config names it; its bytes are the cached copy's
+    if hub.is_hub_file(name) or storage.is_remote(name):  # named as the config names it; its bytes the copy's
       file = hub.local_file(name)
       out.append({"path": str(name), "size": file.stat().st_size, "sha256": _sha256(file)})
       continue
@@ -208,7 +215,5 @@ def _read_json(file: Path):
   return value
 
 
-def _write(file: Path, value) -> None:
-  tmp = file.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2))
-  os.replace(tmp, file)
+def _write(file, value) -> None:
+  storage.write_text(file, json.dumps(value, indent=2))

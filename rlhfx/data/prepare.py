@@ -11,6 +11,11 @@ dataset is used it is checked against both: another recipe is another folder (a 
 holds one per recipe), and a file missing or of another size (a copy cut short, a deleted split)
 is said in one line and the dataset rebuilt from its inputs. Builds of one data.dir take turns
 (a lock on `<dir>/.build.lock`).
+
+A gs:// workdir's dataset is built on local disk, `storage.cache_root()/data/<recipe key>`, by every
+host (the build is deterministic): Grain reads ArrayRecord files at random offsets, which local disk
+serves in microseconds and a bucket in tens of milliseconds, and the key already names the inputs'
+bytes, so a cached build is reused by every run of the same recipe on that machine.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhfx import sharding, workdir as workdirs
+from rlhfx import sharding, storage, workdir as workdirs
 from rlhfx.config import ConfigError
 from rlhfx.data import builders, pipeline, synthetic
 from rlhfx.data.tokenize import Truncation, load_tokenizer
@@ -136,11 +141,15 @@ def _build(config, kind: str, data_dir: Path, wanted: dict) -> None:
 
 def dataset_dir(config, workdir: Path, kind: str) -> Path:
   """The checked (or freshly built) dataset of this run's recipe (process 0 builds; every process waits)."""
-  base = Path(config.data.dir) if config.data.dir else workdir / "data"
+  if storage.is_remote(config.data.dir):
+    raise ConfigError(f"config.data.dir={config.data.dir!r}: a dataset is read from local disk; leave it '' (a gs:// "
+                      f"workdir's dataset is built under {storage.cache_root() / 'data'}) or name a local folder")
+  cached = storage.is_remote(workdir) and not config.data.dir  # every host builds its own copy, kept for reuse
+  base = Path(config.data.dir) if config.data.dir else storage.cache_root() / "data" if cached else workdir / "data"
   wanted = recipe(config, kind)
   key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
   data_dir = base / key
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 or cached:
     with _build_lock(base):
       problem = check(data_dir, wanted)
       if problem is not None:
@@ -148,7 +157,7 @@ def dataset_dir(config, workdir: Path, kind: str) -> Path:
           print(f"data: {problem}: rebuilding the dataset from its inputs", flush=True)
         shutil.rmtree(data_dir, ignore_errors=True)
         _build(config, kind, data_dir, wanted)
-      if not config.data.dir:  # the workdir's own data: builds of earlier recipes are derived, not kept
+      if not config.data.dir and not cached:  # the workdir's own data: builds of earlier recipes are derived, not kept
         for other in base.iterdir():
           if other.is_dir() and other != data_dir:
             shutil.rmtree(other, ignore_errors=True)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhfx import hub
+from rlhfx import hub, storage
 from rlhfx.models.config import ModelConfig
 from rlhfx.models.hf_config import FAMILIES, CheckpointError, config_from_hf, config_to_hf  # noqa: F401
 from rlhfx.models.transformer import init_params
@@ -159,8 +159,8 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def resolve(path_or_hub_id: str | os.PathLike, *, weights: bool = True) -> Path:
   """A Hugging Face model directory, or a hub id's snapshot in the Hugging Face cache (`rlhfx.hub`): its config,
-  tokenizer and (with `weights`) safetensors, downloaded when missing."""
-  path = Path(path_or_hub_id)
+  tokenizer and (with `weights`) safetensors, downloaded when missing; a gs:// folder: its local copy."""
+  path = storage.local(path_or_hub_id)
   if path.is_dir():
     return path
   if path.exists():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhfx import storage
 from rlhfx.models.hf_config import CheckpointError
 
 PREFIX = "base_model.model."
@@ -76,7 +77,7 @@ def load_peft(directory: str | os.PathLike, *, scanned: bool = False) -> tuple[d
   """(adapters, {"rank", "alpha", "patterns"}) of a PEFT LoRA directory; `scanned` stacks layers (L leading)."""
   from safetensors.numpy import load_file
 
-  directory = Path(directory)
+  directory = storage.local(directory)  # a gs:// folder: its local copy
   config_file = directory / "adapter_config.json"
   if not config_file.exists():
     raise CheckpointError(f"{config_file}: missing; a PEFT adapter directory holds adapter_config.json and "
