@@ -3,9 +3,10 @@
   python launch/sweep.py report --root /tmp/sweeps/rm                       # a table on the console
   python launch/sweep.py report --root /tmp/sweeps/rm --sort eval/accuracy --format markdown
   python launch/sweep.py report --root /tmp/sweeps/rm --plot eval/accuracy  # + <root>/eval_accuracy.png
+  python launch/sweep.py report --root gs://my-bucket/sweeps/rm              # a sweep on Cloud Storage
 
 Read from <root>/sweep.json and each run's directory under --root (any folder with a config.json): the
-overrides, the state (done: sweep_done.json; else sweep.json's status; else running/stopped when it has
+overrides, the state (done: sweep_done.json; else sweep.json's state; else running/stopped when it has
 metrics, queued when not), the steps done, the last train loss, and the algorithm's main held-out numbers,
 last and best (SFT eval/loss, reward eval/accuracy, DPO eval/rewards/accuracies and margins, KTO the rewards'
 gap, PPO/GRPO eval/scores and eval/kl). --sort orders by a metric's last value, best first (lowest for losses
@@ -19,10 +20,9 @@ import csv
 import io
 import json
 import math
-import pathlib
 import sys
 
-from rlhfx import metrics
+from rlhfx import metrics, storage
 
 # the held-out numbers each algorithm is judged by
 MAIN = {"sft": ("eval/loss",), "reward": ("eval/accuracy",),
@@ -36,15 +36,18 @@ def lower_is_better(metric: str) -> bool:
   return any(word in metric.rsplit("/", 1)[-1] for word in LOWER_IS_BETTER)
 
 
-def _state(run: pathlib.Path, status: str | None, rows: list[dict]) -> str:
+def _state(run, entry: dict, rows: list[dict]) -> str:
   if (run / "sweep_done.json").exists():
     return "done"
+  if entry.get("state"):  # the TPU backend's queue (launch/queue.py)
+    return entry["state"]
+  status = entry.get("status")
   if status:
     return {"finished": "done"}.get(status, status)
   return "running/stopped" if rows else "queued"
 
 
-def run_row(run: pathlib.Path, entry: dict | None) -> dict:
+def run_row(run, entry: dict | None) -> dict:
   """One run's row: name, overrides, state, steps, train loss, and last/best of its main held-out metrics (a run
   that never started, e.g. a bad override, has its sweep.json status and nothing else)."""
   config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
@@ -53,7 +56,7 @@ def run_row(run: pathlib.Path, entry: dict | None) -> dict:
   train = [r for r in rows if "train/loss" in r]
   judged_by = KTO if algorithm == "dpo" and config.get("dpo", {}).get("loss") == "kto" else MAIN.get(algorithm, ())
   row = {"run": run.name, "overrides": " ".join((entry or {}).get("overrides", [])).replace("--config.", ""),
-         "algorithm": algorithm, "state": _state(run, (entry or {}).get("status"), rows),
+         "algorithm": algorithm, "state": _state(run, entry or {}, rows),
          "steps": f"{train[-1]['step'] if train else 0}/{config.get('train', {}).get('num_steps', '?')}",
          "train/loss": train[-1]["train/loss"] if train else None}
   for metric in judged_by:
@@ -63,12 +66,12 @@ def run_row(run: pathlib.Path, entry: dict | None) -> dict:
   return row
 
 
-def collect(root: pathlib.Path) -> list[dict]:
+def collect(root) -> list[dict]:
   """Every run of <root>/sweep.json, in its order, then any other folder under `root` with a config.json."""
-  entries = {}
-  sweep = root / "sweep.json"
-  if sweep.exists():
-    entries = {e["name"]: e for e in json.loads(sweep.read_text())}
+  text = storage.read_text(root / "sweep.json")
+  record = json.loads(text) if text else []
+  listed = record.get("runs", []) if isinstance(record, dict) else record  # the TPU backend's {"runs": ...}
+  entries = {e["name"]: e for e in listed}
   others = sorted(p.name for p in root.iterdir() if (p / "config.json").exists() and p.name not in entries)
   return [run_row(root / name, entries.get(name)) for name in [*entries, *others]]
 
@@ -114,8 +117,8 @@ def render(rows: list[dict], fmt: str) -> str:
   return "\n".join("  ".join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in [cols, *cells])
 
 
-def plot(root: pathlib.Path, rows: list[dict], metric: str) -> pathlib.Path:
-  """A PNG of each run's `metric` over steps: <root>/<metric with / as _>.png."""
+def plot(root, rows: list[dict], metric: str):
+  """A PNG of each run's `metric` over steps: <root>/<metric with / as _>.png (local or gs://)."""
   try:
     import matplotlib
 
@@ -137,9 +140,10 @@ def plot(root: pathlib.Path, rows: list[dict], metric: str) -> pathlib.Path:
   ax.set_title(f"{root.name}: {metric}")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  path = root / f"{metric.replace('/', '_')}.png"
-  fig.savefig(path, dpi=110)
-  return path
+  name = f"{metric.replace('/', '_')}.png"
+  fig.savefig(storage.staging(root) / name, dpi=110)
+  storage.publish(storage.staging(root) / name, root / name)
+  return root / name
 
 
 def main(argv=None, out=None) -> int:
@@ -151,7 +155,7 @@ def main(argv=None, out=None) -> int:
   p.add_argument("--format", default="table", choices=["table", "markdown", "csv", "json"])
   p.add_argument("--plot", default="", help="a metric: each run's curve over steps, as <root>/<metric>.png")
   args = p.parse_args(argv)
-  root = pathlib.Path(args.root)
+  root = storage.path(args.root)
   if not root.is_dir():
     p.error(f"--root {root}: no such directory")
   rows = collect(root)

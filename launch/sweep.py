@@ -1,9 +1,8 @@
 """Expand a config's `sweep()` into runs, each with its own work directory and name, and run them.
 
   python launch/sweep.py --config configs/quickstart.py --root /tmp/sweeps/quickstart
-  python launch/sweep.py --config configs/dpo_hh.py --root /gcs/my-bucket/sweeps/dpo --backend tpu \\
-      --name rlhfx-sweep --zone us-west4-a --project my-project --accelerator-type v5litepod-16 --spot \\
-      --bucket my-bucket
+  python launch/sweep.py --config configs/dpo_hh.py --root gs://my-bucket/sweeps/dpo --backend tpu --vms 4 \\
+      --name rlhfx-sweep --zone us-west4-a --project my-project --accelerator-type v5litepod-16 --spot
   python launch/sweep.py --config configs/dpo_hh.py --root /shared/sweeps/dpo --backend slurm --nodes 2
   ... --dry-run          # print the commands instead of running them
   ... -- --config.train.num_steps=500     # overrides applied to every run
@@ -15,8 +14,9 @@ named `NN-field=value-...` (last component of each field) and writes to
   local  (default) one run after another in subprocesses, each logging to
          <root>/<name>/sweep.log. A failed run is reported and the others continue;
          the exit status is 1 if any failed.
-  tpu    one TPU VM (launch/tpu.py) created once; the runs go one after another on all
-         of its workers; the VM is deleted at the end.
+  tpu    --vms N TPU VMs (launch/tpu_sweep.py) work through the runs in parallel, each taking the next
+         run not finished; a preempted run goes back to the queue and resumes on the next free VM;
+         the state of every run is in <root>/sweep.json; the VMs are deleted at the end.
   slurm  one sbatch job per run (launch/slurm.py).
 A run that finished (exit status 0: it reached train.num_steps) leaves
 <root>/<name>/sweep_done.json: rerunning the sweep skips it, and a run that was interrupted
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import pathlib
 import re
@@ -42,7 +43,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launch import report, slurm, tpu  # noqa: E402
+from launch import report, slurm, tpu, tpu_sweep  # noqa: E402
 from rlhfx.config import load_module  # noqa: E402
 
 DONE = slurm.DONE
@@ -167,43 +168,22 @@ def _run_all(config: str, runs: list[dict], *, dry_run: bool, out, results: list
 
 
 def run_tpu(config: str, runs: list[dict], args, *, dry_run: bool, out=None) -> list[dict]:
+  """Plan every run (before any VM exists), then run them across `--vms` VMs (launch/tpu_sweep.py)."""
   out = out or sys.stdout
   target = tpu.target_from(args)
   runner = tpu.Runner(dry_run, pathlib.Path(args.log_dir) / f"{target.name}.log", out=out)
-  results = []
   if not args.no_plan:  # every run's shapes, before the VM exists
     for r in runs:
       if not tpu.check_plan(config, target.accelerator_type, r["overrides"], runner=runner):
         runner.note(f"{r['name']} does not fit {target.accelerator_type}: the sweep creates nothing")
         return [{**x, "status": "failed (does not fit)" if x is r else "not started"} for x in runs]
-  for command in tpu.create(target):
-    runner(command)
-  if target.queued:
-    tpu.wait_active(target, runner)
-  try:
-    tarball = f"/tmp/{target.name}.tar.gz"
-    runner.note(f"pack the project (git ls-files -co --exclude-standard) into {tarball}")
-    if not dry_run:
-      tpu.pack(tarball)
-    for command in tpu.copy(target, tarball) + tpu.install(target):
-      runner(command)
-    for r in runs:
-      done = f"{r['workdir']}/{DONE}"
-      train = tpu.rlhfx_command(config, r["workdir"], r["overrides"], f"{tpu.REMOTE_VENV}/bin/python")
-      guarded = (f"cd {tpu.REMOTE_DIR} && if [ -f {shlex.quote(done)} ]; then echo 'finished before'; else "
-                 f"{train} && echo '{{\"config\": \"{config}\"}}' > {shlex.quote(done)}; fi")
-      rc = runner(tpu.ssh(target, guarded), stream=True, check=False)
-      status = ("dry-run" if dry_run else "finished" if rc == 0 else
-                "stopped (SIGTERM, checkpoint saved): rerun the sweep to resume" if rc == RESUME_EXIT else
-                f"failed (exit {rc})")
-      if not dry_run:
-        runner.note(f"{r['name']}: {status}")
-      results.append({**r, "status": status})
-  finally:
-    if not args.keep:
-      for command in tpu.delete(target):
-        runner(command, check=False)
-  return results
+  vms = min(args.vms, len(runs))  # more VMs than runs would idle
+  if vms < args.vms:
+    runner.note(f"--vms {args.vms}: {len(runs)} runs need only {vms}")
+  targets = [dataclasses.replace(target, name=f"{target.name}-{i}") for i in range(vms)]
+  options = tpu_sweep.Options(config=config, name=target.name, keep=args.keep, create_retries=args.create_retries,
+                              create_backoff_s=args.create_backoff, log_dir=args.log_dir)
+  return tpu_sweep.run_sweep(config, runs, args.root, targets, options, dry_run=dry_run, out=out)
 
 
 def run_slurm(config: str, runs: list[dict], args, *, dry_run: bool, out=None) -> list[dict]:
@@ -239,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--queued", action="store_true")
   g.add_argument("--bucket", default="")
   g.add_argument("--no-plan", action="store_true", help="skip the memory plan (rlhfx.plan) of every run")
+  g.add_argument("--vms", type=int, default=1, help="how many TPU VMs work through the runs in parallel")
+  g.add_argument("--create-retries", type=int, default=4, help="a VM's creation retried this often (backoff)")
+  g.add_argument("--create-backoff", type=float, default=60.0, help="seconds before the first retry (doubling)")
   g = p.add_argument_group("slurm backend (see launch/slurm.py)")
   g.add_argument("--nodes", type=int, default=1)
   g.add_argument("--gpus-per-node", type=int, default=8)
@@ -255,7 +238,10 @@ def main(argv=None, out=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ["report"]:  # the sweep's runs side by side (launch/report.py)
     return report.main(argv[1:], out)
-  args = parser().parse_args(argv)
+  p = parser()
+  args = p.parse_args(argv)
+  if args.vms < 1:
+    p.error(f"--vms {args.vms}: at least 1")
   runs = expand(args.config, args.root, args.overrides)
   print(f"sweep of {len(runs)} runs from {args.config} ({args.backend})", file=out, flush=True)
   if args.backend == "local":

@@ -2,8 +2,7 @@
 
   python launch/tpu.py --name rlhfx-dpo --zone us-west4-a --project my-project \\
       --accelerator-type v5litepod-16 --runtime-version v2-alpha-tpuv5-lite --spot \\
-      --bucket my-bucket --config configs/dpo_hh.py --workdir /gcs/my-bucket/runs/dpo \\
-      -- --config.optim.learning_rate=1e-6
+      --config configs/dpo_hh.py --workdir gs://my-bucket/runs/dpo -- --config.optim.learning_rate=1e-6
   python launch/tpu.py ... --dry-run          # print every command instead of running it
 
 Steps (each a gcloud command, printed with --dry-run):
@@ -14,9 +13,10 @@ Steps (each a gcloud command, printed with --dry-run):
               --spot or --reserved pick the capacity;
   2. copy     the project's tracked and untracked-but-not-ignored files as one tarball,
               `tpu-vm scp --worker=all`;
-  3. install  a virtualenv with `pip install -e '.[tpu]'` on every worker; with --bucket,
-              gcsfuse mounts gs://BUCKET at /gcs/BUCKET so every worker sees the same
-              work directory (Orbax checkpoints from all hosts, metrics from host 0);
+  3. install  a virtualenv with `pip install -e '.[tpu]'` on every worker; the work directory is
+              one every worker sees: gs://BUCKET/... (rlhfx writes it through gcsfs and
+              TensorStore), or with --bucket a gcsfuse mount of gs://BUCKET at /gcs/BUCKET
+              (Orbax checkpoints from all hosts, metrics from host 0);
   4. run      the same `python -m rlhfx.main --config=... --workdir=... [overrides]` on
               every worker (`tpu-vm ssh --worker=all`); jax.distributed initialises
               itself from the TPU environment. The output of all workers streams to the
@@ -251,7 +251,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--queued", action="store_true", help="create through a queued resource and wait for it")
   p.add_argument("--bucket", default="", help="GCS bucket gcsfuse-mounted at /gcs/BUCKET on every worker")
   p.add_argument("--config", required=True, help="configs/<file>.py[:variant], relative to the project")
-  p.add_argument("--workdir", required=True, help="shared by all workers: /gcs/BUCKET/... with --bucket")
+  p.add_argument("--workdir", required=True, help="shared by all workers: gs://BUCKET/... (or /gcs/BUCKET/... with "
+                 "--bucket)")
   p.add_argument("--keep", action="store_true", help="do not delete the VM at the end")
   p.add_argument("--log-dir", default=str(ROOT / "logs"))
   p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")

@@ -65,8 +65,8 @@ def is_repo_id(spec) -> bool:
   `rlhfx.data.files.is_hub_dataset` is this with an optional ":split")."""
   text = str(spec)
   path = Path(text)
-  return (not is_hub_file(text) and "://" not in text and not path.exists() and not path.is_absolute() and not text.startswith((".", "~"))
-          and 1 <= len(path.parts) <= 2 and path.suffix not in FILE_SUFFIXES)
+  return (not is_hub_file(text) and "://" not in text and not path.exists() and not path.is_absolute()
+          and not text.startswith((".", "~")) and 1 <= len(path.parts) <= 2 and path.suffix not in FILE_SUFFIXES)
 
 
 def cache_dir() -> str:

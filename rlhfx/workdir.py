@@ -7,8 +7,8 @@
 `claim` makes the directory (one line if it is a file or not writable), takes an
 exclusive lock on <workdir>/.lock for the life of the process (the OS releases it when
 the process ends, however it ends; on gs:// a lease renewed while the run lives,
-`storage.Lease`: a killed run's is taken over once `train.lock_lease_s` has passed), and compares the config and the input files with
-the ones the workdir was made from:
+`storage.Lease`: a killed run's is taken over once `train.lock_lease_s` has passed), and
+compares the config and the input files with the ones the workdir was made from:
 
   <workdir>/config.json   the resolved config
   <workdir>/inputs.json   each data file's path, size and SHA-256

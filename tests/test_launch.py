@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,8 +29,8 @@ TPU_ARGS = ["--name", "rlhfx-dpo", "--zone", "us-west4-a", "--project", "my-proj
 SLURM_ARGS = ["--name", "dpo-1b", "--nodes", "2", "--gpus-per-node", "8", "--time", "12:00:00", "--partition", "gpu",
               "--project-dir", "/home/me/rlhfx", "--config", "configs/dpo_hh.py", "--workdir", "/shared/runs/dpo",
               "--log-dir", "logs", "--dry-run", "--", "--config.dpo.beta=0.05"]
-SWEEP_TPU = ["--config", "configs/quickstart.py", "--root", "/gcs/my-bucket/sweeps/qs", "--backend", "tpu",
-             "--zone", "us-west4-a", "--project", "my-project", "--queued", "--reserved", "--bucket", "my-bucket",
+SWEEP_TPU = ["--config", "configs/quickstart.py", "--root", "gs://my-bucket/sweeps/qs", "--backend", "tpu",
+             "--vms", "2", "--zone", "us-west4-a", "--project", "my-project", "--queued", "--reserved",
              "--log-dir", "logs", "--dry-run", "--", "--config.train.num_steps=100"]
 SWEEP_SLURM = ["--config", "configs/quickstart.py", "--root", "/shared/sweeps/qs", "--backend", "slurm",
                "--name", "qs", "--nodes", "1", "--gpus-per-node", "4", "--project-dir", "/home/me/rlhfx",
@@ -259,3 +260,73 @@ def test_local_sweep_resumes_a_run_stopped_by_sigterm_and_finishes_it(tmp_path):
   steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
            if "train/loss" in line]
   assert steps[-1] == 150 and steps.count(10) == 1  # continued, not restarted
+
+
+def test_vms_zero_is_a_usage_error_and_more_vms_than_runs_are_fine(capsys):
+  with pytest.raises(SystemExit) as stop:
+    sweep.main([*SWEEP_TPU[:6], "--vms", "0", "--zone", "z", "--project", "p", "--dry-run"])
+  assert stop.value.code == 2 and "--vms 0: at least 1" in capsys.readouterr().err
+  argv = [*SWEEP_TPU[:6], "--vms", "9", "--no-plan", *SWEEP_TPU[8:]]
+  text = _capture(sweep.main, argv)
+  assert "# --vms 9: 4 runs need only 4" in text
+  assert sum(line.startswith("gcloud compute tpus queued-resources create") for line in text.splitlines()) == 4
+
+
+@pytest.mark.slow  # about 2 minutes: four tiny runs on two fake VMs, one preempted, plus the unbroken reference run
+def test_a_tpu_sweep_on_two_fake_vms_survives_a_preemption_and_a_failed_creation(tmp_path, gcs):
+  """launch/sweep.py --backend tpu --vms 2 with a fake gcloud on PATH (tests/fake_gcloud/gcloud: every VM a folder
+  here, its commands separate processes): VM 0's first creation fails (retried after a backoff), VM 1 is preempted
+  at step 15 of its first run. Every run ends done exactly once, the preempted one resumed on a new VM to the
+  unbroken run's losses, sweep.json tells the story, a rerun of the command does nothing, and the report reads the
+  sweep from the bucket."""
+  from rlhfx import metrics, storage
+
+  root = f"gs://{gcs}/sweep-{os.getpid()}"
+  state = tmp_path / "gcloud"
+  env = {**os.environ, "PATH": f"{ROOT / 'tests' / 'fake_gcloud'}:{os.environ['PATH']}",
+         "FAKE_GCLOUD_STATE": str(state), "FAKE_GCLOUD_PYTHON": sys.executable,
+         "FAKE_GCLOUD_PREEMPT": "rlhfx-sweep-1:15", "FAKE_GCLOUD_FAIL_CREATE": "rlhfx-sweep-0:1"}
+  steps = ["--config.train.num_steps=30", "--config.train.log_every=1", "--config.train.checkpoint_every=10",
+           "--config.train.export_hf=False"]
+  command = [sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", "configs/quickstart.py", "--root", root,
+             "--backend", "tpu", "--vms", "2", "--zone", "us-west4-a", "--project", "p", "--spot", "--no-plan",
+             "--create-backoff", "1", "--log-dir", str(tmp_path / "logs"), "--", *steps]
+  proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "[rlhfx-sweep-0] creation failed (attempt 1); retrying in 1 s" in proc.stdout
+  assert "(its VM was preempted)" in proc.stdout and "done: 4 ok, 0 failed, 0 stopped" in proc.stdout
+
+  record = json.loads(storage.read_text(storage.path(root) / "sweep.json"))
+  assert [r["state"] for r in record["runs"]] == ["done"] * 4
+  preempted = [r for r in record["runs"] if r["attempts"] == 2]
+  assert len(preempted) == 1 and all(r["attempts"] == 1 for r in record["runs"] if r not in preempted)
+  story = preempted[0]["history"]
+  assert story[:3] == ["running on rlhfx-sweep-1 (attempt 1)", "stopped on rlhfx-sweep-1 (its VM was preempted)",
+                       "queued again"] and story[-1] == "done"
+  assert record["vms"]["rlhfx-sweep-0"]["create_failures"] == 1
+  assert record["vms"]["rlhfx-sweep-1"]["preempted"] == 1 and record["vms"]["rlhfx-sweep-1"]["created"] == 2
+  for r in record["runs"]:  # done exactly once: one row per step, and the launcher's mark
+    assert [row["step"] for row in metrics.rows(r["workdir"]) if "train/loss" in row] == list(range(1, 31))
+    assert storage.path(r["workdir"]).joinpath(sweep.DONE).exists()
+  assert not list((state / "vms").iterdir())  # every VM deleted
+  resumed = (tmp_path / "logs" / "rlhfx-sweep-1.log").read_text()
+  assert "resumed from step 1" in resumed and "Connection to the TPU VM closed" in resumed
+
+  unbroken = tmp_path / "unbroken"
+  subprocess.run([sys.executable, "-m", "rlhfx.main", "--config=configs/quickstart.py", f"--workdir={unbroken}",
+                  *preempted[0]["overrides"]], cwd=ROOT, check=True, capture_output=True, timeout=300)
+  got = {row["step"]: row["train/loss"] for row in metrics.rows(preempted[0]["workdir"]) if "train/loss" in row}
+  want = {row["step"]: row["train/loss"] for row in metrics.rows(unbroken) if "train/loss" in row}
+  assert got.keys() == want.keys()
+  np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
+
+  creations = (state / "calls.log").read_text().count(" create ")
+  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "attempt" not in again.stdout and "done: 4 ok" in again.stdout
+  assert (state / "calls.log").read_text().count(" create ") == creations  # nothing left to do: no VM made
+
+  report = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "report", "--root", root,
+                           "--format", "csv"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  lines = report.stdout.strip().splitlines()
+  assert report.returncode == 0 and len(lines) == 5 and lines[0].startswith("run,overrides,algorithm,state,steps")
+  assert all(",sft,done,30/30," in line for line in lines[1:]), report.stdout
