@@ -44,6 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch import report, slurm, tpu, tpu_sweep  # noqa: E402
+from rlhfx import storage  # noqa: E402
 from rlhfx.config import load_module  # noqa: E402
 
 DONE = slurm.DONE
@@ -132,7 +133,8 @@ def _run_all(config: str, runs: list[dict], *, dry_run: bool, out, results: list
     if _Stop.requested:
       results.append({**r, "status": "stopped (SIGTERM): not started; rerun the sweep to run it"})
       continue
-    workdir = pathlib.Path(r["workdir"])
+    workdir = storage.path(r["workdir"])  # local or gs://
+    local = storage.staging(workdir)  # where its sweep.log is written (uploaded after each attempt on gs://)
     command = [sys.executable, *shlex.split(tpu.rlhfx_command(config, str(workdir), r["overrides"], "python"))[1:]]
     if (workdir / DONE).exists():
       print(f"{r['name']}: finished before, skipped", file=out, flush=True)
@@ -144,23 +146,25 @@ def _run_all(config: str, runs: list[dict], *, dry_run: bool, out, results: list
       continue
     resuming = (workdir / "checkpoints").exists()
     print(f"{r['name']}: {'resuming' if resuming else 'starting'} -> {workdir}/sweep.log", file=out, flush=True)
-    workdir.mkdir(parents=True, exist_ok=True)
+    local.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for attempt in range(RESUMES + 1):  # a run stopped by SIGTERM (exit 75) is resumed, never marked finished
       if attempt:
         print(f"{r['name']}: stopped by SIGTERM, resuming (attempt {attempt + 1})", file=out, flush=True)
-      with open(workdir / "sweep.log", "a") as log:
+      with open(local / "sweep.log", "a") as log:
         rc = _run(command, log)
+      storage.publish(local / "sweep.log", workdir / "sweep.log")
       if rc != RESUME_EXIT or _Stop.requested:
         break
     seconds = time.time() - t0
     if rc == RESUME_EXIT:
       status = "stopped (SIGTERM, checkpoint saved): rerun the sweep to resume"
     elif rc == 0:
-      (workdir / DONE).write_text(json.dumps({"config": config, "overrides": r["overrides"], "seconds": seconds}))
+      storage.write_text(workdir / DONE, json.dumps({"config": config, "overrides": r["overrides"],
+                                                     "seconds": seconds}))
       status = "finished"
     else:
-      tail = (workdir / "sweep.log").read_text().strip().splitlines()[-1:] or [""]
+      tail = (local / "sweep.log").read_text().strip().splitlines()[-1:] or [""]
       status = f"failed (exit {rc}): {tail[0]}"
     print(f"{r['name']}: {status} in {seconds:.0f} s", file=out, flush=True)
     results.append({**r, "status": status, "seconds": seconds})
@@ -253,8 +257,9 @@ def main(argv=None, out=None) -> int:
   else:
     results = run_slurm(args.config, runs, args, dry_run=args.dry_run, out=out)
   if args.backend == "local" and not args.dry_run:
-    pathlib.Path(args.root).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(args.root) / "sweep.json").write_text(json.dumps(results, indent=2))
+    root = storage.path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    storage.write_text(root / "sweep.json", json.dumps(results, indent=2))
   failed = [r for r in results if r["status"].startswith("failed")]
   stopped = [r for r in results if r["status"].startswith("stopped")]
   print(f"done: {len(results) - len(failed) - len(stopped)} ok, {len(failed)} failed, {len(stopped)} stopped" +

@@ -172,3 +172,40 @@ def test_an_input_on_gcs_is_copied_once_per_generation(gcs, capsys):
   assert storage.local(f"{remote}/sub/b.txt").read_text() == "two"  # a single object
   with pytest.raises(storage.StorageError, match="no such object or folder"):
     storage.local(f"{remote}/missing")
+
+
+def test_object_store_errors_are_retried_with_backoff_then_one_line(monkeypatch):
+  waits, calls = [], []
+  monkeypatch.setattr(storage.time, "sleep", waits.append)
+
+  def flaky():
+    calls.append(1)
+    if len(calls) < 3:
+      raise ConnectionResetError("Connection reset by peer")
+    return "saved"
+
+  assert storage.retry("writing gs://b/x", flaky) == "saved" and waits == [1, 2]
+
+  def down():
+    raise TimeoutError("timed out")
+
+  with pytest.raises(storage.StorageError, match=r"^writing gs://b/x failed after 4 attempt\(s\): TimeoutError: timed "
+                                                 r"out$"):
+    storage.retry("writing gs://b/x", down)
+  with pytest.raises(FileNotFoundError):  # a missing object is no transient error: not retried
+    storage.retry("reading gs://b/y", lambda: (_ for _ in ()).throw(FileNotFoundError("gs://b/y")))
+
+
+def test_a_config_naming_a_gcs_data_file_is_fingerprinted_by_its_name_and_bytes(gcs):
+  import hashlib
+
+  from rlhfx import workdir
+  from rlhfx.config import base_config
+
+  name = f"gs://{gcs}/data-{uuid.uuid4().hex[:6]}/pairs.jsonl"
+  storage._fs().pipe_file(name[5:], b'{"chosen": "a", "rejected": "b"}\n')
+  config = base_config("dpo")
+  config.data.train_files = (name,)
+  [record] = workdir.fingerprints(config)
+  assert record == {"path": name, "size": 33,
+                    "sha256": hashlib.sha256(b'{"chosen": "a", "rejected": "b"}\n').hexdigest()}
