@@ -117,8 +117,11 @@ def delete(t: Target) -> list[list[str]]:
 
 
 def project_files(root: pathlib.Path = ROOT) -> list[str]:
-  out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, check=True, capture_output=True,
-                       text=True).stdout
+  proc = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f"packing the project: `git ls-files` failed in {root} ({proc.stderr.strip()[:120]}); the "
+                     f"launchers copy a git checkout's files")
+  out = proc.stdout
   return sorted(line for line in out.splitlines() if line and (root / line).is_file())
 
 

@@ -164,9 +164,10 @@ def test_a_second_run_of_a_workdir_stops_until_the_first_process_is_gone(tmp_pat
   workdir._held.pop(tmp_path)
 
 
-def test_object_store_and_file_workdirs_are_refused(tmp_path):
-  with pytest.raises(workdir.WorkdirError, match="gcsfuse"):
-    workdir.location("gs://bucket/run")
+def test_other_object_stores_and_file_workdirs_are_refused(tmp_path):
+  assert str(workdir.location("gs://bucket/run/")) == "gs://bucket/run"  # Cloud Storage is a workdir (test_storage)
+  with pytest.raises(workdir.WorkdirError, match=r"s3:// is not supported; use gs://BUCKET/\.\.\. or a local path"):
+    workdir.location("s3://bucket/run")
   (tmp_path / "file").write_text("")
   with pytest.raises(workdir.WorkdirError, match="is a file"):
     workdir.claim(_config(), tmp_path / "file")
