@@ -139,17 +139,17 @@ def test_a_bad_gs_workdir_is_one_line_before_any_work(gcs, workdir, message):
 
 def test_the_lock_object_names_its_holder_and_is_taken_over_only_after_its_lease(gcs, capsys):
   lock = f"gs://{gcs}/lease-{uuid.uuid4().hex[:6]}/.lock"
-  first = storage.Lease(lock, lease_s=2)
+  first = storage.Lease(lock, lease_s=4)
   first.acquire()
-  second = storage.Lease(lock, lease_s=2)
+  second = storage.Lease(lock, lease_s=4)
   second.holder = "pid 2 on another-host"
   with pytest.raises(storage.LockHeld, match=rf"in use by pid {os.getpid()} on .* \(its lock renewed \d s ago"):
     second.acquire()
-  time.sleep(3)  # renewed meanwhile (every lease/4): still the first's
+  time.sleep(6)  # longer than the lease, renewed meanwhile (every lease/4): still the first's
   with pytest.raises(storage.LockHeld):
     second.acquire()
   first._stop.set()  # the first holder dies without releasing
-  time.sleep(2.5)
+  time.sleep(5)
   second.acquire()
   assert f"taking over the lock of pid {os.getpid()} on" in capsys.readouterr().out
   second.release()
