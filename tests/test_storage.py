@@ -209,3 +209,38 @@ def test_a_config_naming_a_gcs_data_file_is_fingerprinted_by_its_name_and_bytes(
   [record] = workdir.fingerprints(config)
   assert record == {"path": name, "size": 33,
                     "sha256": hashlib.sha256(b'{"chosen": "a", "rejected": "b"}\n').hexdigest()}
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_gcs_workdir_with_one_process_losses(gcs, tmp_path):
+  """As the hosts of a TPU slice do: two processes on loopback (gloo), one gs:// workdir; process 0 holds the lock and
+  writes the logs, both write their shards of each checkpoint. No eval split: two-process evaluation of a short
+  last batch is a known fault of its own (the note of "Sweeps on Cloud TPU")."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = _workdir(gcs, "two-processes")
+  common = [sys.executable, "-m", "rlhfx.main", *QUICK, f"--workdir={workdir}", "--config.data.eval_fraction=0",
+            "--config.train.eval_every=0", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            "--config.mesh.num_cpu_devices=2", "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2"]
+  procs = [subprocess.Popen(common + [f"--config.distributed.process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  alone = tmp_path / "one-process"
+  _run(alone, "--config.data.eval_fraction=0", "--config.train.eval_every=0")
+  got, want = _losses(workdir), _losses(alone)
+  assert sorted(got) == sorted(want) == list(range(1, 41))
+  np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
+  objects = _objects(f"{workdir[5:]}/checkpoints/40/state")
+  for process in (0, 1):  # each process wrote its shards
+    assert any(name.startswith(f"ocdbt.process_{process}/") for name in objects), sorted(objects)
