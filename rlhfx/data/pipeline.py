@@ -145,9 +145,13 @@ class Collate:
 
 
 def _share(items: Sequence, process_index: int, process_count: int) -> Sequence:
-  """This process's rows of a global batch: the `process_index`-th of `process_count` equal slices."""
-  local = len(items) // process_count
-  return items[process_index * local:(process_index + 1) * local]
+  """This process's rows of a global batch: the `process_index`-th of `process_count` equal slices. A short last
+  batch (evaluation's, drop_remainder=False) is cut in slices of ceil(n / processes) rows, so that no row is left
+  out; a process left without one gets a stand-in, the batch's last row with its example id i written -1 - i,
+  which `prepare.full_batches` marks invalid (and turns back into i)."""
+  local = -(-len(items) // process_count)
+  share = list(items[process_index * local:(process_index + 1) * local])
+  return share or [{**items[-1], "example_id": -1 - np.asarray(items[-1]["example_id"], np.int64)}]
 
 
 def _packed_rows(tokens, loss_mask, segments, positions) -> dict[str, np.ndarray]:

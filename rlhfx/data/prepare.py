@@ -197,14 +197,17 @@ def batches(config, data: Data, source, *, seed: int, shuffle: bool = True, num_
 
 def full_batches(config, data: Data, source, limit: int | None = None, keep_ids: bool = False):
   """Every example of `source` once, in order, in full-size batches: a short last batch is padded by
-  repeating its last row, and `valid_B` marks the real rows (so shapes stay divisible over the mesh)."""
+  repeating its last row, and `valid_B` marks the real rows (so shapes stay divisible over the mesh). With several
+  processes each pads its own share of the short batch, none of its rows left out (`pipeline._share`)."""
   size = config.train.global_batch_size // jax.process_count()
   for i, batch in enumerate(batches(config, data, source, seed=0, shuffle=False, num_epochs=1,
                                     stats=pipeline.Stats(), drop_remainder=False, packing=False)):
     if limit is not None and i >= limit:
       return
-    rows = len(next(iter(batch.values())))
-    padded = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) for k, v in batch.items()
+    ids_B = batch["example_id_B"]
+    rows = int(np.sum(ids_B >= 0))  # a stand-in row (pipeline._share: id -1 - i) is no example of this process
+    batch["example_id_B"] = np.where(ids_B < 0, -1 - ids_B, ids_B)
+    padded = {k: np.concatenate([v, np.repeat(v[-1:], size - len(v), axis=0)]) for k, v in batch.items()
               if k != "example_id_B" or keep_ids}
     padded["valid_B"] = np.arange(size) < rows
     yield padded

@@ -292,3 +292,18 @@ def test_bad_pipeline_config(tmp_path, gpt2):
     _make(source, gpt2, global_batch_size=6, process_count=4)
   with pytest.raises(ValueError, match=r"largest bucket must be >= the truncation limit 128"):
     _make(source, gpt2, buckets=(64,))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_a_short_last_batch_is_shared_by_processes_without_leaving_a_row_out(rows):
+  """Evaluation's last global batch is short (drop_remainder=False): over 2 processes every row is in exactly one
+  share, and a process left with none gets one stand-in row whose example id i is written -1 - i (full_batches
+  marks it invalid). Equal slices of floor(n / 2) rows lost the odd row and gave a 1-row batch's second process
+  nothing (an IndexError in every two-process evaluation of the quickstart)."""
+  examples = [{"tokens": np.arange(3) + i, "loss_mask": np.ones(3, bool), "example_id": np.asarray(i, np.int64)}
+              for i in range(rows)]
+  shares = [pipeline.Collate("sft", (8,), 0, i, 2)(examples) for i in range(2)]
+  ids = np.concatenate([s["example_id_B"] for s in shares])
+  assert sorted(ids[ids >= 0].tolist()) == list(range(rows))
+  assert all(len(s["example_id_B"]) >= 1 for s in shares)
+  assert all(-1 - i == rows - 1 for i in ids[ids < 0])  # a stand-in is the batch's last row
