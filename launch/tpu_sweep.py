@@ -119,9 +119,10 @@ class Options:
 class VM(threading.Thread):
   """One TPU VM working through the sweep's queue."""
 
-  def __init__(self, target: tpu.Target, state: SweepState, options: Options, out, print_lock):
+  def __init__(self, target: tpu.Target, state: SweepState, options: Options, tarball: str, out, print_lock):
     super().__init__(name=target.name, daemon=True)
     self.target, self.state, self.options, self.out, self._print = target, state, options, out, print_lock
+    self.tarball = tarball  # the project, packed once for every VM
     self.log = f"{options.log_dir}/{target.name}.log"
     self.exists = False
 
@@ -225,9 +226,8 @@ def run_sweep(config: str, runs: list[dict], root: str, targets: list[tpu.Target
   state = SweepState(root, config, runs)
   tpu.pack(tarball)
   lock = threading.Lock()
-  workers = [VM(t, state, options, out, lock) for t in targets]
+  workers = [VM(t, state, options, tarball, out, lock) for t in targets]
   for w in workers:
-    w.tarball = tarball
     w.start()
   for w in workers:
     w.join()

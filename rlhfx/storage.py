@@ -168,7 +168,7 @@ def read_text(file) -> str | None:
 
 def publish(local: Path, remote) -> None:
   """Upload a local file, or every file of a local folder, to `remote` (nothing to do when it is local)."""
-  if not is_remote(remote) or Path(local) == Path(str(remote)):
+  if not is_remote(remote):
     return
   fs, local = _fs(), Path(local)
   files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())

@@ -169,6 +169,24 @@ def forward(config, params, tokens, mask=None):
   return np.asarray(_forward(config, params, tokens, mask))
 
 
+def run_processes(commands: list[list[str]], cwd, timeout: float) -> list[str]:
+  """Start every command (the processes of one loopback run), wait for all, kill any left at the end; asserts they
+  all exited 0 and returns their outputs."""
+  import subprocess
+
+  procs = [subprocess.Popen(c, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for c in commands]
+  try:
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  return outputs
+
+
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """A GCS API server on loopback for this test session (fake-gcs-server) with a bucket "rlhfx-test": this process

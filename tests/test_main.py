@@ -23,7 +23,7 @@ from rlhfx.models.convert import from_hf
 from rlhfx.optim import make_optimizer
 from rlhfx.train_state import init_state
 
-from conftest import forward
+from conftest import forward, run_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICK = ["--config=configs/quickstart.py", "--config.train.num_steps=20", "--config.train.log_every=1",
@@ -86,16 +86,7 @@ def test_two_processes_on_loopback_give_the_same_losses(baseline, tmp_path):
   common = [sys.executable, "-m", "rlhfx.main", *QUICK, f"--workdir={tmp_path}",
             f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
             "--config.mesh.num_cpu_devices=2", "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2"]
-  procs = [subprocess.Popen(common + [f"--config.distributed.process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  run_processes([common + [f"--config.distributed.process_id={i}"] for i in range(2)], ROOT, timeout=TIMEOUT)
   _assert_same_losses(_losses(tmp_path), _losses(baseline))
   # the checkpoint the two processes wrote together restores in this one process, equal to the 1-process run's
   (two_procs, _), (one_proc, _) = _restore_state(tmp_path), _restore_state(baseline)

@@ -16,6 +16,8 @@ import pytest
 
 from rlhfx import metrics, storage
 
+from conftest import run_processes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICK = ["--config=configs/quickstart.py", "--config.train.num_steps=40", "--config.train.log_every=1",
          "--config.train.checkpoint_every=20", "--config.train.eval_every=20"]
@@ -226,16 +228,7 @@ def test_two_processes_write_one_gcs_workdir_with_one_process_losses(gcs, local_
             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
             "--config.distributed.num_processes=2",
             "--config.mesh.num_cpu_devices=2", "--config.mesh.shape.data=2", "--config.mesh.shape.fsdp=2"]
-  procs = [subprocess.Popen(common + [f"--config.distributed.process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  run_processes([common + [f"--config.distributed.process_id={i}"] for i in range(2)], ROOT, timeout=400)
   got, want = _losses(workdir), _losses(local_run)
   assert sorted(got) == sorted(want) == list(range(1, 41))
   np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
