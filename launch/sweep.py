@@ -1,6 +1,7 @@
 """Expand a config's `sweep()` into runs, each with its own work directory and name, and run them.
 
   python launch/sweep.py --config configs/quickstart.py --root /tmp/sweeps/quickstart
+  python launch/sweep.py --config configs/dpo_hh.py:tiny --root /tmp/sweeps/dpo --together   # members: one program
   python launch/sweep.py --config configs/dpo_hh.py --root gs://my-bucket/sweeps/dpo --backend tpu --vms 4 \\
       --name rlhfx-sweep --zone us-west4-a --project my-project --accelerator-type v5litepod-16 --spot
   python launch/sweep.py --config configs/dpo_hh.py --root /shared/sweeps/dpo --backend slurm --nodes 2
@@ -18,6 +19,11 @@ named `NN-field=value-...` (last component of each field) and writes to
          run not finished; a preempted run goes back to the queue and resumes on the next free VM;
          the state of every run is in <root>/sweep.json; the VMs are deleted at the end.
   slurm  one sbatch job per run (launch/slurm.py).
+--together (local backend): runs that differ only in numbers (rlhfx.members.NUMBERS: learning rate, the loss's
+numbers, init_seed) are trained as members of one program (python -m rlhfx.together), one program per set of
+runs that share every other override (and resume from the same step); the command says how it grouped them,
+and refuses, naming the field, a sweep of which no two runs can share a program. Each member still writes
+<root>/<name>/ as a separate run would, its sweep.log the program's log.
 A run that finished (exit status 0: it reached train.num_steps) leaves
 <root>/<name>/sweep_done.json: rerunning the sweep skips it, and a run that was interrupted
 resumes from its latest checkpoint (rlhfx resumes by itself from the work directory). A run
@@ -33,7 +39,6 @@ import ctypes
 import dataclasses
 import json
 import pathlib
-import re
 import shlex
 import signal
 import subprocess
@@ -44,8 +49,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch import report, slurm, tpu, tpu_sweep  # noqa: E402
-from rlhfx import storage  # noqa: E402
-from rlhfx.config import load_module  # noqa: E402
+from rlhfx import members, storage  # noqa: E402
+from rlhfx.config import ConfigError, load as load_config, load_module  # noqa: E402
 
 DONE = slurm.DONE
 RESUME_EXIT = 75  # rlhfx.main's exit status for a run SIGTERM stopped after saving: rerun it to resume
@@ -66,15 +71,7 @@ def load_sweep(config: str) -> list[dict]:
   return runs
 
 
-def format_value(value) -> str:
-  if isinstance(value, (tuple, list)):
-    return ",".join(str(v) for v in value) + ("," if len(value) == 1 else "")
-  return str(value)
-
-
-def run_name(index: int, overrides: dict) -> str:
-  parts = [f"{key.split('.')[-1]}={format_value(value)}" for key, value in overrides.items()]
-  return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", "-".join([f"{index:02d}", *parts]))
+format_value, run_name = members.format_value, members.run_name  # rlhfx.together names members the same way
 
 
 def expand(config: str, root: str, extra: list[str]) -> list[dict]:
@@ -83,7 +80,7 @@ def expand(config: str, root: str, extra: list[str]) -> list[dict]:
   for i, entry in enumerate(load_sweep(config)):
     name = run_name(i, entry)
     overrides = [f"--config.{k}={format_value(v)}" for k, v in entry.items()] + list(extra)
-    runs.append({"name": name, "workdir": f"{root.rstrip('/')}/{name}", "overrides": overrides})
+    runs.append({"name": name, "workdir": f"{root.rstrip('/')}/{name}", "overrides": overrides, "entry": entry})
   return runs
 
 
@@ -171,6 +168,92 @@ def _run_all(config: str, runs: list[dict], *, dry_run: bool, out, results: list
   return results
 
 
+def latest_step(workdir) -> int:
+  """The newest checkpoint step in <workdir>/checkpoints (0: none), from the folder names."""
+  folder = storage.path(workdir) / "checkpoints"
+  steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+  return max(steps, default=0)
+
+
+def together_groups(config: str, runs: list[dict]) -> list[list[dict]]:
+  """The runs as programs of members (`members.group`), split again by the step each would resume from."""
+  groups = members.group(load_config(config).algorithm, [r["entry"] for r in runs]) if runs else []
+  out = []
+  for g in groups:
+    by_step: dict[int, list[dict]] = {}
+    for i in g:
+      by_step.setdefault(latest_step(runs[i]["workdir"]), []).append(runs[i])
+    out += list(by_step.values())
+  return out
+
+
+def run_together(config: str, runs: list[dict], extra: list[str], root: str, *, dry_run: bool, out=None) -> list[dict]:
+  """--together: the runs not finished as programs of members (python -m rlhfx.together), one after another."""
+  out = out or sys.stdout
+  results, todo = [], []
+  for r in runs:
+    if (storage.path(r["workdir"]) / DONE).exists():
+      print(f"{r['name']}: finished before, skipped", file=out, flush=True)
+      results.append({**r, "status": "skipped (finished)"})
+    else:
+      todo.append(r)
+  groups = together_groups(config, todo)
+  print(f"together: {len(todo)} runs as {len(groups)} programs", file=out, flush=True)
+  for k, g in enumerate(groups):
+    shared = members.shared_overrides([r["entry"] for r in g])
+    print(f"  program {k + 1}: {', '.join(r['name'] for r in g)}"
+          + (f" (sharing {', '.join(f'{a}={format_value(b)}' for a, b in shared.items())})" if shared else ""),
+          file=out, flush=True)
+  previous = signal.signal(signal.SIGTERM, _Stop.handle) if not dry_run else None
+  try:
+    for g in groups:
+      results += _run_program(config, g, extra, root, dry_run=dry_run, out=out)
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+  return results
+
+
+def _run_program(config: str, group: list[dict], extra: list[str], root: str, *, dry_run: bool, out) -> list[dict]:
+  """One program of members, rerun at once when SIGTERM stopped it after saving (up to RESUMES times)."""
+  command = [sys.executable, "-m", "rlhfx.together", f"--config={config}", f"--root={root}",
+             f"--runs={','.join(r['name'] for r in group)}", *extra]
+  if dry_run:
+    print(shlex.join(command), file=out, flush=True)
+    return [{**r, "status": "dry-run"} for r in group]
+  if _Stop.requested:
+    return [{**r, "status": "stopped (SIGTERM): not started; rerun the sweep to run it"} for r in group]
+  first = storage.path(group[0]["workdir"])
+  log_path = storage.staging(first) / "sweep.log"  # the program's log, copied to every member's sweep.log
+  log_path.parent.mkdir(parents=True, exist_ok=True)
+  print(f"together: {len(group)} members -> {first}/sweep.log", file=out, flush=True)
+  t0 = time.time()
+  for attempt in range(RESUMES + 1):
+    if attempt:
+      print(f"together: stopped by SIGTERM, resuming (attempt {attempt + 1})", file=out, flush=True)
+    with open(log_path, "a") as log:
+      rc = _run(command, log)
+    if rc != RESUME_EXIT or _Stop.requested:
+      break
+  seconds = time.time() - t0
+  text = log_path.read_text()
+  results = []
+  for r in group:
+    workdir = storage.path(r["workdir"])
+    storage.write_text(workdir / "sweep.log", text)
+    if (workdir / DONE).exists():
+      status = "finished"
+    elif rc == RESUME_EXIT:
+      status = "stopped (SIGTERM, checkpoint saved): rerun the sweep to resume"
+    else:
+      mine = [line for line in text.splitlines() if line.startswith(f"{r['name']}: rlhfx:")]
+      tail = mine[-1:] or text.strip().splitlines()[-1:] or [""]
+      status = f"failed (exit {rc}): {tail[0]}"
+    print(f"{r['name']}: {status} in {seconds:.0f} s", file=out, flush=True)
+    results.append({**r, "status": status, "seconds": seconds})
+  return results
+
+
 def run_tpu(config: str, runs: list[dict], args, *, dry_run: bool, out=None) -> list[dict]:
   """Plan every run (before any VM exists), then run them across `--vms` VMs (launch/tpu_sweep.py)."""
   out = out or sys.stdout
@@ -212,6 +295,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
   p.add_argument("--log-dir", default=str(ROOT / "logs"))
   p.add_argument("--keep", action="store_true", help="tpu: keep the VM at the end")
+  p.add_argument("--together", action="store_true",
+                 help="local: train runs that differ only in numbers as members of one program (rlhfx.together)")
   g = p.add_argument_group("tpu backend (see launch/tpu.py)")
   g.add_argument("--name", default="rlhfx-sweep")
   g.add_argument("--zone", default="")
@@ -247,8 +332,17 @@ def main(argv=None, out=None) -> int:
   if args.vms < 1:
     p.error(f"--vms {args.vms}: at least 1")
   runs = expand(args.config, args.root, args.overrides)
-  print(f"sweep of {len(runs)} runs from {args.config} ({args.backend})", file=out, flush=True)
-  if args.backend == "local":
+  print(f"sweep of {len(runs)} runs from {args.config} ({args.backend}{', together' * args.together})", file=out,
+        flush=True)
+  if args.together:
+    if args.backend != "local":
+      p.error(f"--together runs on the local backend (one machine: a program of members on {args.backend}: not yet)")
+    try:
+      results = run_together(args.config, runs, args.overrides, args.root, dry_run=args.dry_run, out=out)
+    except ConfigError as e:  # no two runs can be members: nothing runs
+      print(f"sweep: {e}", file=sys.stderr, flush=True)
+      return 2
+  elif args.backend == "local":
     results = run_local(args.config, runs, dry_run=args.dry_run, out=out)
   elif args.backend == "tpu":
     if not (args.zone and args.project):
@@ -256,6 +350,7 @@ def main(argv=None, out=None) -> int:
     results = run_tpu(args.config, runs, args, dry_run=args.dry_run, out=out)
   else:
     results = run_slurm(args.config, runs, args, dry_run=args.dry_run, out=out)
+  results = [{k: v for k, v in r.items() if k != "entry"} for r in results]
   if args.backend == "local" and not args.dry_run:
     root = storage.path(args.root)
     root.mkdir(parents=True, exist_ok=True)

@@ -89,10 +89,17 @@ def describe(config, config_file: str | pathlib.Path | None = None) -> str:
   return "\n".join(lines(config.to_dict()))
 
 
+def init_seed(config) -> int:
+  """The seed of the parameters a run initialises: config.init_seed, or config.seed when it is -1."""
+  return config.seed if config.get("init_seed", -1) < 0 else config.init_seed
+
+
 def base_config(algorithm: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.algorithm = algorithm  # which rlhfx.algorithms module trains this config: sft
-  c.seed = 0  # parameter initialisation and data order
+  c.seed = 0  # data order and sampling; parameter initialisation too unless init_seed is set
+  c.init_seed = -1  # seed of the parameters a run initialises (random model, score head, critic, LoRA adapters);
+  #                   -1 = seed. Members of one sweep program (rlhfx.members) may differ in it, not in seed
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"  # rlhfx.models.PRESETS name, used when init_from is empty (random init)

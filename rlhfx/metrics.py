@@ -90,6 +90,7 @@ class MetricsWriter:
     self.total_steps = total_steps
     self.peak_flops = peak_flops
     self.is_main = jax.process_index() == 0
+    self.label = ""  # a sweep member's name: the start of its console lines (rlhfx.together)
     self._jsonl = self._tb = self._wandb = None
     self._published = 0.0
     if self.is_main:
@@ -152,8 +153,9 @@ class MetricsWriter:
       parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
     if eta_s is not None:
       parts.append(f"ETA {_fmt_time(eta_s)}")
-    logging.info(" | ".join(parts))
-    print(" | ".join(parts), flush=True)
+    line = f"{self.label}: " * bool(self.label) + " | ".join(parts)
+    logging.info(line)
+    print(line, flush=True)
 
   def close(self) -> None:
     if self.is_main:
@@ -259,9 +261,14 @@ class StepLog:
       print(f"eval: step {step} ...", end="", flush=True)
     began = time.perf_counter()
     result = evaluate()
-    self._eval_s = time.perf_counter() - began
     if self.writer.is_main:
-      print(f" {self._eval_s:.1f} s", flush=True)
+      print(f" {time.perf_counter() - began:.1f} s", flush=True)
+    return self.evaluated(step, result, time.perf_counter() - began)
+
+  def evaluated(self, step: int, result: dict[str, float], seconds: float) -> dict[str, float]:
+    """An evaluation of `step` done elsewhere (sweep members evaluate together), `seconds` long: written, and its
+    time taken into the ETA."""
+    self._eval_s = seconds
     return self.write(step, result)
 
   def _eta(self, step: int) -> float | None:

@@ -53,3 +53,24 @@ def make_optimizer(cfg, num_steps: int, params=None, frozen: Sequence[str] = ())
       raise ValueError(f"config.optim.freeze={list(patterns)} freezes every parameter")
     tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
+
+
+def scaled(tx: optax.GradientTransformation, factor) -> optax.GradientTransformation:
+  """`tx` with its updates multiplied by `factor` (a traced value is fine) and the same state as `tx`.
+
+  AdamW's update is linear in its learning rate (-lr_t (m / (sqrt(v) + eps) + wd p), with lr_t = lr x the
+  schedule's shape), so the optimizer of `cfg` at learning rate 1 scaled by lr is the optimizer at lr, to
+  round-off: members of one sweep program (rlhfx.members) each step with their own lr this way."""
+
+  def update(updates, state, params=None):
+    updates, state = tx.update(updates, state, params)
+    return jax.tree.map(lambda u: u * factor, updates), state
+
+  return optax.GradientTransformation(tx.init, update)
+
+
+def unit_learning_rate(cfg):
+  """A copy of config.optim with learning_rate 1 (see `scaled`)."""
+  unit = cfg.copy_and_resolve_references()
+  unit.learning_rate = 1.0
+  return unit

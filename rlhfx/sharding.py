@@ -44,6 +44,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_head_dim", None),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    ("members", "data"),  # the members of a sweep program (rlhfx.members): each data-parallel group its own
 )
 
 

@@ -117,7 +117,9 @@ def _field_problem(path: str, value) -> str | None:
     if not (low <= value <= high if closed else low <= value < high):
       return f"expected a value in [{low}, {high}{']' if closed else ')'}"
     return None
-  if value < 0:
+  if path == "init_seed" and value < -1:
+    return "expected -1 (the seed) or a value >= 0"
+  if value < 0 and path != "init_seed":
     return "expected a value >= 0"
   return None
 

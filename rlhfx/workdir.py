@@ -45,6 +45,8 @@ IGNORED = re.compile(r"^(train\.(log_every|eval_every|eval_batches|checkpoint_ev
                      r"resume|lock_lease_s|on_divergence|divergence_factor|vanished_steps)|data\.read_threads|"
                      r"mesh\..*|rollout\.(mesh|cache_buckets|sampler|slots)|distributed\..*|logging\..*|"
                      r"model\.(remat|lm_head_chunk))$")
+# Fields added after runs were made, with the value a saved config without them had.
+ADDED = {"init_seed": -1}
 # Fields `train.resume=new_config` cannot accept: the checkpoints would hold another kind of run.
 FIXED = ("algorithm",)
 _held: dict[Path, int] = {}  # workdir -> lock file descriptor, held until the process exits
@@ -82,7 +84,7 @@ def claim(config, path: Path) -> None:
   current = json.loads(config.to_json_best_effort())
   fields = differences(saved, current)
   changed = _input_change(_read_json(path / INPUTS), fingerprints(config))
-  old, new = _flat(saved), _flat(current)
+  old, new = {**ADDED, **_flat(saved)}, {**ADDED, **_flat(current)}
   fixed = [k for k in FIXED if k in fields]
   if fixed:
     raise WorkdirError(f"{path} holds a {old.get('algorithm')!r} run (config.{fixed[0]} {old.get(fixed[0])!r} -> "

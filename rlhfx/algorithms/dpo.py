@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from rlhfx import checkpoint, evaluation, export, flops, metrics, setup, sharding
+from rlhfx.config import init_seed
 from rlhfx.data import prepare
 from rlhfx.logprobs import completion_logps, row_logps
 from rlhfx.losses import preference
@@ -89,10 +90,13 @@ class Settings:
   grad_accum_steps: int = 1
 
   @classmethod
-  def from_config(cls, config, model: Transformer, loss: Callable | None = None) -> "Settings":
+  def from_config(cls, config, model: Transformer, loss: Callable | None = None, numbers=None) -> "Settings":
     """The registered `config.dpo.loss` (plus the SFT term when `config.dpo.sft_weight`), or `loss`: a
-    `preference.Loss` brings its own flags, a plain function takes those of config.dpo.loss."""
-    registered = preference.from_config(config.dpo)
+    `preference.Loss` brings its own flags, a plain function takes those of config.dpo.loss. `numbers`
+    ({"dpo.beta": value, ...}) replace the registered loss's hyper-parameters (traced values per member:
+    rlhfx.members)."""
+    hyper = {k.removeprefix("dpo."): v for k, v in (numbers or {}).items() if k.startswith("dpo.")}
+    registered = preference.from_config(config.dpo, **hyper)
     flags = loss if isinstance(loss, preference.Loss) else registered
     loss = loss or registered
     if config.dpo.sft_weight and not flags.unpaired:
@@ -152,6 +156,27 @@ def eval_step(params, batch, reference_params, *, s: Settings):
   return {"loss": value, **step_metrics}
 
 
+def step_function(config, model_config: ModelConfig, optimizer, schedule, numbers=None, *,
+                  loss: Callable | None = None):
+  """train_step(state, batch, reference) with everything else bound; `numbers` replace the registered loss's
+  hyper-parameters ({"dpo.beta": value}: traced values per member, rlhfx.members)."""
+  s = Settings.from_config(config, Transformer(model_config), loss, numbers)
+  return functools.partial(train_step, s=s, optimizer=optimizer, schedule=schedule)
+
+
+def heldout_metrics(outputs, s: Settings, batch_size: int) -> dict[str, float]:
+  """Held-out metrics of `eval_step`'s outputs (evaluation.outputs): means over the real examples (KTO: over its
+  full eval batches, its KL term being a batch statistic)."""
+  outs = list(outputs)
+  if not s.unpaired:
+    return {f"eval/{k}": float(np.concatenate([out[k][valid_B] for out, valid_B, _ in outs]).mean())
+            for k in outs[0][0]}
+  full = [out for out, valid_B, _ in outs if valid_B.all()]
+  if not full:
+    logging.warning("KTO evaluation needs one full eval batch of %d rows; the eval split is smaller", batch_size)
+  return {f"eval/{k}": float(np.mean([o[k] for o in full])) for k in (full[0] if full else {})}
+
+
 def jit_train_step(config, s: Settings, optimizer, shardings, reference):
   """The jitted step a run executes, state donated; `reference` is the frozen tree, its ShapeDtypeStructs, or
   None."""
@@ -178,7 +203,7 @@ def init(config, model_config: ModelConfig, trees: load.Trees, loss: Callable | 
   s = Settings.from_config(config, Transformer(model_config), loss)
   base = trees.params(s.model)
   reference = trees.frozen(base, model_config.jnp_dtype) if s.reference == "frozen" else None
-  params = lora.wrap(base, config.lora, config.seed + 1)
+  params = lora.wrap(base, config.lora, init_seed(config) + 1)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
   state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, trees.runtime.mesh)
   return Initial(state, shardings, frozen={"reference": reference},
@@ -246,15 +271,8 @@ def train(config, workdir: str, *, loss: Callable | None = None) -> dict[str, fl
         return {}
       batches = (with_reference(b, tables.get("eval"))
                  for b in prepare.full_batches(config, data, data.eval, keep_ids=True))
-      outs = list(evaluation.outputs(lambda b: eval_fn(state.params, b, reference), batches, mesh))
-      if not s.unpaired:
-        return {f"eval/{k}": float(np.concatenate([out[k][valid_B] for out, valid_B, _ in outs]).mean())
-                for k in outs[0][0]}
-      full = [out for out, valid_B, _ in outs if valid_B.all()]
-      if not full:
-        logging.warning("KTO evaluation needs one full eval batch of %d rows; the eval split is smaller",
-                        t.global_batch_size)
-      return {f"eval/{k}": float(np.mean([o[k] for o in full])) for k in (full[0] if full else {})}
+      return heldout_metrics(evaluation.outputs(lambda b: eval_fn(state.params, b, reference), batches, mesh), s,
+                             t.global_batch_size)
 
     log = metrics.StepLog.of_run(config, workdir, data, checkpointer, start, run.flops_per_token)
     before, after = log.evaluation(start, lambda: evaluate(state)), {}

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhfx.config import init_seed
 from rlhfx import (checkpoint, export, flops, metrics, onpolicy, rollout, sampling_layout, scoring, setup,
                    sharding)
 from rlhfx.data import prepare
@@ -151,7 +152,7 @@ def init(config, model_config: ModelConfig, trees: load.Trees, tokenizer=None, c
   model = Transformer(model_config)
   base = trees.params(model)
   reference = trees.frozen(base, model_config.jnp_dtype)  # the held-out KL is measured against it even at beta = 0
-  params = lora.wrap(base, config.lora, config.seed + 1)
+  params = lora.wrap(base, config.lora, init_seed(config) + 1)
   scorer, reward_params = scoring.make_scorer(config, tokenizer, trees, model_config, columns)
   if reward_params is not None:  # the frozen scorer is kept in its compute dtype
     reward_params = trees.frozen(reward_params, scorer.module.config.jnp_dtype)

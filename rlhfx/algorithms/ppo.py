@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhfx.config import init_seed
 from rlhfx import (checkpoint, export, flops, metrics, onpolicy, rollout, sampling_layout, scoring, setup,
                    sharding)
 from rlhfx.data import prepare
@@ -209,7 +210,7 @@ def init(config, model_config: ModelConfig, trees: load.Trees, tokenizer=None, c
   scorer, reward_params = scoring.make_scorer(config, tokenizer, trees, model_config, columns)
   params, critic = init_params(config, policy, scorer, reward_params, model_config, trees)
   # LoRA adapters (config.lora.rank > 0) on the policy and on a separate critic; a value head trains whole
-  params = {k: v if k == "value_head" else lora.wrap(v, config.lora, config.seed + 1 + i)
+  params = {k: v if k == "value_head" else lora.wrap(v, config.lora, init_seed(config) + 1 + i)
             for i, (k, v) in enumerate(params.items())}
   p = config.ppo
   optimizer = make_optimizer(config.optim, config.train.num_steps * p.epochs * p.minibatches, params,

@@ -22,6 +22,7 @@ from rlhfx import checkpoint, evaluation, export, flops, metrics, scoring, setup
 from rlhfx.data import prepare
 from rlhfx.losses.common import concat_pairs
 from rlhfx.losses.reward import bradley_terry_loss
+from rlhfx.config import init_seed
 from rlhfx.models import ModelConfig, load, lora
 from rlhfx.models.heads import ScoreModel
 from rlhfx.optim import learning_rate_schedule, make_optimizer
@@ -51,12 +52,18 @@ def train_step(state: TrainState, batch, *, model: ScoreModel, optimizer, schedu
                      "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 
-def jit_train_step(config, model: ScoreModel, optimizer, shardings):
-  """The jitted step a run executes, state donated."""
-  step = functools.partial(train_step, model=model, optimizer=optimizer,
-                           schedule=learning_rate_schedule(config.optim, config.train.num_steps),
-                           center_coef=config.reward.center_coef, grad_accum_steps=config.train.grad_accum_steps,
+def step_function(config, model_config: ModelConfig, optimizer, schedule, numbers=None):
+  """train_step(state, batch) with everything but the state and batch bound; `numbers` may replace
+  "reward.center_coef" (a traced value per member: rlhfx.members)."""
+  center_coef = (numbers or {}).get("reward.center_coef", config.reward.center_coef)
+  return functools.partial(train_step, model=ScoreModel(model_config), optimizer=optimizer, schedule=schedule,
+                           center_coef=center_coef, grad_accum_steps=config.train.grad_accum_steps,
                            lora_scale=lora.scale(config.lora))
+
+
+def jit_train_step(config, model_config: ModelConfig, optimizer, shardings):
+  """The jitted step a run executes, state donated."""
+  step = step_function(config, model_config, optimizer, learning_rate_schedule(config.optim, config.train.num_steps))
   return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
 
 
@@ -65,11 +72,11 @@ def init(config, model_config: ModelConfig, trees: load.Trees) -> Initial:
   a random score head; LoRA-wrapped per config.lora) and the jitted step: arrays for `train`, ShapeDtypeStructs
   for the planner (`trees.abstract`)."""
   model = ScoreModel(model_config)
-  params = lora.wrap(trees.score_params(model), config.lora, config.seed + 1)
+  params = lora.wrap(trees.score_params(model), config.lora, init_seed(config) + 1)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
   state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, trees.runtime.mesh)
   length = max(config.data.buckets)  # the reward is read at one position: the last layer and head run there only
-  return Initial(state, shardings, frozen={}, jitted=jit_train_step(config, model, optimizer, shardings),
+  return Initial(state, shardings, frozen={}, jitted=jit_train_step(config, model_config, optimizer, shardings),
                  flops_per_token=flops.sequence_train_flops(model_config, length, kept=1, lm_head=False) / length)
 
 

@@ -17,6 +17,7 @@ from rlhfx.data import prepare
 from rlhfx.logprobs import row_logps
 from rlhfx.losses.common import padding_share, target_mask
 from rlhfx.losses.sft import sft_nll
+from rlhfx.config import init_seed
 from rlhfx.models import ModelConfig, Transformer, load, lora
 from rlhfx.optim import learning_rate_schedule, make_optimizer
 from rlhfx.train_state import Initial, TrainState, create_state, init_state, update
@@ -48,13 +49,17 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Transformer
                      "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
 
 
-def jit_train_step(config, model: Transformer, optimizer, shardings):
-  """The jitted step a run executes, state donated."""
-  step = functools.partial(train_step, model=model, optimizer=optimizer,
-                           schedule=learning_rate_schedule(config.optim, config.train.num_steps),
-                           grad_accum_steps=config.train.grad_accum_steps,
-                           lora_scale=lora.scale(config.lora),
+def step_function(config, model_config: ModelConfig, optimizer, schedule, numbers=None):
+  """train_step(state, batch) with everything but the state and batch bound (`numbers`: SFT has no loss numbers;
+  rlhfx.members passes the learning rate through `optimizer` and `schedule`)."""
+  return functools.partial(train_step, model=Transformer(model_config), optimizer=optimizer, schedule=schedule,
+                           grad_accum_steps=config.train.grad_accum_steps, lora_scale=lora.scale(config.lora),
                            chunk_size=config.model.lm_head_chunk or None)
+
+
+def jit_train_step(config, model_config: ModelConfig, optimizer, shardings):
+  """The jitted step a run executes, state donated."""
+  step = step_function(config, model_config, optimizer, learning_rate_schedule(config.optim, config.train.num_steps))
   return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
 
 
@@ -62,10 +67,10 @@ def init(config, model_config: ModelConfig, trees: load.Trees) -> Initial:
   """The state (the policy, LoRA-wrapped per config.lora, and its optimizer state) and the jitted step: arrays for
   `train`, ShapeDtypeStructs for the planner (`trees.abstract`)."""
   model = Transformer(model_config)
-  params = lora.wrap(trees.params(model), config.lora, config.seed + 1)
+  params = lora.wrap(trees.params(model), config.lora, init_seed(config) + 1)
   optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen=lora.frozen(config.lora))
   state, shardings = create_state(functools.partial(init_state, optimizer=optimizer), params, trees.runtime.mesh)
-  return Initial(state, shardings, frozen={}, jitted=jit_train_step(config, model, optimizer, shardings),
+  return Initial(state, shardings, frozen={}, jitted=jit_train_step(config, model_config, optimizer, shardings),
                  flops_per_token=flops.train_flops_per_token(model_config, max(config.data.buckets)))
 
 
@@ -74,6 +79,15 @@ def eval_step(params, batch: dict[str, Array], **kwargs) -> dict[str, Array]:
   mask_BxT = target_mask(batch["loss_mask_BxT"])
   return {"nll_B": -jnp.where(mask_BxT, token_logps(params, batch, **kwargs), 0.0).sum(-1),
           "tokens_B": mask_BxT.sum(-1)}
+
+
+def heldout_metrics(outputs) -> dict[str, float]:
+  """Eval loss and perplexity over the completion tokens of every real row of `outputs` (evaluation.outputs of
+  `eval_step`)."""
+  outs = [(out, valid_B) for out, valid_B, _ in outputs]
+  nll, n = (sum(float(out[k][valid_B].sum()) for out, valid_B in outs) for k in ("nll_B", "tokens_B"))
+  loss = nll / max(n, 1)
+  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": n}
 
 
 def exact_match(params, model_config: ModelConfig, source, tokenizer, n: int = 64) -> float:
@@ -102,11 +116,7 @@ def train(config, workdir: str) -> dict[str, float]:
       if data.eval is None:
         return {}
       batches = prepare.full_batches(config, data, data.eval, limit=t.eval_batches)
-      outs = [(out, valid_B) for out, valid_B, _ in evaluation.outputs(lambda b: eval_fn(state.params, b), batches,
-                                                                       mesh)]
-      nll, n = (sum(float(out[k][valid_B].sum()) for out, valid_B in outs) for k in ("nll_B", "tokens_B"))
-      loss = nll / max(n, 1)
-      return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": n}
+      return heldout_metrics(evaluation.outputs(lambda b: eval_fn(state.params, b), batches, mesh))
 
     def accuracy(state) -> float:
       return exact_match(lora.effective(state.params, lora_scale), model_config, data.eval, data.tokenizer)

@@ -72,10 +72,11 @@ def register(name: str, *, reference_free: bool = False, unpaired: bool = False)
   return add
 
 
-def from_config(cfg) -> Loss:
-  """The registered loss `cfg.loss` with its hyper-parameters read from `cfg` (config.dpo)."""
+def from_config(cfg, **hyper) -> Loss:
+  """The registered loss `cfg.loss` with its hyper-parameters read from `cfg` (config.dpo), those in `hyper`
+  replaced (values that may be traced: one per member of a sweep, rlhfx.members)."""
   registered = LOSSES[cfg.loss]
-  return registered(**{k: cfg[k] for k in registered.defaults()})
+  return registered(**{k: hyper.get(k, cfg[k]) for k in registered.defaults()})
 
 
 def config_fields() -> dict[str, object]:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhfx import sharding
-from rlhfx.config import ConfigError
+from rlhfx.config import ConfigError, init_seed
 from rlhfx.models.config import PRESETS, ModelConfig, get_preset
 from rlhfx.models.convert import from_hf, hf_model_config
 from rlhfx.models.heads import from_lm_params
@@ -172,8 +172,8 @@ class Trees:
 
   @classmethod
   def of_run(cls, config, runtime: sharding.Runtime) -> "Trees":
-    """A run's: random init from config.seed, or config.model.init_from's weights."""
-    return cls(runtime, seed=config.seed, pretrained=pretrained(config))
+    """A run's: random init from config.init_seed (or seed), or config.model.init_from's weights."""
+    return cls(runtime, seed=init_seed(config), pretrained=pretrained(config))
 
   def params(self, module: nn.Module):
     """A module's parameters: the pretrained ones when given, else a random init from the seed."""
