@@ -26,6 +26,7 @@ import importlib
 import re
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,7 +150,7 @@ def state_axes(state) -> Any:
   return jax.tree_util.tree_map_with_path(axis, state)
 
 
-def _is_axis(x) -> bool:
+def is_axis(x) -> bool:
   return x is None or isinstance(x, int)
 
 
@@ -180,7 +181,7 @@ def stacked_shardings(axes, shardings, mesh, axis):
     spec = tuple(sh.spec)
     flat = {x for s in spec for x in ((s,) if isinstance(s, str) else (s or ()))}
     return NamedSharding(mesh, P(axis if not (used & flat) else None, *spec))
-  return jax.tree.map(one, axes, shardings, is_leaf=_is_axis)
+  return jax.tree.map(one, axes, shardings, is_leaf=is_axis)
 
 
 def stack(states: list, axes, shardings):
@@ -191,14 +192,14 @@ def stack(states: list, axes, shardings):
     if isinstance(xs[0], jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype, sharding=sh)
     return jax.device_put(jnp.stack(xs), sh)
-  return jax.tree.map(one, axes, shardings, *states, is_leaf=_is_axis)
+  return jax.tree.map(one, axes, shardings, *states, is_leaf=is_axis)
 
 
 def take(state_M, axes, i: int, shardings):
   """Member i's state (with a separate run's shardings)."""
   def one(a, x):
     return x if a is None else x[i]
-  return jax.jit(lambda s: jax.tree.map(one, axes, s, is_leaf=_is_axis), out_shardings=shardings)(state_M)
+  return jax.jit(lambda s: jax.tree.map(one, axes, s, is_leaf=is_axis), out_shardings=shardings)(state_M)
 
 
 # ----------------------------------------------------------------------------- the program
@@ -280,7 +281,7 @@ def init(configs: dict[str, Any], model_config: ModelConfig, trees: load.Trees, 
     run = module.init(c, model_config, _SharedTrees(trees, init_seed(c), cache), **kwargs)
     if initial:
       run.state = jax.tree.map(lambda a, x, first: first if a is None else x, state_axes(run.state), run.state,
-                               initial[0].state, is_leaf=_is_axis)
+                               initial[0].state, is_leaf=is_axis)
     initial.append(run)
   mesh, count = trees.runtime.mesh, len(names)
   axis = members_axis(mesh, trees.runtime.rules, count)
@@ -306,13 +307,14 @@ def init(configs: dict[str, Any], model_config: ModelConfig, trees: load.Trees, 
     new, step_metrics = fn(state, batch, *frozen)
     # a shared leaf keeps its value (frozen: its update is 0); a stopped member (alive False) keeps its state
     new = jax.tree.map(lambda a, n, o: o if a is None else jnp.where(alive, n, o), axes, new, state,
-                       is_leaf=_is_axis)
+                       is_leaf=is_axis)
     return new, step_metrics
 
   def step(state_M, batch, *frozen_and_rest):
     *frozen, numbers_M, alive_M = frozen_and_rest
-    return jax.vmap(one, in_axes=(axes, None, None, 0, 0), out_axes=(axes, 0), spmd_axis_name=axis)(
-        state_M, batch, tuple(frozen), numbers_M, alive_M)
+    with nn.logical_axis_rules(rules):  # traced under the program's rules, whatever the caller's
+      return jax.vmap(one, in_axes=(axes, None, None, 0, 0), out_axes=(axes, 0), spmd_axis_name=axis)(
+          state_M, batch, tuple(frozen), numbers_M, alive_M)
 
   frozen = initial[0].frozen
   frozen_shardings = tuple(None if t is None else jax.tree.map(lambda x: x.sharding, t) for t in frozen.values())
@@ -323,8 +325,12 @@ def init(configs: dict[str, Any], model_config: ModelConfig, trees: load.Trees, 
   def evaluate(params, batch, frozen, numbers):
     return eval_function(config, model_config, numbers, loss)(params, batch, *frozen)
 
-  eval_jitted = jax.jit(lambda params_M, batch, frozen, numbers_M: jax.vmap(
-      evaluate, in_axes=(axes.params, None, None, 0), spmd_axis_name=axis)(params_M, batch, frozen, numbers_M))
+  def evaluate_all(params_M, batch, frozen, numbers_M):
+    with nn.logical_axis_rules(rules):
+      return jax.vmap(evaluate, in_axes=(axes.params, None, None, 0), spmd_axis_name=axis)(params_M, batch, frozen,
+                                                                                         numbers_M)
+
+  eval_jitted = jax.jit(evaluate_all)
   return Program(names=names, initial=initial, state=state, axes=axes, shardings=shardings, frozen=frozen,
                  numbers=member_numbers, step=jitted, eval_step=eval_jitted, axis=axis, mesh=mesh, rules=rules,
                  settings=initial[0].settings, flops_per_token=initial[0].flops_per_token)

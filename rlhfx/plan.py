@@ -3,6 +3,7 @@
   python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 [--config.a.b=v] [--json]
   python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 --search [--search_limit=4]
   python -m rlhfx.plan --config=configs/grpo_llama3_8b.py --topology=v5p-64 --search_rollout
+  python -m rlhfx.plan --config=configs/dpo_llama3_8b.py --topology=v5e-16 --members=8 [--members_fit]
 
 The programs are the ones a run executes (`rlhfx.programs`), built from ShapeDtypeStructs
 on a mesh over the slice's devices (`rlhfx.topology`) and compiled by the TPU compiler
@@ -11,6 +12,10 @@ aliased to a donated argument, temporaries, and their total against the chip's H
 the trees themselves: how the arguments split into parameters, optimizer state, frozen
 trees and batch (both are printed when they disagree by more than 10%). FLOPs come from
 the model's shape (the compiler's cost analysis counts a loop's body once).
+
+With --members=N the program is the step of N members of a sweep trained together (`rlhfx.members`): every
+member's parameters and optimizer state, the frozen trees and the LoRA base once; --members_fit also finds the
+largest N that fits (from the per-member growth of two compiles, then checked by compiling it and the next).
 
 The time per call is an estimate, not a measurement (`rlhfx.hlo`): the compiled program is
 split into its loop bodies, each run as often as its loops' trip counts say (layers,
@@ -32,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhfx import hlo_cost, programs, sampling_layout, sharding, topology, validation
+from rlhfx import hlo_cost, members as members_lib, programs, sampling_layout, sharding, topology, validation
 from rlhfx.config import ConfigError
 from rlhfx.errors import USER_ERRORS, run_cli, usage
 from rlhfx.models import Transformer, load
@@ -185,12 +190,17 @@ class Target:
     return self.plan(next(p for p in programs.build(trial, self.model_config, self.runtime) if p.name == "rollout"))
 
 
-def plan(config, topology_name: str) -> dict[str, Any]:
-  """The planner's report for one config on one slice (the JSON `--json` prints)."""
+def plan(config, topology_name: str, members: int = 0, members_fit: bool = False) -> dict[str, Any]:
+  """The planner's report for one config on one slice (the JSON `--json` prints); with `members`, of the step of
+  that many members trained together (and, with `members_fit`, the largest count that fits)."""
   target = Target.of(config, topology_name)
   chip, runtime, model_config = target.chip, target.runtime, target.model_config
   devices = list(runtime.mesh.devices.flat)
-  plans = [target.plan(p) for p in programs.build(config, model_config, runtime)]
+  if members:
+    plans = [target.plan(p) for p in programs.members(config, model_config, runtime, members)]
+  else:
+    plans = [target.plan(p) for p in programs.build(config, model_config, runtime)]
+  fit = largest_members(config, target, {members: plans[0]} if members else {}) if members_fit else None
   layout_fix = _sampling_layout_that_fits(config, target, plans)
   return {
       "topology": topology_name, "compiler_topology": topology.compiler_name(topology_name)[1],
@@ -205,9 +215,42 @@ def plan(config, topology_name: str) -> dict[str, Any]:
       "grad_accum_steps": config.train.grad_accum_steps,
       "programs": [dataclasses.asdict(p) for p in plans],
       "ici_bandwidth_per_chip": chip.ici_bandwidth,
+      **({"members": members} if members else {}), **({"members_fit": fit} if fit is not None else {}),
       "fits": all(p.fits for p in plans),
       "estimate_s": sum(p.estimate_s for p in plans) if all(p.estimate_s for p in plans) else None,
   }
+
+
+def largest_members(config, target: Target, known: dict[int, ProgramPlan], *, limit: int = 4096) -> dict[str, Any]:
+  """The largest member count whose step fits ({"largest", "per_member_bytes", "tried": {count: total bytes}}).
+
+  Counts are multiples of the member axis's mesh size (then each data-parallel group holds its share of the
+  members); per-chip memory grows by about the same bytes per member, read from two compiles; the predicted
+  largest count is compiled, and stepped down until it fits, and the next one up compiled to show it does not."""
+  mesh, rules = target.runtime.mesh, target.runtime.rules
+  target_axes = dict(rules).get("members")
+  axes = () if target_axes is None else (target_axes,) if isinstance(target_axes, str) else tuple(target_axes)
+  unit = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+  def total(n: int) -> ProgramPlan:
+    if n not in known:
+      known[n] = target.plan(programs.members(config, target.model_config, target.runtime, n)[0])
+    return known[n]
+
+  def size(n: int) -> float:
+    return total(n).bytes_per_chip.get("total", float("inf"))
+
+  if not total(unit).fits:
+    return {"largest": 0, "unit": unit, "tried": {n: size(n) for n in sorted(known)}}
+  per = (size(2 * unit) - size(unit)) / unit
+  n = limit if per <= 0 else min(limit, unit * max(1, int((target.chip.hbm_bytes - size(unit)) / per // unit)))
+  while n > unit and not total(n).fits:
+    n -= unit
+  if n + unit <= limit:
+    total(n + unit)
+  largest = max((k for k, p in known.items() if p.fits and k % unit == 0), default=0)
+  return {"largest": largest, "unit": unit, "per_member_bytes": per,
+          "tried": {k: size(k) for k in sorted(known)}}
 
 
 def _sampling_layout_that_fits(config, target: Target, plans) -> dict | None:
@@ -319,7 +362,11 @@ def main(argv):
         print(json.dumps({"topology": FLAGS.topology, key: found}, indent=2) if FLAGS.json
               else show(found, FLAGS.topology))
         return
-    report = plan(config, FLAGS.topology)
+    if FLAGS.members < 0 or (FLAGS.members_fit and config.algorithm not in members_lib.ALGORITHMS):
+      raise ConfigError(f"--members={FLAGS.members}: expected a count >= 1 of members of an "
+                        f"{'/'.join(members_lib.ALGORITHMS)} config" if FLAGS.members < 0 else
+                        f"--members_fit: config.algorithm={config.algorithm!r} has no members")
+    report = plan(config, FLAGS.topology, FLAGS.members or (1 if FLAGS.members_fit else 0), FLAGS.members_fit)
   except (*USER_ERRORS, topology.TopologyError) as e:  # bad config, topology or model files: one line
     sys.exit(f"rlhfx-plan: {e}")
   print(json.dumps(report, indent=2) if FLAGS.json else render(report))
@@ -339,9 +386,11 @@ def run():
   flags.DEFINE_integer("search_limit", 0, "--search: try at most this many mesh x remat settings (0: all)")
   flags.DEFINE_bool("search_rollout", False, "PPO/GRPO: plan the rollout in every sampling layout "
                     "(config.rollout.mesh); fitting and fastest first")
+  flags.DEFINE_integer("members", 0, "plan the step of N members of a sweep trained together (rlhfx.members)")
+  flags.DEFINE_bool("members_fit", False, "with --members: also find the largest member count that fits")
   flags.mark_flags_as_required(["config", "topology"])
   run_cli(main, "rlhfx-plan", usage("rlhfx-plan", __doc__, ("config", "topology", "json", "search", "search_limit",
-                                                             "search_rollout")))
+                                                             "search_rollout", "members", "members_fit")))
 
 
 if __name__ == "__main__":

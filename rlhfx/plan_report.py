@@ -72,7 +72,15 @@ def render(report: dict[str, Any]) -> str:
                   + (f"--config.rollout.mesh={fix['rollout.mesh']} does "
                      f"({fix['bytes_per_chip'] / GiB:.2f} GiB per chip)"
                      if fix else "no tensor degree that divides the chips and key/value heads does")]
-  lines += ["", f"{verdict} on {report['topology']}"]
+  fit = report.get("members_fit")
+  if fit is not None:
+    tried = ", ".join(f"{n}: {b / GiB:.2f}" for n, b in fit["tried"].items())
+    lines += ["", f"largest member count that fits: {fit['largest']} (counts in steps of {fit['unit']}, the member "
+                  f"axis's mesh size" + (f"; {fit['per_member_bytes'] / GiB:.3f} GiB per chip per member"
+                                         if "per_member_bytes" in fit else "") + f"; GiB per chip of those compiled: "
+                  f"{tried})"]
+  members = f" with {report['members']} members" if report.get("members") else ""
+  lines += ["", f"{verdict}{members} on {report['topology']}"]
   return "\n".join(lines)
 
 

@@ -167,6 +167,40 @@ def _sampling_programs(steps, state, batch, trained, sample_flops, kv_cache, res
                   **decode)]
 
 
+def members(config, model_config: ModelConfig, runtime, count: int) -> list[Program]:
+  """The step of `count` members of `config` trained together (`rlhfx.members`: their numbers differ, which
+  changes no shape): the stacked state, the frozen trees and the LoRA base once, one batch."""
+  from rlhfx import members as members_lib
+
+  configs = {f"{i:02d}": config for i in range(count)}
+  program = members_lib.init(configs, model_config, load.Trees(runtime, abstract=True))
+  rows, length, mesh = config.train.global_batch_size, max(config.data.buckets), runtime.mesh
+  s = program.settings
+  if config.algorithm == "sft":
+    batch = batch_struct({k: ((rows, length), dtype) for k, dtype in (
+        ("tokens_BxT", jnp.int32), ("mask_BxT", bool), ("loss_mask_BxT", bool))}, mesh)
+    tokens = rows * length
+  else:
+    unpaired = config.algorithm == "dpo" and s.unpaired
+    batch = _pair_batch(rows, length, mesh, precomputed=config.algorithm == "dpo" and s.reference == "precomputed",
+                        unpaired=unpaired)
+    tokens = (rows if unpaired else 2 * rows) * length
+  per_member = tokens * program.flops_per_token
+  shared = per_member / 4 if config.algorithm == "dpo" and s.reference in ("frozen", "lora_base") else 0.0
+  axes, state = program.axes, program.state
+  own = lambda a, x: x if a == 0 else None  # noqa: E731
+  parts = {"parameters: every member": jax.tree.map(own, axes.params, state.params, is_leaf=members_lib.is_axis),
+           "frozen: LoRA base (once)": jax.tree.map(lambda a, x: x if a is None else None, axes.params,
+                                                    state.params, is_leaf=members_lib.is_axis) or None,
+           "optimizer state: every member": state.opt_state,
+           **{f"frozen: {k} (once)": v for k, v in program.frozen.items() if v is not None}, "batch": batch}
+  alive = jax.ShapeDtypeStruct((count,), bool, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(program.axis)))
+  return [Program(f"members_step ({count} members)", program.step,
+                  (state, batch, *program.frozen_args, program.numbers, alive), parts,
+                  count * (per_member - shared) + shared, mesh=mesh, rules=program.rules)]
+
+
 BUILDERS = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": onpolicy, "grpo": onpolicy}
 
 

@@ -149,10 +149,9 @@ def train(configs: dict, workdirs_by_name: dict, *, loss=None, spec: str = "") -
         for r in live():
           r.before = metrics.first_evaluation(r.workdir)
         return
-      with sharding.active(mesh, program.rules):
-        t0 = time.perf_counter()
-        outs = list(evaluation.outputs(lambda b: program.evaluate(state_M.params, b), batches(), mesh))
-        seconds = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      outs = list(evaluation.outputs(lambda b: program.evaluate(state_M.params, b), batches(), mesh))
+      seconds = time.perf_counter() - t0
       print(f"eval: step {step}: {len(live())} members in {seconds:.1f} s", flush=True)
       for i, r in enumerate(runs):
         if r.failed is None:
@@ -175,9 +174,8 @@ def train(configs: dict, workdirs_by_name: dict, *, loss=None, spec: str = "") -
           r.log._began = runs[0].log._began
         batch = next(train_iter)
         alive = jax.device_put(np.asarray([r.failed is None for r in runs]), replicated)
-        with sharding.active(mesh, program.rules):
-          state_M, metrics_M = program.step(state_M, sharding.global_batch(prepare_batch(batch), mesh),
-                                            *program.frozen_args, program.numbers, alive)
+        state_M, metrics_M = program.step(state_M, sharding.global_batch(prepare_batch(batch), mesh),
+                                          *program.frozen_args, program.numbers, alive)
         tokens = prepare.tokens(batch)
         for r in live():
           i = runs.index(r)
@@ -229,9 +227,8 @@ def _finish(r: _Member, i: int, program, state_M, model_config, data) -> None:
   if config.algorithm == "reward":
     module = members.algorithm_module("reward")
     with sharding.active(mesh, program.rules):
-      outs = list(evaluation.outputs(lambda b: program.evaluate(state_M.params, b),
-                                     prepare.full_batches(config, data, data.train,
-                                                          limit=config.reward.stats_batches), mesh))
+      outs = list(evaluation.outputs(lambda b: program.evaluate(state_M.params, b), prepare.full_batches(
+          config, data, data.train, limit=config.reward.stats_batches), mesh))
     stats = module.reward_stats(_member_outputs(outs, i))
     scorer_params = lora.effective(params, lora.scale(config.lora))
     exported = scoring.export_reward_model(r.workdir / scoring.EXPORT_DIR, model_config, scorer_params, stats)

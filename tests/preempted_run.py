@@ -1,6 +1,7 @@
 """`python -m rlhfx.main` that sends itself SIGTERM after step N, as a preemption would (tests only).
 
   python tests/preempted_run.py N --config=... --workdir=... [--config.a.b=v]
+  python tests/preempted_run.py N --together --config=... --root=... [--runs=...]    # python -m rlhfx.together
 
 The real signal handler (rlhfx.checkpoint.Preemption) receives it: the run saves a
 checkpoint and stops, and a rerun of the same command resumes.
@@ -10,9 +11,12 @@ import os
 import signal
 import sys
 
-from rlhfx import checkpoint, main
+import importlib
+
+from rlhfx import checkpoint
 
 AT_STEP = int(sys.argv.pop(1))
+TOGETHER = sys.argv[1:2] == ["--together"] and sys.argv.pop(1)
 _reached = checkpoint.Preemption.reached
 
 
@@ -24,5 +28,5 @@ def _reached_with_sigterm(self, step: int) -> bool:
 
 checkpoint.Preemption.reached = _reached_with_sigterm
 
-if __name__ == "__main__":
-  main.run()
+if __name__ == "__main__":  # each command defines its own flags: import only the one that runs
+  importlib.import_module("rlhfx.together" if TOGETHER else "rlhfx.main").run()

@@ -16,7 +16,7 @@ def bradley_terry_loss(chosen_rewards_B: Array, rejected_rewards_B: Array, *, ma
   """
   diff = chosen_rewards_B - rejected_rewards_B - (0.0 if margin_B is None else margin_B)
   loss = -jax.nn.log_sigmoid(diff).mean()
-  if center_coef:
+  if isinstance(center_coef, jax.Array) or center_coef:  # a traced coefficient (one per sweep member) too
     loss = loss + center_coef * jnp.mean((chosen_rewards_B + rejected_rewards_B) ** 2)
   metrics = {"accuracy": (chosen_rewards_B > rejected_rewards_B).astype(jnp.float32).mean(),
              "margin": (chosen_rewards_B - rejected_rewards_B).mean(),
