@@ -111,7 +111,7 @@ def _tiny(algorithm: str):
 
 def _batches(algorithm: str, n: int = 3):
   rng = np.random.default_rng(1)
-  sides = ("",) if algorithm == "sft" else ("chosen_", "rejected_")
+  sides = ("",) if algorithm in ("sft", "kto") else ("chosen_", "rejected_")
   out = []
   for _ in range(n):
     batch = {}
@@ -121,6 +121,8 @@ def _batches(algorithm: str, n: int = 3):
       loss_mask = np.zeros((8, 32), bool)
       loss_mask[:, 16 + rng.integers(0, 8):] = True
       batch[f"{side}loss_mask_BxT"] = loss_mask
+    if algorithm == "kto":
+      batch["label_B"] = np.arange(8) % 2 == 0
     out.append(batch)
   return out
 
@@ -133,6 +135,8 @@ CASES = {
                               {"optim.learning_rate": 5e-3, "reward.center_coef": 0.1}]),
     "dpo": ("dpo", {}, [{"dpo.beta": 0.1, "dpo.label_smoothing": 0.0}, {"dpo.beta": 0.5, "dpo.label_smoothing": 0.2},
                         {"dpo.beta": 0.5, "optim.learning_rate": 5e-3}]),
+    "kto": ("dpo", {"dpo.loss": "kto", "data.input_format": "unpaired"},
+            [{"dpo.beta": 0.1, "dpo.desirable_weight": 1.0}, {"dpo.beta": 0.3, "dpo.desirable_weight": 1.33}]),
     "dpo_lora": ("dpo", {"lora.rank": 4, "dpo.reference": "lora_base", "optim.learning_rate": 1e-2},
                  [{"dpo.beta": 0.1}, {"dpo.beta": 1.0, "optim.learning_rate": 3e-2}]),
 }
@@ -147,7 +151,7 @@ def test_each_member_computes_what_its_run_alone_computes(case):
   mesh = sharding.make_mesh({"data": -1})
   runtime = sharding.Runtime(mesh=mesh, rules=sharding.DEFAULT_RULES, workdir=None)
   module = {"sft": sft, "reward": reward, "dpo": dpo}[algorithm]
-  batches = _batches(algorithm)
+  batches = _batches("kto" if case == "kto" else algorithm)
   with sharding.active(mesh, runtime.rules):
     program = members.init(configs, model_config, model_load.Trees(runtime))
     state_M, losses_M = program.state, []

@@ -6,6 +6,7 @@ state per chip shrinks with the chip count, the FLOPs too, and a model too large
 reported as not fitting with the compiler's figures, not as a traceback.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -146,3 +147,25 @@ def test_splash_attention_compiles_as_mosaic_kernels_and_shrinks_long_sequence_t
   (xla,), (splash,) = reports["xla"]["programs"], reports["auto"]["programs"]
   assert xla["kernel_calls"] == 0 and splash["kernel_calls"] > 0
   assert splash["bytes_per_chip"]["temporaries"] < 0.25 * xla["bytes_per_chip"]["temporaries"]
+
+
+@pytest.mark.slow  # four compiles: about a minute
+def test_members_are_planned_with_the_frozen_trees_once_and_the_largest_count_that_fits():
+  """Members of the tiny DPO config on v5e-4 (data=4: members in steps of 4, each data-parallel group its share):
+  the reference is counted once whatever the member count, every member's parameters and moments once each, and
+  the search stops at the largest count that fits (here its limit, 16: the tiny model's members are small)."""
+  config = _config(**{"mesh.shape.data": 4, "mesh.shape.fsdp": 1, "mesh.shape.tensor": 1})
+  target = plan.Target.of(config, "v5e-4")
+  known = {}
+  fit = plan.largest_members(config, target, known, limit=16)
+  assert fit["unit"] == 4 and fit["largest"] == 16 and sorted(fit["tried"]) == [4, 8, 16]
+  p4, p8 = (dataclasses.asdict(known[n]) for n in (4, 8))
+  assert p8["name"] == "members_step (8 members)" and known[16].fits
+  assert p8["parts_per_chip"]["frozen: reference (once)"] == p4["parts_per_chip"]["frozen: reference (once)"]
+  assert p8["parts_per_chip"]["parameters: every member"] == 2 * p4["parts_per_chip"]["parameters: every member"]
+  single = plan.plan(config, "v5e-4")["programs"][0]
+  # a data-parallel group of one chip holds its members whole: 2 of the 8
+  assert p8["parts_per_chip"]["parameters: every member"] == 2 * single["parts_per_chip"]["parameters"]
+  # each member's policy pass, the reference's forward (a quarter of a member's step) once
+  assert p8["flops"] == pytest.approx(single["flops"] * (8 * 0.75 + 0.25))
+  assert fit["tried"][16] < fit["tried"][8] + 2.5 * (fit["tried"][8] - fit["tried"][4])
