@@ -228,6 +228,7 @@ class StepLog:
     self.divergence = Divergence(train_config, watch_loss=run_config is None or run_config.algorithm in (
         "sft", "reward", "dpo"))
     self.warnings: list[str] = []
+    self.announces = True  # says when the first step compiled (one of a program's members says it for all)
     self.last: dict[str, float] = {}
     self._pending = None
     self._ended = self._began = time.perf_counter()
@@ -306,7 +307,7 @@ class StepLog:
     self._ended = ended
     if step > self.start + 1:
       self._recent.append(host["perf/step_s"])
-    elif self.writer.is_main:
+    elif self.writer.is_main and self.announces:
       print(f"train: step {step} took {host['perf/step_s']:.1f} s (compiling included)", flush=True)
     host["perf/tokens_per_s"] = tokens / host["perf/step_s"]
     if self.writer.peak_flops:

@@ -39,7 +39,7 @@ from rlhfx.errors import run_cli, usage
 from rlhfx.metrics import TrainingDiverged
 from rlhfx.models import load, lora
 
-MAIN_METRIC = {"sft": "eval/loss", "reward": "eval/accuracy", "dpo": "eval/rewards/accuracies"}
+MAIN_METRIC = {"sft": "eval/loss", "reward": "eval/accuracy", "dpo": "eval/rewards/accuracies"}  # the summary's
 
 
 def _heldout(config, data, program, tables):
@@ -120,7 +120,7 @@ def train(configs: dict, workdirs_by_name: dict, *, loss=None, spec: str = "") -
         storage.write_text(r.workdir / "placement.json", json.dumps(
             {"step": start, "mesh": dict(mesh.shape), **members.placement(program, state_M, i)}, indent=1))
       r.log = metrics.StepLog.of_run(r.config, r.workdir, data, r.checkpointer, start, program.flops_per_token)
-      r.log.writer.label = r.name
+      r.log.writer.label, r.log.announces = r.name, i == 0
     batches, heldout_metrics = _heldout(config, data, program, tables)
     prepare_batch = ((lambda b: module.with_reference(b, tables.get("train"))) if config.algorithm == "dpo"
                      else prepare.drop_ids)
@@ -216,14 +216,30 @@ def _drop_arrays(initial):
   return initial
 
 
+def _heldout_lines(algorithm: str, before: dict, after: dict) -> list[str]:
+  """The summary's held-out line, as the algorithm's own run says it."""
+  key = MAIN_METRIC[algorithm]
+  if key not in before or key not in after:
+    return []
+  if algorithm == "sft":
+    return [f"eval loss {before[key]:.3f} -> {after[key]:.3f} (perplexity {before['eval/perplexity']:.2f} -> "
+            f"{after['eval/perplexity']:.2f})"]
+  if algorithm == "reward":
+    return [f"held-out accuracy {before[key]:.1%} -> {after[key]:.1%} (95% interval "
+            f"{after['eval/accuracy_low95']:.1%}-{after['eval/accuracy_high95']:.1%}, {after['eval/pairs']} pairs)"]
+  margins = "eval/rewards/margins"
+  tied = abs(before.get(margins, 1.0)) < 1e-4
+  return [f"held-out rewards/accuracies {before[key]:.1%} -> {after[key]:.1%}; rewards/margins "
+          f"{before.get(margins, float('nan')):.3f} -> {after.get(margins, float('nan')):.3f}"
+          + (" (at step 0 the policy is the reference: its margins are float32 round-off of the batched members' "
+             "pass, and the accuracy counts their signs)" if tied else "")]
+
+
 def _finish(r: _Member, i: int, program, state_M, model_config, data) -> None:
   """A finished member's exports and summary, as its algorithm's `train` writes them."""
   config, mesh = r.config, program.mesh
   params = program.member_params(state_M.params, i)
-  lines = []
-  key = MAIN_METRIC[config.algorithm]
-  if key in r.before and key in r.after:
-    lines.append(f"held-out {key.removeprefix('eval/')} {r.before[key]:.4g} -> {r.after[key]:.4g}")
+  lines = _heldout_lines(config.algorithm, r.before, r.after)
   if config.algorithm == "reward":
     module = members.algorithm_module("reward")
     with sharding.active(mesh, program.rules):
