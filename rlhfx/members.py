@@ -155,8 +155,11 @@ def is_axis(x) -> bool:
 
 
 def members_axis(mesh, rules, count: int):
-  """The mesh axis (or axes) the member axis lies on: the "members" rule's, those that divide `count`."""
-  return sharding._spec_for(("members",), (count,), mesh, rules)[0]
+  """The mesh axis (or axes) the member axis lies on: the "members" rule's, those that divide `count`; None when
+  they are all of size 1 (every device holds every member either way)."""
+  axis = sharding._spec_for(("members",), (count,), mesh, rules)[0]
+  names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+  return axis if int(np.prod([mesh.shape[a] for a in names])) > 1 else None
 
 
 def rules_without(rules, axis) -> tuple:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -107,7 +108,10 @@ def _per_shard(fn, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT)
-  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  # the rows' mesh axes are the active rules' (a sweep program's members take `data`: rlhfx.members)
+  wanted = dict(nn.get_logical_axis_rules() or ()).get("activation_batch", BATCH_AXES)
+  wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())
+  batch = tuple(a for a in wanted if a in mesh.axis_names)
   if q_BxTxNxH.shape[0] % math.prod(mesh.shape[a] for a in batch):
     batch = ()
   tensor = mesh.shape.get("tensor", 1)
