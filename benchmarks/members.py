@@ -21,18 +21,10 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-SWEEP_CONFIG = '''import importlib.util
+from rlhfx import members  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("_dpo_hh", {path!r})
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
-get_config = _module.get_config
-
-
-def sweep():
-  return [{{"dpo.beta": b, "optim.learning_rate": lr}} for b in {betas!r} for lr in {lrs!r}]
-'''
 
 
 def cpu() -> dict:
@@ -71,7 +63,8 @@ def main() -> None:
   work = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="rlhfx-members-"))
   work.mkdir(parents=True, exist_ok=True)
   config = work / "dpo_sweep.py"
-  config.write_text(SWEEP_CONFIG.format(path=str(ROOT / "configs" / "dpo_hh.py"), betas=betas, lrs=lrs))
+  config.write_text(members.sweep_file(ROOT / "configs" / "dpo_hh.py",
+                                      [{"dpo.beta": b, "optim.learning_rate": lr} for b in betas for lr in lrs]))
   extra = ["--", f"--config.train.num_steps={args.steps}", *args.overrides]
   record = {"benchmark": "members", "config": "configs/dpo_hh.py:tiny", "members": len(betas) * len(lrs),
             "betas": betas, "learning_rates": lrs, "steps": args.steps, **cpu()}

@@ -84,6 +84,14 @@ def group(algorithm: str, entries: list[dict]) -> list[list[int]]:
   return groups
 
 
+def sweep_file(config_file, entries: list[dict]) -> str:
+  """The text of a config file that is `config_file`'s (its get_config) with `sweep()` returning `entries` (a
+  sweep of one's own over an existing config: benchmarks/members.py, the tests)."""
+  return (f"import importlib.util\n\n_spec = importlib.util.spec_from_file_location('_base', {str(config_file)!r})\n"
+          f"_module = importlib.util.module_from_spec(_spec)\n_spec.loader.exec_module(_module)\n"
+          f"get_config = _module.get_config\n\n\ndef sweep():\n  return {entries!r}\n")
+
+
 def shared_overrides(entries: list[dict]) -> dict:
   """The overrides outside `NUMBERS` that a group's entries share (how the command names a group)."""
   return {k: v for k, v in entries[0].items() if k not in NUMBERS}
@@ -198,11 +206,13 @@ def stack(states: list, axes, shardings):
   return jax.tree.map(one, axes, shardings, *states, is_leaf=is_axis)
 
 
-def take(state_M, axes, i: int, shardings):
-  """Member i's state (with a separate run's shardings)."""
-  def one(a, x):
-    return x if a is None else x[i]
-  return jax.jit(lambda s: jax.tree.map(one, axes, s, is_leaf=is_axis), out_shardings=shardings)(state_M)
+def taker(axes, shardings) -> Callable:
+  """The jitted (tree_M, i) -> member i's tree, placed with `shardings` (a separate run's): compiled once, the
+  index traced."""
+  def take(tree_M, i):
+    return jax.tree.map(lambda a, x: x if a is None else jax.lax.dynamic_index_in_dim(x, i, keepdims=False), axes,
+                        tree_M, is_leaf=is_axis)
+  return jax.jit(take, out_shardings=shardings)
 
 
 # ----------------------------------------------------------------------------- the program
@@ -227,6 +237,10 @@ class Program:
   settings: Any = None
   flops_per_token: float = 0.0  # one member's
 
+  def __post_init__(self):
+    self._take_state = taker(self.axes, self.initial[0].shardings)
+    self._take_params = taker(self.axes.params, self.initial[0].shardings.params)
+
   @property
   def frozen_args(self) -> tuple:
     return tuple(self.frozen.values())
@@ -236,10 +250,11 @@ class Program:
     return self.eval_step(params_M, batch, self.frozen_args, self.numbers)
 
   def member_state(self, state_M, i: int):
-    return take(state_M, self.axes, i, self.initial[i].shardings)
+    """Member i's state with a separate run's shardings (every member's are the same)."""
+    return self._take_state(state_M, i)
 
   def member_params(self, params_M, i: int):
-    return take(params_M, self.axes.params, i, self.initial[i].shardings.params)
+    return self._take_params(params_M, i)
 
 
 class _SharedTrees(load.Trees):

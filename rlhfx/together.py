@@ -124,13 +124,20 @@ def train(configs: dict, workdirs_by_name: dict, *, loss=None, spec: str = "") -
     batches, heldout_metrics = _heldout(config, data, program, tables)
     prepare_batch = ((lambda b: module.with_reference(b, tables.get("train"))) if config.algorithm == "dpo"
                      else prepare.drop_ids)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(program.axis))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(program.axis))  # like the members
 
     def live() -> list[_Member]:
       return [r for r in runs if r.failed is None]
 
+    def alive_array():  # placed once, again only when a member stops
+      return jax.device_put(np.asarray([r.failed is None for r in runs]), replicated)
+
+    alive = alive_array()
+
     def stop(r: _Member, e: Exception) -> None:
+      nonlocal alive
       r.failed = f"failed: {e}"
+      alive = alive_array()
       print(f"{r.name}: rlhfx: {type(e).__name__}: {e} (this member stopped; the others go on)", flush=True)
       r.log.writer.close()
 
@@ -173,7 +180,6 @@ def train(configs: dict, workdirs_by_name: dict, *, loss=None, spec: str = "") -
         for r in runs[1:]:
           r.log._began = runs[0].log._began
         batch = next(train_iter)
-        alive = jax.device_put(np.asarray([r.failed is None for r in runs]), replicated)
         state_M, metrics_M = program.step(state_M, sharding.global_batch(prepare_batch(batch), mesh),
                                           *program.frozen_args, program.numbers, alive)
         tokens = prepare.tokens(batch)

@@ -9,11 +9,14 @@ compile the same programs of smaller configs), rl_curves.py and reward_accuracy.
 training; the same configs train in tests/test_rl_runs.py and tests/test_preference_runs.py).
 """
 
+import gzip
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,3 +72,21 @@ def test_data_pipeline(shared_data):
   record = _run("data.py", "--data", str(shared_data("hh_rlhf/harmless-base-test.jsonl.gz")),
                 "--tokenizer", str(shared_data("gpt2_tokenizer/vocab.bpe").parent), "--epochs", "1")
   assert record
+
+
+@pytest.mark.slow  # two sweeps of two tiny DPO runs: about a minute and a half
+def test_members_together_against_separate(tmp_path, shared_data):
+  pairs = tmp_path / "hh100.jsonl"
+  with gzip.open(shared_data("hh_rlhf/harmless-base-test.jsonl.gz"), "rt") as f:
+    pairs.write_text("".join(line for _, line in zip(range(100), f)))
+  record = _run("members.py", "--steps", "2", "--betas", "0.1", "--lrs", "1e-3,3e-3", "--keep", str(tmp_path / "runs"),
+                "--", f"--config.data.train_files=('{pairs}',)", "--config.data.tokenizer=builtin:bytes",
+                "--config.model.vocab_size=259", "--config.data.max_length=128", "--config.data.buckets=128,",
+                "--config.data.max_prompt_length=96", "--config.train.global_batch_size=8",
+                "--config.data.eval_fraction=0.1", "--config.train.export_hf=False")
+  assert record["members"] == 2 and record["steps"] == 2
+  assert record["together_s"] > 0 and record["separate_s"] > 0 and record["together_peak_rss_gib"] > 0
+  assert record["speedup"] == pytest.approx(record["separate_s"] / record["together_s"], rel=0.01)
+  for side in ("together", "separate"):
+    assert all((tmp_path / "runs" / side / name / "sweep_done.json").exists()
+               for name in ("00-beta=0.1-learning_rate=0.001", "01-beta=0.1-learning_rate=0.003"))

@@ -16,21 +16,12 @@ import sys
 import numpy as np
 import pytest
 
+from rlhfx import members
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENTRIES = [{"dpo.beta": 0.1, "optim.learning_rate": 1e-3}, {"dpo.beta": 0.5, "optim.learning_rate": 1e-3},
            {"dpo.beta": 0.5, "optim.learning_rate": 3e-3}]
 NAMES = ["00-beta=0.1-learning_rate=0.001", "01-beta=0.5-learning_rate=0.001", "02-beta=0.5-learning_rate=0.003"]
-SWEEP_CONFIG = '''import importlib.util
-
-_spec = importlib.util.spec_from_file_location("_dpo_hh", {path!r})
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
-get_config = _module.get_config
-
-
-def sweep():
-  return {entries!r}
-'''
 COMMON = ["--config.data.tokenizer=builtin:bytes", "--config.model.vocab_size=259", "--config.data.max_length=128",
           "--config.data.max_prompt_length=96", "--config.data.buckets=128,", "--config.train.global_batch_size=8",
           "--config.train.num_steps=4", "--config.train.log_every=1", "--config.train.eval_every=0",
@@ -42,7 +33,7 @@ pytestmark = pytest.mark.slow  # a handful of tiny runs: about 3 minutes togethe
 
 def _sweep_config(directory: pathlib.Path, entries) -> str:
   path = directory / "dpo_sweep.py"
-  path.write_text(SWEEP_CONFIG.format(path=str(ROOT / "configs" / "dpo_hh.py"), entries=entries))
+  path.write_text(members.sweep_file(ROOT / "configs" / "dpo_hh.py", entries))
   return f"{path}:tiny"
 
 
